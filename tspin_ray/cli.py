@@ -1,0 +1,152 @@
+"""The `tspin-ray` command (also `python -m tspin_ray`).
+
+    tspin-ray train --config jobs/demo-cpu.yaml [key.sub=value ...] [--quiet]
+    tspin-ray validate-data --config jobs/demo-cpu.yaml
+    tspin-ray eval --config jobs/demo-cpu.yaml --checkpoint runs/demo/checkpoints/pi_3
+    tspin-ray generate --config jobs/demo-cpu.yaml --checkpoint DIR --out gen.jsonl
+    tspin-ray report --run runs/demo [--run runs/other ...]
+    tspin-ray config  (every config key with its default and meaning)
+
+With RAY_ADDRESS set, train/eval/generate connect to that cluster; without it they start a local Ray.
+User errors print one line (`error: ...`) and exit 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tspin_ray.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-6")
+
+
+def cmd_train(args) -> int:
+    from tspin_ray.config import load_config
+    from tspin_ray.driver import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, quiet=args.quiet)
+    print(f"done: {cfg.output_dir} ({result.get('iterations')} iterations, final checkpoint "
+          f"{result.get('checkpoint')})")
+    return 0
+
+
+def cmd_validate_data(args) -> int:
+    from tspin_ray.config import load_config
+    from tspin_ray.data import format_report, load_splits
+    from tspin_ray.modeling import build_tokenizer, load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tok = load_tokenizer(cfg.model.path) if cfg.model.path else build_tokenizer()
+    splits = load_splits(cfg.data, count_tokens=lambda s: len(tok(s)["input_ids"]))
+    print(format_report(splits))
+    return 0
+
+
+def _driver(args):
+    from tspin_ray.config import load_config
+    from tspin_ray.driver import Driver, prepare
+
+    cfg = load_config(args.config, args.overrides)
+    return Driver(prepare(cfg), quiet=args.quiet)
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from tspin_ray.modeling import load_tokenizer
+
+    load_tokenizer(args.checkpoint)  # a missing or broken checkpoint is a one-line error
+    driver = _driver(args)
+    try:
+        print(json.dumps(driver.evaluate(Path(args.checkpoint), Path(args.checkpoint).name), indent=1))
+    finally:
+        driver.close()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from tspin_ray.driver import example_rows
+    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.rundir import write_atomic
+
+    load_tokenizer(args.checkpoint)
+    driver = _driver(args)
+    g = driver.cfg.generation
+    kwargs = driver.stage_kwargs(Path(args.checkpoint), "generate", samples=g.samples_per_prompt,
+                                 temperature=g.temperature, max_new_tokens=g.max_new_tokens, score_ref=False,
+                                 out_dir=None)
+    prompts = {e.prompt_id: e.prompt for e in driver.prep.train}
+    lines = []
+    for b in driver.generate(example_rows(driver.prep.train, 0), kwargs).iter_rows():
+        lines.append(json.dumps({"prompt_id": b["prompt_id"], "prompt": prompts[b["prompt_id"]],
+                                 "generated": list(b["generated"])}))
+    write_atomic(Path(args.out), ("\n".join(lines) + "\n").encode())
+    print(f"wrote {len(lines)} rows to {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tspin_ray.report import write_report
+
+    out = write_report(args.run, out_dir=args.out)
+    print(f"report: {out}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from tspin_ray.config import describe
+
+    print("\n".join(describe()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tspin-ray", description="Self-play fine-tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run (or resume) a training run")
+    _config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars; the iteration table only")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("validate-data", help="load and check the data of a config, print a report")
+    _config_args(p)
+    p.set_defaults(fn=cmd_validate_data)
+    for name, fn, helptext in (("eval", cmd_eval, "exact match + NLL of a checkpoint on the eval rows"),
+                               ("generate", cmd_generate, "sample responses of a checkpoint to JSONL")):
+        p = sub.add_parser(name, help=helptext)
+        _config_args(p)
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--quiet", action="store_true")
+        if name == "generate":
+            p.add_argument("--out", required=True)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("report", help="plots and report.md for one or more run directories")
+    p.add_argument("--run", action="append", required=True, help="run directory (repeat to compare)")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("config", help="list every config key")
+    p.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

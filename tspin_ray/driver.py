@@ -1,0 +1,299 @@
+"""The self-play loop: for t in iterations: generate with pi_t, stream triplets, train, export, evaluate.
+
+    tspin-ray train --config jobs/demo-cpu.yaml
+
+Everything expensive is committed to the run directory as it finishes (pi_0, the proto cache, each
+iteration's generation shards and checkpoint), so rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from tspin_ray.config import RunConfig
+from tspin_ray.errors import UserError
+from tspin_ray.pipeline import check_complete, done_keys, generation_dataset, read_shards
+from tspin_ray.progress import Progress
+from tspin_ray.rundir import RunDir, atomic_dir
+from tspin_ray.trainer_group import TrainerGroup, ensure_ray
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Validated inputs: nothing is written before these all exist."""
+    cfg: RunConfig
+    train: list
+    eval: list
+    tokenizer: object
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Check every input before any work or any write: model path, data, objective needs, resources."""
+    from tspin_ray.data import load_splits
+    from tspin_ray.modeling import build_tokenizer, load_tokenizer
+
+    if cfg.model.path is not None:
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        tokenizer = build_tokenizer()
+    if cfg.generation.backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("generation.backend is vllm but vllm is not installed "
+                            "(pip install -e .[cpu] or .[gpu], or set generation.backend=hf)") from None
+    splits = load_splits(cfg.data, count_tokens=lambda s: len(tokenizer(s)["input_ids"]))
+    if not splits.train:
+        raise UserError(f"no training rows left after data.fraction={cfg.data.fraction} / data.limit")
+    return Prepared(cfg, splits.train, splits.eval, tokenizer)
+
+
+def example_rows(examples, t: int, proto: dict | None = None) -> list[dict]:
+    return [{"prompt_id": e.prompt_id, "prompt": e.prompt, "response": e.response, "source_iteration": t,
+             "proto_json": json.dumps(proto[e.prompt_id]) if proto else "", "given_json": ""}
+            for e in examples]
+
+
+class Driver:
+    def __init__(self, prep: Prepared, quiet: bool = False):
+        self.cfg, self.prep = prep.cfg, prep
+        self.progress = Progress(quiet=quiet)
+        ensure_ray(self.cfg)
+        self.run = RunDir.open(self.cfg)
+        self.trainers: TrainerGroup | None = None
+
+    # ------------------------------------------------------------ helpers
+    def log(self, rows: list[dict]) -> None:
+        self.run.append_metrics(rows)
+        self.progress.metrics(rows)
+
+    def stage_kwargs(self, model_path: Path, iteration, *, samples: int, temperature: float,
+                     max_new_tokens: int, score_ref: bool, out_dir: Path | None) -> dict:
+        c = self.cfg
+        return dict(model_path=str(model_path), backend=c.generation.backend, iteration=iteration,
+                    seed=c.seed, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=c.generation.top_p if temperature > 0 else 1.0,
+                    max_response_tokens=c.data.max_response_tokens, max_length=c.training.max_length,
+                    score_ref=score_ref, out_dir=str(out_dir) if out_dir else None,
+                    engine_kwargs=dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code,
+                                       gpu_memory_utilization=c.generation.gpu_memory_utilization,
+                                       tensor_parallel_size=c.generation.tensor_parallel_size,
+                                       max_model_len=c.training.max_length))
+
+    def generate(self, rows: list[dict], stage_kwargs: dict):
+        r, g = self.cfg.resources, self.cfg.generation
+        return generation_dataset(rows, stage_kwargs=stage_kwargs, batch_size=g.batch_size,
+                                  min_actors=r.generators_min, max_actors=r.generators_max,
+                                  num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
+                                  resources=r.generator_resources, max_attempts=g.max_attempts)
+
+    def persisted_generation(self, rows: list[dict], kwargs: dict, out_dir: Path, what: str):
+        """Generate what `out_dir` lacks, wait for it, and return all shards as one table."""
+        have = done_keys(read_shards(out_dir))
+        todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
+        if todo:
+            with self.progress.phase(what, total=len(todo)) as bar:
+                for batch in self.generate(todo, kwargs).iter_batches(batch_size=None, batch_format="numpy"):
+                    bar.update(len(batch["prompt_id"]))
+        table = read_shards(out_dir)
+        check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], kwargs["samples"], what)
+        return table
+
+    # ------------------------------------------------------------ stages
+    def initial_policy(self) -> Path:
+        """pi_0: the given checkpoint, or a tiny model trained by SFT on the configured fraction."""
+        c, run = self.cfg, self.run
+        if run.done("pi_0") and run.latest_good_checkpoint(0) == 0:
+            return run.root / run.entry("pi_0")["path"]
+        if not c.needs_sft_stage:
+            run.commit("pi_0", path=str(Path(c.model.path).resolve()), files={}, external=True)
+            return Path(c.model.path)
+        base = Path(c.model.path) if c.model.path else run.root / "checkpoints" / "base"
+        if c.model.tiny is not None and not (base / "config.json").exists():
+            from tspin_ray.modeling import save_tiny
+
+            with atomic_dir(base) as tmp:
+                save_tiny(tmp, c.model.tiny)
+        rows = self.sft_rows(self.prep.train)
+        t0 = time.time()
+        group = self.trainer_group(base)
+        epochs = c.sft.epochs
+        per_rank = len(rows) // c.resources.trainers
+        steps = (per_rank // (c.sft.global_batch_size // c.resources.trainers)) * epochs
+        order = []
+        rng = np.random.default_rng(c.seed)
+        for _ in range(epochs):  # all epochs in one stream: one Ray Data execution, not one per epoch
+            order.extend(rows[i] for i in rng.permutation(len(rows)))
+        group.begin(objective="sft", params={}, optimizer=c.sft.optimizer, lr=c.sft.lr, weight_decay=0.0,
+                    schedule=c.sft.schedule, warmup_ratio=c.sft.warmup_ratio, total_steps=steps,
+                    micro_batch_size=c.sft.micro_batch_size, global_batch_size=c.sft.global_batch_size,
+                    grad_clip=c.training.grad_clip)
+        with self.progress.phase("sft", total=steps) as bar:
+            records = group.train_stream(ray.data.from_items(order), on_step=bar.set)
+        self.log([{"phase": "sft", **r} for r in records[:: max(1, len(records) // 50)]])
+        with atomic_dir(run.checkpoint(0)) as tmp:
+            group.export(tmp)
+        run.commit_checkpoint(0, seconds=time.time() - t0)
+        group.mark_loaded(run.checkpoint(0))
+        return run.checkpoint(0)
+
+    def sft_rows(self, examples) -> list[dict]:
+        from tspin_ray.formatting import encode_prompt, encode_response
+
+        tok, c = self.prep.tokenizer, self.cfg
+        out = []
+        for e in examples:
+            p = encode_prompt(tok, e.prompt)
+            out.append({"prompt_ids": p, "real_ids": encode_response(
+                tok, e.response, max_tokens=max(1, min(c.data.max_response_tokens, c.training.max_length - len(p))))})
+        return out
+
+    def trainer_group(self, path: Path) -> TrainerGroup:
+        if self.trainers is None:
+            self.trainers = TrainerGroup(self.cfg)
+        self.trainers.load(path)
+        return self.trainers
+
+    def proto_cache(self, pi0: Path) -> dict[str, list]:
+        """y0: sampled once from pi_0 and reused in every iteration (T-SPIN)."""
+        g = self.cfg.generation
+        kwargs = self.stage_kwargs(pi0, "proto", samples=self.cfg.samples_per_prompt, temperature=g.temperature,
+                                   max_new_tokens=g.max_new_tokens, score_ref=False, out_dir=self.run.proto)
+        table = self.persisted_generation(example_rows(self.prep.train, -1), kwargs, self.run.proto, "proto")
+        self.run.commit("proto", rows=table.num_rows)
+        return dict(zip(table.column("prompt_id").to_pylist(), table.column("generated_ids").to_pylist(),
+                        strict=True))
+
+    def evaluate(self, path: Path, label: str) -> dict:
+        """Greedy exact match and held-out NLL of the real responses, for the policy at `path`."""
+        from tspin_ray.tasks import exact_match
+
+        ev = self.prep.eval[: self.cfg.eval.size] if self.cfg.eval.size else self.prep.eval
+        if not ev:
+            return {}
+        t0 = time.time()
+        kwargs = self.stage_kwargs(path, "eval", samples=1, temperature=0.0,
+                                   max_new_tokens=self.cfg.eval.max_new_tokens, score_ref=False, out_dir=None)
+        got = {}
+        with self.progress.phase(f"eval {label}", total=len(ev)) as bar:
+            for b in self.generate(example_rows(ev, 0), kwargs).iter_batches(batch_size=None, batch_format="numpy"):
+                for pid, gens in zip(b["prompt_id"], b["generated"], strict=True):
+                    got[str(pid)] = str(gens[0])
+                bar.update(len(b["prompt_id"]))
+        acc = float(np.mean([exact_match(got[e.prompt_id], e.response) for e in ev]))
+        rows = self.sft_rows(ev)
+        nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
+        return {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
+
+    def iteration(self, t: int, pi_t: Path, proto: dict | None) -> dict:
+        """One self-play iteration: pi_t generates y', the trainers learn from the triplets, pi_{t+1} is out."""
+        c, run = self.cfg, self.run
+        obj = c.objective.for_iteration(t, c.iterations)
+        params = {k: getattr(obj, k) for k in ("beta", "alpha", "mu", "loss_type", "nll_weight")}
+        rows = example_rows(self.prep.train, t, proto)
+        if obj.mixes_previous and t > 0:  # SPIN: last iteration's pairs, re-scored under pi_t
+            prev = read_shards(run.generations(t - 1))
+            for r in prev.select(["prompt_id", "generated_ids", "source_iteration"]).to_pylist():
+                if r["source_iteration"] == t - 1:
+                    ex = self.prep.train[self._index[r["prompt_id"]]]
+                    rows.append({**example_rows([ex], t - 1)[0], "given_json": json.dumps(r["generated_ids"])})
+        gen_dir = run.generations(t)
+        kwargs = self.stage_kwargs(pi_t, t, samples=c.samples_per_prompt, temperature=c.generation.temperature,
+                                   max_new_tokens=c.generation.max_new_tokens,
+                                   score_ref=obj.name in ("spin", "space"), out_dir=gen_dir)
+        group = self.trainer_group(pi_t)
+        n, tr = c.resources.trainers, c.training
+        steps_per_epoch = (len(rows) // n) // (tr.global_batch_size // n)
+        if steps_per_epoch == 0:
+            raise UserError(f"{len(rows)} training rows make no full global batch of {tr.global_batch_size}")
+        group.begin(objective=obj.name, params=params, optimizer=tr.optimizer, lr=tr.lr,
+                    weight_decay=tr.weight_decay, schedule=tr.schedule, warmup_ratio=tr.warmup_ratio,
+                    total_steps=steps_per_epoch * tr.epochs, micro_batch_size=tr.micro_batch_size,
+                    global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
+        t0 = time.time()
+        records: list[dict] = []
+        have = done_keys(read_shards(gen_dir))
+        todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
+        with self.progress.phase(f"iter {t} train", total=steps_per_epoch * tr.epochs) as bar:
+            for epoch in range(tr.epochs):
+                if epoch == 0 and todo:  # stream: training starts while generation is still running
+                    ds = self.generate(todo, kwargs)
+                    if len(todo) < len(rows):  # resumed: shards already on disk come first
+                        ds = ray.data.read_parquet(str(gen_dir)).union(ds)
+                else:
+                    if epoch == 1 or not todo:
+                        check_complete(read_shards(gen_dir), [(r["source_iteration"], r["prompt_id"])
+                                                             for r in rows], c.samples_per_prompt, f"iteration {t}")
+                    ds = ray.data.read_parquet(str(gen_dir)).random_shuffle(seed=c.seed * 1000 + t * 10 + epoch)
+                recs = group.train_stream(ds, on_step=bar.set)
+                records += [{"epoch": epoch, **r} for r in recs]
+        t_train_end = time.time()
+        table = read_shards(gen_dir)
+        check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], c.samples_per_prompt,
+                       f"iteration {t}")
+        run.commit(f"gen_{t}", rows=table.num_rows)
+        with atomic_dir(run.checkpoint(t + 1)) as tmp:
+            export_s = group.export(tmp)
+        run.commit_checkpoint(t + 1, seconds=time.time() - t0)
+        group.mark_loaded(run.checkpoint(t + 1))
+        self.log([{"phase": "train", "iteration": t, **r} for r in records])
+        gen_tokens = int(np.sum(table.column("gen_tokens").to_numpy()))
+        gen_seconds = float(table.column("gen_done").to_numpy().max() - t0) if todo else 0.0
+        first_step = records[0]["time"] if records else t0
+        summary = {
+            "timing/generate": gen_seconds, "timing/train": t_train_end - t0,
+            "timing/checkpoint": export_s, "timing/weight_sync": float(np.max(table.column("engine_load_s")
+                                                                              .to_numpy())),
+            "timing/first_train_step": first_step - t0, "timing/last_generation": gen_seconds,
+            "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
+            "train/rows": len(rows),
+        }
+        for key in sorted({k for r in records for k in r} - {"time", "step", "epoch", "rows"}):
+            vals = [r[key] for r in records if key in r]
+            summary[f"train/{key}"] = float(np.mean(vals)) if vals else math.nan
+        return summary
+
+    # ------------------------------------------------------------ the loop
+    def run_all(self) -> dict:
+        c, run = self.cfg, self.run
+        if run.done("complete") and run.latest_good_checkpoint(c.iterations) == c.iterations:
+            self.progress.say(f"run {run.root} is already complete ({c.iterations} iterations); nothing to do")
+            return run.entry("complete")
+        self._index = {e.prompt_id: i for i, e in enumerate(self.prep.train)}
+        pi0 = self.initial_policy()
+        if not run.done("eval_0"):
+            ev = self.evaluate(pi0, "pi_0")
+            self.log([{"phase": "iteration", "iteration": -1, **ev}])
+            run.commit("eval_0", **ev)
+        proto = self.proto_cache(pi0) if c.objective.name == "tspin" else None
+        start = run.latest_good_checkpoint(c.iterations) or 0
+        for t in range(start, c.iterations):
+            t0 = time.time()
+            summary = self.iteration(t, run.checkpoint(t), proto)
+            summary.update(self.evaluate(run.checkpoint(t + 1), f"pi_{t + 1}"))
+            summary["timing/iteration"] = time.time() - t0
+            self.log([{"phase": "iteration", "iteration": t, **summary}])
+            run.commit(f"iter_{t}", **summary)
+        final = {"iterations": c.iterations, "checkpoint": str(run.checkpoint(c.iterations))}
+        run.commit("complete", **final)
+        return final
+
+    def close(self) -> None:
+        if self.trainers is not None:
+            self.trainers.shutdown()
+
+
+def train(cfg: RunConfig, quiet: bool = False) -> dict:
+    prep = prepare(cfg)
+    driver = Driver(prep, quiet=quiet)
+    try:
+        return driver.run_all()
+    finally:
+        driver.close()

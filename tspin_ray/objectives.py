@@ -1,0 +1,233 @@
+"""The four training objectives as pure torch functions (exact spec: ALGORITHMS.md).
+
+    .venv/bin/pytest tests/test_objectives.py
+
+Every input is a per-example float tensor of shape [B] holding a SUMMED response log-prob (prompt masked,
+EOS included, no length normalisation): `policy_real` = lp(y), `policy_generated` = lp(y'),
+`policy_proto` = lp(y0), `ref_real` = lp_ref(y), `ref_generated` = lp_ref(y'). Arguments are keyword-only
+and each function also accepts `**unused`, so a caller may pass one superset of kwargs to any objective
+(e.g. `beta` to `sft`); unknown keys are ignored. `REQUIRED_INPUTS` names the log-prob tensors each needs.
+
+Each returns `(loss, metrics)`: `loss` is the per-example loss [B] (reduce it yourself, e.g. `.mean()`),
+`metrics` maps names to detached 0-dim tensors (batch means; call `.item()` when logging).
+`nll_weight > 0` adds `nll_weight * (-policy_real / real_lengths)` per example; 0 gives the papers' loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Metrics = dict[str, torch.Tensor]
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().mean()
+
+
+def _add_nll(loss, policy_real, real_lengths, nll_weight):
+    if nll_weight == 0.0:
+        return loss
+    if real_lengths is None:
+        raise ValueError("nll_weight > 0 needs real_lengths (response tokens of y per example)")
+    return loss + nll_weight * (-policy_real / real_lengths)
+
+
+def sft(*, policy_real: torch.Tensor, real_lengths: torch.Tensor, **unused) -> tuple[torch.Tensor, Metrics]:
+    """Token-mean negative log-likelihood of the annotated response: ``loss = -lp(y) / n_tokens(y)``.
+
+    Example:
+        >>> loss, m = sft(policy_real=torch.tensor([-12.0]), real_lengths=torch.tensor([4]))
+        >>> loss  # 12 / 4
+        tensor([3.])
+    """
+    nll = -policy_real / real_lengths
+    return nll, {"logps/real": _mean(policy_real), "nll/real": _mean(nll)}
+
+
+def spin(
+    *,
+    policy_real: torch.Tensor,
+    policy_generated: torch.Tensor,
+    ref_real: torch.Tensor,
+    ref_generated: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    nll_weight: float = 0.0,
+    real_lengths: torch.Tensor | None = None,
+    **unused,
+) -> tuple[torch.Tensor, Metrics]:
+    """SPIN (Chen et al. 2024, arXiv 2401.01335): DPO with chosen = real y, rejected = generated y',
+    reference = the previous iterate pi_t that sampled y'::
+
+        t    = beta * ((lp(y) - lp_ref(y)) - (lp(y') - lp_ref(y')))
+        loss = -logsigmoid(t)       # loss_type "sigmoid"
+        loss = relu(1 - t)          # loss_type "hinge"
+
+    When policy == reference, t = 0 and the sigmoid loss is log 2.
+
+    Example (beta 0.1, lp(y) -10, lp_ref(y) -12, lp(y') -20, lp_ref(y') -19):
+        t = 0.1 * ((-10 + 12) - (-20 + 19)) = 0.1 * 3 = 0.3;
+        sigmoid: log(1 + exp(-0.3)) = 0.5544; hinge: 1 - 0.3 = 0.7.
+
+        >>> kw = dict(policy_real=torch.tensor([-10.0]), ref_real=torch.tensor([-12.0]),
+        ...           policy_generated=torch.tensor([-20.0]), ref_generated=torch.tensor([-19.0]))
+        >>> spin(**kw)[0]
+        tensor([0.5544])
+        >>> spin(**kw, loss_type="hinge")[0]
+        tensor([0.7000])
+    """
+    reward_real = beta * (policy_real - ref_real)
+    reward_gen = beta * (policy_generated - ref_generated)
+    t = reward_real - reward_gen
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(t)
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - t)
+    else:
+        raise ValueError(f"unknown SPIN loss_type {loss_type!r}; valid: 'sigmoid', 'hinge'")
+    loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
+    return loss, {
+        "rewards/real": _mean(reward_real),
+        "rewards/generated": _mean(reward_gen),
+        "rewards/margins": _mean(t),
+        "rewards/accuracies": _mean(reward_real > reward_gen),
+        "logps/real": _mean(policy_real),
+        "logps/generated": _mean(policy_generated),
+    }
+
+
+def tspin(
+    *,
+    policy_real: torch.Tensor,
+    policy_generated: torch.Tensor,
+    policy_proto: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 0.1,
+    nll_weight: float = 0.0,
+    real_lengths: torch.Tensor | None = None,
+    **unused,
+) -> tuple[torch.Tensor, Metrics]:
+    """T-SPIN (Wang et al. 2025, "Triplets Better Than Pairs", arXiv 2601.08198). Reference-free;
+    triplets (y, y', y0) with y0 the proto-synthetic response sampled once from pi_0::
+
+        current = lp(y)  - lp(y')
+        history = lp(y') - lp(y0)
+        loss    = -logsigmoid(alpha * current) - beta * logsigmoid(alpha * history)
+
+    beta = 0 gives the reference-free pairwise logistic loss -logsigmoid(alpha * (lp(y) - lp(y'))).
+    "rewards/*" metrics use the reward alpha * lp so reports can compare with SPIN's.
+
+    Example (alpha 1, beta 0.1, lp(y) -10, lp(y') -12, lp(y0) -15):
+        current = 2, history = 3; loss = log(1 + e^-2) + 0.1 * log(1 + e^-3)
+        = 0.126928 + 0.1 * 0.048587 = 0.1318.
+
+        >>> tspin(policy_real=torch.tensor([-10.0]), policy_generated=torch.tensor([-12.0]),
+        ...       policy_proto=torch.tensor([-15.0]))[0]
+        tensor([0.1318])
+    """
+    current = policy_real - policy_generated
+    history = policy_generated - policy_proto
+    loss = -F.logsigmoid(alpha * current) - beta * F.logsigmoid(alpha * history)
+    loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
+    return loss, {
+        "advantage/current": _mean(current),
+        "advantage/historical": _mean(history),
+        "advantage/current_accuracy": _mean(current > 0),
+        "advantage/historical_accuracy": _mean(history > 0),
+        "logps/real": _mean(policy_real),
+        "logps/generated": _mean(policy_generated),
+        "logps/proto": _mean(policy_proto),
+        "rewards/real": _mean(alpha * policy_real),
+        "rewards/generated": _mean(alpha * policy_generated),
+        "rewards/margins": _mean(alpha * current),
+        "rewards/accuracies": _mean(alpha * policy_real > alpha * policy_generated),
+    }
+
+
+def space(
+    *,
+    policy_real: torch.Tensor,
+    policy_generated: torch.Tensor,
+    ref_real: torch.Tensor,
+    ref_generated: torch.Tensor,
+    mu: int | None = None,
+    nll_weight: float = 0.0,
+    real_lengths: torch.Tensor | None = None,
+    **unused,
+) -> tuple[torch.Tensor, Metrics]:
+    """SPACE (Wang et al. 2025, arXiv 2512.07175): noise contrastive estimation of real vs synthetic with
+    absolute rewards r(u) = lp(u) - lp_ref(u), lp_ref = the sampler of y' (previous iterate)::
+
+        loss = softplus(log(mu) - r(y)) + mu * mean_k softplus(r(y'_k) - log(mu))
+        mu = 1:  loss = -logsigmoid(r(y)) - logsigmoid(-r(y'))
+
+    `policy_generated` / `ref_generated` are [B] (one y' per prompt) or [B, K] (K samples y'_k); `mu`
+    (the noise ratio) defaults to K (1 for [B]). The mean over k is a Monte Carlo estimate, so an explicit
+    `mu` different from K is allowed. "rewards/accuracies" is the fraction of pairs (y, y'_k) with
+    r(y) > r(y'_k); "rewards/generated" averages over k too.
+
+    Example (mu 1, r(y) = -10 + 12 = 2, r(y') = -20 + 19 = -1):
+        loss = log(1 + e^-2) + log(1 + e^-1) = 0.126928 + 0.313262 = 0.4402.
+    Example (mu 4, r(y) = 2, r(y'_k) = 0 for all 4 k):
+        loss = log(1 + 4 e^-2) + 4 * log(1 + 1/4) = 0.432653 + 0.892574 = 1.3252.
+
+        >>> space(policy_real=torch.tensor([-10.0]), ref_real=torch.tensor([-12.0]),
+        ...       policy_generated=torch.tensor([-20.0]), ref_generated=torch.tensor([-19.0]))[0]
+        tensor([0.4402])
+        >>> space(policy_real=torch.tensor([-10.0]), ref_real=torch.tensor([-12.0]),
+        ...       policy_generated=torch.full((1, 4), -7.0), ref_generated=torch.full((1, 4), -7.0))[0]
+        tensor([1.3252])
+    """
+    if policy_generated.shape != ref_generated.shape:
+        raise ValueError(
+            f"policy_generated {tuple(policy_generated.shape)} and ref_generated "
+            f"{tuple(ref_generated.shape)} must have the same shape"
+        )
+    if policy_generated.dim() == 1:
+        policy_generated, ref_generated = policy_generated[:, None], ref_generated[:, None]
+    if policy_generated.dim() != 2 or policy_generated.shape[0] != policy_real.shape[0]:
+        raise ValueError(
+            f"policy_generated must be [B] or [B, K] with B = {policy_real.shape[0]}, "
+            f"got {tuple(policy_generated.shape)}"
+        )
+    mu = policy_generated.shape[1] if mu is None else mu
+    if mu < 1:
+        raise ValueError(f"mu must be >= 1, got {mu}")
+    log_mu = math.log(mu)
+    r_real = policy_real - ref_real
+    r_gen = policy_generated - ref_generated  # [B, K]
+    loss = F.softplus(log_mu - r_real) + mu * F.softplus(r_gen - log_mu).mean(dim=1)
+    loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
+    return loss, {
+        "rewards/real": _mean(r_real),
+        "rewards/generated": _mean(r_gen),
+        "rewards/margins": _mean(r_real - r_gen.mean(dim=1)),
+        "rewards/accuracies": _mean(r_real[:, None] > r_gen),
+    }
+
+
+OBJECTIVES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {
+    "sft": sft,
+    "spin": spin,
+    "tspin": tspin,
+    "space": space,
+}
+
+REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
+    "sft": ("policy_real",),
+    "spin": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
+    "tspin": ("policy_real", "policy_generated", "policy_proto"),
+    "space": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
+}
+
+
+def get_objective(name: str) -> Callable[..., tuple[torch.Tensor, Metrics]]:
+    """The objective function called `name`; ValueError listing the valid names otherwise."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}") from None

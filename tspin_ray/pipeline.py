@@ -1,0 +1,151 @@
+"""Ray Data stages: prompts -> opponent generation -> triplet rows, streamed to the trainers.
+
+    .venv/bin/pytest tests/test_pipeline.py
+
+`GenerateStage` is a Ray Data callable class: Ray Data runs it as an autoscaling actor pool between
+`generators_min` and `generators_max` (pending batches grow it; on KubeRay that demand adds generator
+pods), restarts dead actors and retries their batches a bounded number of times. Each actor loads the
+current iterate pi_t from its committed checkpoint, so a new or restarted actor never serves stale
+weights. A batch is keyed by (iteration, prompt_id, sample); its rows are also written as one Parquet
+shard whose name is a hash of those keys, so a retried batch overwrites its own shard instead of adding
+a duplicate, and later epochs or a resumed run read the shards instead of regenerating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+# Columns of a triplet row (one per prompt and source iteration; k samples each).
+ROW_COLUMNS = ("prompt_id", "source_iteration", "prompt_ids", "real_ids", "generated_ids", "generated",
+               "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s")
+
+
+def sample_seed(seed: int, iteration: int | str, prompt_id: str, sample: int) -> int:
+    """Seed of one sample: a function of (run seed, iteration, prompt id, sample index) only."""
+    digest = hashlib.sha256(f"{seed}:{iteration}:{prompt_id}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
+
+
+def shard_name(keys: list[str]) -> str:
+    return "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20] + ".parquet"
+
+
+def write_shard(table: pa.Table, out_dir: Path, keys: list[str]) -> None:
+    """Atomic shard write: temporary name, fsync, rename (a crash never leaves half a shard)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / shard_name(keys)
+    tmp = out_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class GenerateStage:
+    """Opponent generation for one batch of prompts (and reference scoring for SPIN/SPACE)."""
+
+    def __init__(self, *, model_path: str, backend: str, engine_kwargs: dict, iteration: int | str,
+                 seed: int, samples: int, max_new_tokens: int, temperature: float, top_p: float,
+                 max_response_tokens: int, max_length: int, score_ref: bool, out_dir: str | None):
+        from tspin_ray.engines import make_engine
+        from tspin_ray.modeling import load_tokenizer
+
+        t0 = time.time()
+        self.engine = make_engine(backend, model_path, seed=seed, **engine_kwargs)
+        self.load_seconds = time.time() - t0
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=engine_kwargs.get("trust_remote_code", False))
+        self.iteration, self.seed, self.samples = iteration, seed, samples
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.max_response_tokens, self.max_length = max_response_tokens, max_length
+        self.score_ref, self.out_dir = score_ref, Path(out_dir) if out_dir else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from tspin_ray.formatting import decode_response, encode_prompt, encode_response
+        ids = [str(x) for x in batch["prompt_id"]]
+        source = [int(x) for x in batch["source_iteration"]]
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch["prompt"]]
+        real_ids = [encode_response(self.tokenizer, r, max_tokens=max(1, min(
+            self.max_response_tokens, self.max_length - len(p)))) for r, p in zip(batch["response"], prompt_ids)]
+        given = [json.loads(g) if g else [] for g in batch["given_json"]]
+        k = self.samples
+        # Rows with given responses (SPIN's mixed-in previous pairs) are only re-scored under pi_t.
+        todo = [(i, s) for i in range(len(ids)) if not given[i] for s in range(k)]
+        outs = self.engine.generate([prompt_ids[i] for i, _ in todo],
+                                    [sample_seed(self.seed, self.iteration, ids[i], s) for i, s in todo],
+                                    **self.sampling) if todo else []
+        generated = [list(g) for g in given]
+        for (i, _), o in zip(todo, outs, strict=True):
+            generated[i].append(list(o) or [self.tokenizer.eos_token_id])  # an empty sample still needs a token
+        ref_real = [float("nan")] * len(ids)
+        ref_gen = [[float("nan")] * k for _ in ids]
+        if self.score_ref:
+            ref_real = self.engine.score(prompt_ids, real_ids)
+            flat = self.engine.score([prompt_ids[i] for i in range(len(ids)) for _ in range(k)],
+                                     [g for gs in generated for g in gs])
+            ref_gen = [flat[i * k:(i + 1) * k] for i in range(len(ids))]
+        proto = [json.loads(p) if p else [] for p in batch["proto_json"]]
+        out = {
+            "prompt_id": ids, "source_iteration": source, "prompt_ids": prompt_ids, "real_ids": real_ids,
+            "generated_ids": generated,
+            "generated": [[decode_response(self.tokenizer, g) for g in gs] for gs in generated],
+            "proto_ids": proto, "ref_real": ref_real, "ref_generated": ref_gen,
+            "gen_tokens": [sum(len(g) for g in gs) for gs in generated],
+            "gen_done": [time.time()] * len(ids), "engine_load_s": [self.load_seconds] * len(ids),
+        }
+        if self.out_dir is not None:
+            write_shard(pa.Table.from_pydict(out), self.out_dir, [f"{s}:{i}" for s, i in zip(source, ids)])
+        return out
+
+
+def generation_dataset(rows: list[dict], *, stage_kwargs: dict, batch_size: int, min_actors: int,
+                       max_actors: int, num_cpus: float, num_gpus: float, resources: dict,
+                       max_attempts: int) -> ray.data.Dataset:
+    """Lazy dataset of triplet rows generated from `rows` (prompt_id, prompt, response, source_iteration,
+    proto_json / given_json: JSON lists of token-id lists, "" when absent — JSON keeps the Arrow schema of
+    every block the same whether or not a row has them). Nothing runs until a consumer pulls from it."""
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+    remote_args = dict(num_cpus=num_cpus, max_restarts=max_attempts, max_task_retries=max_attempts)
+    if num_gpus:
+        remote_args["num_gpus"] = num_gpus
+    if resources:
+        remote_args["resources"] = dict(resources)
+    return ds.map_batches(
+        GenerateStage, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=stage_kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors), **remote_args)
+
+
+def read_shards(path: Path) -> pa.Table | None:
+    """All committed shards of a generation directory as one table (None if there are none)."""
+    files = sorted(Path(path).glob("part-*.parquet")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def done_keys(table: pa.Table | None) -> set[tuple[int, str]]:
+    if table is None:
+        return set()
+    return set(zip(table.column("source_iteration").to_pylist(), table.column("prompt_id").to_pylist(),
+                   strict=True))
+
+
+def check_complete(table: pa.Table | None, expected: list[tuple[int, str]], samples: int, what: str) -> None:
+    """Every expected (source_iteration, prompt_id) exactly once, with `samples` samples each."""
+    got = [] if table is None else list(zip(table.column("source_iteration").to_pylist(),
+                                            table.column("prompt_id").to_pylist(), strict=True))
+    missing = set(expected) - set(got)
+    dupes = len(got) - len(set(got))
+    bad = [] if table is None else [n for n in table.column("generated_ids").to_pylist() if len(n) != samples]
+    if missing or dupes or bad:
+        raise RuntimeError(f"{what}: {len(missing)} rows missing, {dupes} duplicated, "
+                           f"{len(bad)} with the wrong number of samples")

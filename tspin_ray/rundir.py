@@ -1,0 +1,201 @@
+"""The run directory: resolved config, manifest of committed work, checkpoints, generations, metrics.
+
+    .venv/bin/pytest tests/test_rundir.py
+
+Layout (all under `output_dir`):
+    config.yaml             resolved config (written once; a different config hash is refused on resume)
+    manifest.json           what is committed, with sha256 + size of every checkpoint file; written last
+    checkpoints/pi_0 ...    HF checkpoints (safetensors) of pi_0 .. pi_T
+    generations/iter_T/     Parquet shards of iteration T's synthetic responses (one per generation batch)
+    proto/                  Parquet shards of the proto-synthetic responses y0 (generated once by pi_0)
+    metrics.jsonl           one row per logging step and per iteration
+Every directory is committed by writing it under a temporary name, fsyncing, and renaming; the manifest
+(the pointer) is replaced last, so a crash leaves either the old state or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import yaml
+
+from tspin_ray.errors import UserError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name, fsync it, and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary directory; on success fsync its files and rename it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():  # an uncommitted leftover of an interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checksum_dir(path: Path) -> dict[str, dict]:
+    """sha256 and size of every file under `path`, keyed by relative path."""
+    out = {}
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[str(f.relative_to(path))] = {"sha256": h.hexdigest(), "size": f.stat().st_size}
+    return out
+
+
+def verify_dir(path: Path, expected: dict[str, dict]) -> str | None:
+    """None if `path` matches its recorded checksums, else a one-line description of the first problem."""
+    path = Path(path)
+    for rel, meta in expected.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{f}: size {f.stat().st_size} != recorded {meta['size']} (truncated?)"
+    actual = checksum_dir(path)
+    for rel, meta in expected.items():
+        if actual[rel]["sha256"] != meta["sha256"]:
+            return f"{path / rel}: sha256 mismatch (corrupted)"
+    return None
+
+
+class RunDir:
+    """Paths of one run and its manifest. The manifest maps names ("pi_0", "proto", "iter_0", ...) to
+    committed entries; only the driver writes it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {
+            "entries": {}}
+
+    @classmethod
+    def open(cls, cfg) -> RunDir:
+        """Create or resume the run directory for `cfg`, refusing a changed config unless allowed."""
+        root = Path(cfg.output_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test-{uuid.uuid4().hex[:6]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"output_dir {root} is not writable: {e.strerror or e}") from None
+        run = cls(root)
+        stored = run.manifest.get("config_hash")
+        if stored and stored != cfg.hash() and not cfg.allow_config_change:
+            raise UserError(f"{root} holds a run with a different config (hash {stored} != {cfg.hash()}); "
+                            f"use a new output_dir or set allow_config_change=true")
+        if not stored or stored != cfg.hash():
+            write_atomic(root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+            run.manifest["config_hash"] = cfg.hash()
+            run.save()
+        return run
+
+    def save(self) -> None:
+        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+
+    # ------------------------------------------------------------ paths
+    def checkpoint(self, t: int) -> Path:
+        return self.root / "checkpoints" / f"pi_{t}"
+
+    def generations(self, t: int) -> Path:
+        return self.root / "generations" / f"iter_{t}"
+
+    @property
+    def proto(self) -> Path:
+        return self.root / "proto"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    # ------------------------------------------------------------ commits
+    def done(self, name: str) -> bool:
+        return name in self.manifest["entries"]
+
+    def entry(self, name: str) -> dict | None:
+        return self.manifest["entries"].get(name)
+
+    def commit(self, name: str, **info) -> None:
+        self.manifest["entries"][name] = info
+        self.save()
+
+    def commit_checkpoint(self, t: int, **info) -> None:
+        self.commit(f"pi_{t}", path=str(self.checkpoint(t).relative_to(self.root)),
+                    files=checksum_dir(self.checkpoint(t)), **info)
+
+    def uncommit(self, name: str) -> None:
+        self.manifest["entries"].pop(name, None)
+        self.save()
+
+    def latest_good_checkpoint(self, upto: int) -> int | None:
+        """Highest t <= upto whose committed checkpoint verifies; corrupt ones are uncommitted and reported."""
+        for t in range(upto, -1, -1):
+            e = self.entry(f"pi_{t}")
+            if e is None:
+                continue
+            problem = verify_dir(self.root / e["path"], e["files"])
+            if problem is None:
+                return t
+            print(f"warning: checkpoint pi_{t} is corrupt ({problem}); falling back to an earlier one")
+            for name in [n for n in self.manifest["entries"] if _iteration_of(n) is not None
+                         and _iteration_of(n) >= t]:
+                self.manifest["entries"].pop(name)
+            self.save()
+        return None
+
+    def append_metrics(self, rows: list[dict]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _iteration_of(name: str) -> int | None:
+    """pi_3 -> 3, iter_2 -> 3 (iteration 2 produces pi_3); other entries -> None."""
+    if name.startswith("pi_"):
+        return int(name[3:])
+    if name.startswith("iter_"):
+        return int(name[5:]) + 1
+    return None

@@ -1,0 +1,285 @@
+"""Main-player trainers: N Ray actors forming one torch.distributed group (gloo on CPU, NCCL on GPU).
+
+    .venv/bin/pytest tests/test_trainer.py
+
+Each actor holds one model replica (DeepSpeed ZeRO 0-3 or plain torch / DDP), pulls its shard of the
+triplet stream from a Ray Data `DataIterator`, computes the sequence log-probs of real, generated and
+proto responses in ONE concatenated forward, applies the objective by name, and steps. An own actor
+group (OpenRLHF-style) rather than Ray Train's TorchTrainer: the actors live for the whole run, so the
+process group, the model and the tokenizer are set up once instead of once per iteration and epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from tspin_ray.objectives import get_objective
+
+
+def to_list(x: Any) -> Any:
+    """Ray Data hands ragged list columns over as numpy object arrays; turn them back into lists."""
+    if isinstance(x, np.ndarray):
+        return [to_list(v) for v in x] if x.dtype == object else x.tolist()
+    return x
+
+
+def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Policy log-probs of every response an objective needs, from one forward over all of them.
+
+    Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN and T-SPIN treat
+    each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]).
+    """
+    from tspin_ray.logprobs import sequence_logprobs
+
+    prompts, real = to_list(batch["prompt_ids"]), to_list(batch["real_ids"])
+    b = len(prompts)
+    lengths = torch.tensor([len(r) for r in real], dtype=torch.float32)
+    if objective == "sft":
+        return {"policy_real": sequence_logprobs(model, prompts, real, pad_id), "real_lengths": lengths}
+    gen = to_list(batch["generated_ids"])
+    k = len(gen[0])
+    seq_p, seq_r = list(prompts), list(real)
+    for p, g in zip(prompts, gen, strict=True):
+        seq_p += [p] * k
+        seq_r += g
+    if objective == "tspin":
+        for p, y0 in zip(prompts, to_list(batch["proto_ids"]), strict=True):
+            seq_p += [p] * k
+            seq_r += y0
+    lp = sequence_logprobs(model, seq_p, seq_r, pad_id)
+    real_lp, gen_lp = lp[:b], lp[b:b + b * k].view(b, k)
+    out: dict[str, torch.Tensor] = {"real_lengths": lengths}
+    if objective == "space":
+        out.update(policy_real=real_lp, policy_generated=gen_lp)
+    else:  # one pair (or triplet) per sample: repeat y's log-prob instead of recomputing it
+        out.update(policy_real=real_lp.repeat_interleave(k), policy_generated=gen_lp.reshape(-1),
+                   real_lengths=lengths.repeat_interleave(k))
+    if objective == "tspin":
+        out["policy_proto"] = lp[b + b * k:].reshape(-1)
+    if objective in ("spin", "space"):
+        ref_real = torch.tensor(np.asarray(batch["ref_real"], dtype=np.float64), dtype=torch.float32)
+        ref_gen = torch.tensor(np.asarray(to_list(batch["ref_generated"]), dtype=np.float64),
+                               dtype=torch.float32).view(b, k)
+        if objective == "space":
+            out.update(ref_real=ref_real, ref_generated=ref_gen)
+        else:
+            out.update(ref_real=ref_real.repeat_interleave(k), ref_generated=ref_gen.reshape(-1))
+    return out
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Trainer:
+    """One rank of the trainer group. Plain class so a test can run it in-process; `TrainerActor` is it
+    as a Ray actor."""
+
+    def __init__(self, rank: int, world_size: int, backend: str, zero_stage: int = 0,
+                 precision: str = "fp32", gradient_checkpointing: bool = False):
+        self.rank, self.world_size = rank, world_size
+        self.backend, self.zero_stage, self.precision = backend, zero_stage, precision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.model = self.engine = self.optimizer = self.scheduler = None
+        self.loaded_from: str | None = None
+
+    # ------------------------------------------------------------ setup
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1", free_port()
+
+    def init_group(self, master_addr: str, master_port: int) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        dist_backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.backend == "deepspeed":
+            import deepspeed
+
+            # On CPU, skip DeepSpeed's shared-memory comm op: it is a 45 s C++ build on every new machine.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            deepspeed.init_distributed(dist_backend=dist_backend, verbose=False)
+        elif not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(dist_backend)
+
+    def load(self, path: str, trust_remote_code: bool = False) -> None:
+        """Load the policy to train from an HF checkpoint (pi_t at the start of iteration t)."""
+        from tspin_ray.modeling import load_model, load_tokenizer
+
+        if self.loaded_from == path and self.model is not None:
+            return
+        dtype = "bfloat16" if self.precision == "bf16" else "float32"
+        self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.engine = None
+        self.loaded_from = path
+
+    # ------------------------------------------------------------ one iteration
+    def begin(self, *, objective: str, params: dict, optimizer: str, lr: float, weight_decay: float,
+              schedule: str, warmup_ratio: float, total_steps: int, micro_batch_size: int,
+              global_batch_size: int, grad_clip: float) -> None:
+        """Fresh optimizer and schedule for one training phase (SPIN and T-SPIN restart them per iteration)."""
+        from transformers import get_scheduler
+
+        self.objective, self.params = objective, params
+        self.micro = micro_batch_size
+        self.accum = global_batch_size // (micro_batch_size * self.world_size)
+        self.grad_clip, self.total_steps, self.step = grad_clip, total_steps, 0
+        module = self.model
+        opt = make_optimizer(optimizer, module.parameters(), lr, weight_decay)
+        sched_name = "constant_with_warmup" if schedule == "constant" else schedule
+        sched = get_scheduler(sched_name, opt, num_warmup_steps=int(warmup_ratio * total_steps),
+                              num_training_steps=max(total_steps, 1))
+        if self.backend == "deepspeed":
+            import deepspeed
+
+            ds_config = {
+                "train_micro_batch_size_per_gpu": micro_batch_size,
+                "gradient_accumulation_steps": self.accum,
+                "train_batch_size": global_batch_size,
+                "gradient_clipping": grad_clip,
+                "zero_optimization": {"stage": self.zero_stage},
+                "bf16": {"enabled": self.precision == "bf16"},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 2**31 - 1,
+            }
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        else:
+            self.optimizer, self.scheduler = opt, sched
+            if self.world_size > 1 and not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                self.engine = torch.nn.parallel.DistributedDataParallel(module)
+            else:
+                self.engine = module
+        self.model.train()
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        module = self.engine
+        inputs = batch_logprobs(module, batch, self.objective, self.pad_id)
+        losses, metrics = get_objective(self.objective)(**inputs, **self.params)
+        return losses.mean(), {k: float(v) for k, v in metrics.items()}
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over `accum` micro-batches (a global batch across the group)."""
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            loss, metrics = self._loss(batch)
+            if self.backend == "deepspeed":
+                self.engine.backward(loss)  # scales by 1/accum itself
+                self.engine.step()  # steps optimizer and scheduler at the accumulation boundary
+            else:
+                (loss / len(micro_batches)).backward()
+            for k, v in {"loss": float(loss), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
+        if self.backend == "deepspeed":
+            lr = self.scheduler.get_last_lr()[0]
+        else:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**self._all_mean(totals), "lr": lr}
+
+    def _all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def train_epoch(self, iterator, max_steps: int | None = None) -> list[dict]:
+        """Consume this rank's shard; returns one record per optimizer step (same count on every rank).
+
+        The shard is an `equal=True` split, so every rank sees the same number of micro-batches and the
+        ranks step in lock-step; a trailing partial global batch is skipped on every rank alike.
+        """
+        records, pending = [], []
+        limit = self.total_steps if max_steps is None else max_steps
+        for batch in iterator.iter_batches(batch_size=self.micro, batch_format="numpy", drop_last=False):
+            if self.step >= limit:
+                continue  # drain the shard so the split coordinator is not left waiting
+            pending.append(batch)
+            if len(pending) == self.accum:
+                rec = self.train_step(pending)
+                rec.update(step=self.step, time=time.time(), rows=sum(len(b["prompt_ids"]) for b in pending))
+                records.append(rec)
+                pending = []
+        return records
+
+    # ------------------------------------------------------------ evaluation and export
+    @torch.no_grad()
+    def nll(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> tuple[float, int]:
+        """Summed NLL and token count of `responses` on this rank's slice (rank::world) of the rows."""
+        from tspin_ray.logprobs import sequence_logprobs
+
+        model = self.engine.module if hasattr(self.engine, "module") else self.model
+        model.eval()
+        total, tokens = 0.0, 0
+        mine = list(range(self.rank, len(prompts), self.world_size))
+        for s in range(0, len(mine), batch_size):
+            idx = mine[s:s + batch_size]
+            lp = sequence_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], self.pad_id)
+            total -= float(lp.sum())
+            tokens += sum(len(responses[i]) for i in idx)
+        if self.world_size > 1:
+            t = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            total, tokens = float(t[0]), int(t[1])
+        self.model.train()
+        return total, tokens
+
+    def export(self, out_dir: str) -> float:
+        """Write the current weights as an HF checkpoint (safetensors) from rank 0; returns seconds."""
+        t0 = time.time()
+        state = None
+        if self.backend == "deepspeed" and self.zero_stage == 3:
+            import deepspeed
+
+            # Gather one parameter at a time so rank 0 never holds two full copies (GPU path).
+            state = {}
+            for name, param in self.engine.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        state[name] = param.detach().to("cpu", copy=True)
+        if self.rank == 0:
+            module = self.model
+            module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return time.time() - t0
+
+    def state_fingerprint(self) -> float:
+        """Sum of all parameters: a cheap equality check for tests."""
+        return float(sum(p.detach().double().sum() for p in self.model.parameters()))
+
+    def ping(self) -> int:
+        return self.rank
+
+
+TrainerActor = ray.remote(Trainer)

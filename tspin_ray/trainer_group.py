@@ -1,0 +1,141 @@
+"""Driver-side handle on the trainer actors: Ray start/connect, placement, lock-step calls, timeouts.
+
+    .venv/bin/pytest tests/test_trainer.py
+
+Trainers get their own placement group (PACK: ranks on as few nodes as possible); the generators are
+a separate Ray Data actor pool, so the two roles never share a bundle. Every wait has a timeout whose
+message says what was being waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from tspin_ray.config import RunConfig
+from tspin_ray.errors import UserError
+from tspin_ray.trainer import TrainerActor
+
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+def ensure_ray(cfg: RunConfig) -> None:
+    """Connect to RAY_ADDRESS when set; otherwise start an embedded local Ray. Then check resources."""
+    import ray.data
+
+    local = not os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if local:
+            ncpu = cfg.resources.local_num_cpus or max(8, os.cpu_count() or 1)
+            # More logical CPUs than cores: generators and trainers take turns on a small machine.
+            ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": WORKER_ENV})
+        else:
+            ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same rows in the same order on a rerun
+    ctx.enable_progress_bars = False  # tspin-ray shows its own progress
+    ctx.print_on_execution_start = False
+    check_resources(cfg, local)
+
+
+def check_resources(cfg: RunConfig, strict: bool) -> None:
+    """Fail fast when the trainers plus the smallest generator pool cannot fit in the cluster."""
+    r = cfg.resources
+    need: dict[str, float] = {"CPU": r.trainers * r.trainer_cpus + r.generators_min * r.generator_cpus,
+                              "GPU": r.trainers * r.trainer_gpus + r.generators_min * r.generator_gpus}
+    for res, mult in ((r.trainer_resources, r.trainers), (r.generator_resources, r.generators_min)):
+        for k, v in res.items():
+            need[k] = need.get(k, 0.0) + v * mult
+    have = ray.cluster_resources()
+    short = [f"{k} {v:g} > {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0) + 1e-9]
+    if short and strict:
+        raise UserError(f"resources cannot be satisfied by this Ray cluster: {', '.join(short)} "
+                        f"(resources.trainers/generators_min and their cpus/gpus)")
+    if short:
+        print(f"warning: cluster has too few resources now ({', '.join(short)}); waiting for the autoscaler")
+
+
+class TrainerGroup:
+    def __init__(self, cfg: RunConfig, timeout_s: float = 600.0):
+        r, t = cfg.resources, cfg.training
+        self.cfg, self.n, self.timeout_s = cfg, r.trainers, timeout_s
+        bundle = {"CPU": r.trainer_cpus, **({"GPU": r.trainer_gpus} if r.trainer_gpus else {}),
+                  **r.trainer_resources}
+        self.pg = placement_group([bundle] * self.n, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {self.n} trainer bundles of {bundle}")
+        self.actors = [
+            TrainerActor.options(
+                num_cpus=r.trainer_cpus, num_gpus=r.trainer_gpus, resources=r.trainer_resources or None,
+                max_concurrency=2,  # one thread trains, the other answers progress queries
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(i, self.n, t.backend, t.zero_stage, t.precision, t.gradient_checkpointing)
+            for i in range(self.n)
+        ]
+        addr, port = self.get(self.actors[0].address.remote(), "trainer rank 0 address")
+        self.get([a.init_group.remote(addr, port) for a in self.actors], "torch.distributed group init")
+
+    def get(self, refs, what: str, timeout: float | None = None):
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}") from None
+
+    def call(self, method: str, *args, what: str | None = None, **kwargs) -> list:
+        return self.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], what or method)
+
+    def load(self, path) -> None:
+        self.call("load", str(path), self.cfg.model.trust_remote_code, what=f"trainers loading {path}")
+
+    def mark_loaded(self, path) -> None:
+        """The trainers already hold the weights they just exported to `path`; skip reloading them."""
+        self.get([a.__ray_call__.remote(lambda self, p=str(path): setattr(self, "loaded_from", p))
+                  for a in self.actors], "mark loaded")
+
+    def begin(self, **kwargs) -> None:
+        self.call("begin", what="trainer optimizer setup", **kwargs)
+
+    def train_stream(self, ds: ray.data.Dataset, on_step: Callable[[int], None] | None = None,
+                     timeout: float | None = None) -> list[dict]:
+        """Stream `ds` to the ranks (equal shards, lock-step) and return rank 0's per-step records."""
+        timeout = self.cfg.generation.timeout_s if timeout is None else timeout
+        iterators = ds.streaming_split(self.n, equal=True)
+        refs = [a.train_epoch.remote(it) for a, it in zip(self.actors, iterators, strict=True)]
+        start, last = time.time(), None
+        while True:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            if on_step is not None:
+                step = ray.get(self.actors[0].__ray_call__.remote(lambda self: self.step))
+                if step != last:
+                    on_step(step)
+                    last = step
+            if len(done) == len(refs):
+                return ray.get(refs)[0]
+            if time.time() - start > timeout:
+                raise RuntimeError(f"timed out after {timeout:.0f}s waiting for the trainers to consume the "
+                                   f"triplet stream (generation.timeout_s)")
+
+    def export(self, out_dir) -> float:
+        return self.call("export", str(out_dir), what=f"checkpoint export to {out_dir}")[0]
+
+    def nll(self, prompts, responses) -> tuple[float, int]:
+        return self.call("nll", prompts, responses, what="held-out NLL")[0]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)

@@ -9,6 +9,7 @@ key). Every field carries its documentation in `metadata["doc"]`; `describe()` r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -116,6 +117,7 @@ class TrainingConfig:
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (3 needs GPUs).")
     optimizer: Literal["rmsprop", "adamw", "sgd"] = _f("rmsprop", "The papers use RMSProp.")
     lr: float = _f(5e-7, "Peak learning rate.")
+    lr_overrides: dict = _f({}, "Per-iteration peak lr, e.g. {2: 1.0e-7, 3: 1.0e-7} (negative = from the end).")
     weight_decay: float = _f(0.0, "Decoupled weight decay.")
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warmup, restarted each iteration.")
     warmup_ratio: float = _f(0.1, "Fraction of an iteration's steps spent warming up.")
@@ -134,6 +136,16 @@ class TrainingConfig:
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
+        for key, value in self.lr_overrides.items():
+            if not isinstance(key, int) or isinstance(value, bool) or not isinstance(value, int | float) \
+                    or value <= 0:
+                raise ValueError(f"lr_overrides maps an iteration number to a positive lr, got {key!r}: {value!r}")
+
+    def lr_for_iteration(self, t: int, iterations: int) -> float:
+        for key, value in self.lr_overrides.items():
+            if (key if key >= 0 else iterations + key) == t:
+                return float(value)
+        return self.lr
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,8 @@ class SFTConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     name: Literal["sft", "spin", "tspin", "space"] = _f("tspin", "Training objective (ALGORITHMS.md).")
-    beta: float | None = _f(None, "SPIN: reward scale (0.1); T-SPIN: weight of the historical term (0.1).")
+    beta: float | None = _f(None, "SPIN: reward scale (0.1); T-SPIN: weight of the historical term (0.1; "
+                                  "always 0 in iteration 0 unless overrides[0] sets it).")
     alpha: float = _f(1.0, "T-SPIN: scale of both advantages.")
     mu: int = _f(1, "SPACE: synthetic samples per prompt (noise ratio).")
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "SPIN: logistic or hinge loss.")
@@ -177,8 +190,8 @@ class ObjectiveConfig:
         """The hyper-parameters in force at iteration t (defaults, then per-iteration overrides)."""
         beta = self.beta if self.beta is not None else 0.1
         values: dict[str, Any] = {"beta": beta}
-        if self.name == "tspin" and t == 0 and self.beta is None:
-            values["beta"] = 0.0  # y' and y0 come from the same policy in iteration 0 (ALGORITHMS.md)
+        if self.name == "tspin" and t == 0:
+            values["beta"] = 0.0  # y' and y0 come from one policy in iteration 0 (ALGORITHMS.md); overridable
         for key, vals in self.overrides.items():
             if (key if key >= 0 else iterations + key) == t:
                 values.update(vals)
@@ -352,7 +365,7 @@ def apply_override(raw: dict, dotted: str) -> None:
 
 
 def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    raw = json.loads(json.dumps(raw))  # deep copy; also drops YAML-only types
+    raw = copy.deepcopy(raw)  # keeps int keys such as objective.overrides {-1: ...}
     for o in overrides:
         apply_override(raw, o)
     return _build(RunConfig, raw, "")

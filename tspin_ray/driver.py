@@ -213,7 +213,8 @@ class Driver:
         steps_per_epoch = (len(rows) // n) // (tr.global_batch_size // n)
         if steps_per_epoch == 0:
             raise UserError(f"{len(rows)} training rows make no full global batch of {tr.global_batch_size}")
-        group.begin(objective=obj.name, params=params, optimizer=tr.optimizer, lr=tr.lr,
+        group.begin(objective=obj.name, params=params, optimizer=tr.optimizer,
+                    lr=tr.lr_for_iteration(t, c.iterations),
                     weight_decay=tr.weight_decay, schedule=tr.schedule, warmup_ratio=tr.warmup_ratio,
                     total_steps=steps_per_epoch * tr.epochs, micro_batch_size=tr.micro_batch_size,
                     global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
@@ -223,7 +224,10 @@ class Driver:
         todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
         with self.progress.phase(f"iter {t} train", total=steps_per_epoch * tr.epochs) as bar:
             for epoch in range(tr.epochs):
-                if epoch == 0 and todo:  # stream: training starts while generation is still running
+                if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
+                    ds = ray.data.from_items(self.sft_rows(self.prep.train)).random_shuffle(
+                        seed=c.seed * 1000 + t * 10 + epoch)
+                elif epoch == 0 and todo:  # stream: training starts while generation is still running
                     ds = self.generate(todo, kwargs)
                     if len(todo) < len(rows):  # resumed: shards already on disk come first
                         ds = ray.data.read_parquet(str(gen_dir)).union(ds)
@@ -235,22 +239,28 @@ class Driver:
                 recs = group.train_stream(ds, on_step=bar.set)
                 records += [{"epoch": epoch, **r} for r in recs]
         t_train_end = time.time()
+        if obj.name == "sft":
+            return self.finish_iteration(t, t0, t_train_end, records, rows, table=None, todo=[])
         table = read_shards(gen_dir)
         check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], c.samples_per_prompt,
                        f"iteration {t}")
         run.commit(f"gen_{t}", rows=table.num_rows)
+        return self.finish_iteration(t, t0, t_train_end, records, rows, table, todo)
+
+    def finish_iteration(self, t, t0, t_train_end, records, rows, table, todo) -> dict:
+        """Export pi_{t+1}, log the steps, and summarise the iteration's timings and metrics."""
+        run, group = self.run, self.trainers
         with atomic_dir(run.checkpoint(t + 1)) as tmp:
             export_s = group.export(tmp)
         run.commit_checkpoint(t + 1, seconds=time.time() - t0)
         group.mark_loaded(run.checkpoint(t + 1))
         self.log([{"phase": "train", "iteration": t, **r} for r in records])
-        gen_tokens = int(np.sum(table.column("gen_tokens").to_numpy()))
+        gen_tokens = int(np.sum(table.column("gen_tokens").to_numpy())) if table is not None else 0
         gen_seconds = float(table.column("gen_done").to_numpy().max() - t0) if todo else 0.0
         first_step = records[0]["time"] if records else t0
         summary = {
-            "timing/generate": gen_seconds, "timing/train": t_train_end - t0,
-            "timing/checkpoint": export_s, "timing/weight_sync": float(np.max(table.column("engine_load_s")
-                                                                              .to_numpy())),
+            "timing/generate": gen_seconds, "timing/train": t_train_end - t0, "timing/checkpoint": export_s,
+            "timing/weight_sync": float(np.max(table.column("engine_load_s").to_numpy())) if table is not None else 0.0,
             "timing/first_train_step": first_step - t0, "timing/last_generation": gen_seconds,
             "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
             "train/rows": len(rows),

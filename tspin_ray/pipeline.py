@@ -18,6 +18,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ class GenerateStage:
         source = [int(x) for x in batch["source_iteration"]]
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch["prompt"]]
         real_ids = [encode_response(self.tokenizer, r, max_tokens=max(1, min(
-            self.max_response_tokens, self.max_length - len(p)))) for r, p in zip(batch["response"], prompt_ids)]
+            self.max_response_tokens, self.max_length - len(p)))) for r, p in zip(batch["response"], prompt_ids, strict=False)]
         given = [json.loads(g) if g else [] for g in batch["given_json"]]
         k = self.samples
         # Rows with given responses (SPIN's mixed-in previous pairs) are only re-scored under pi_t.
@@ -103,7 +104,7 @@ class GenerateStage:
             "gen_done": [time.time()] * len(ids), "engine_load_s": [self.load_seconds] * len(ids),
         }
         if self.out_dir is not None:
-            write_shard(pa.Table.from_pydict(out), self.out_dir, [f"{s}:{i}" for s, i in zip(source, ids)])
+            write_shard(pa.Table.from_pydict(out), self.out_dir, [f"{s}:{i}" for s, i in zip(source, ids, strict=False)])
         return out
 
 
@@ -114,14 +115,16 @@ def generation_dataset(rows: list[dict], *, stage_kwargs: dict, batch_size: int,
     proto_json / given_json: JSON lists of token-id lists, "" when absent — JSON keeps the Arrow schema of
     every block the same whether or not a row has them). Nothing runs until a consumer pulls from it."""
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
-    remote_args = dict(num_cpus=num_cpus, max_restarts=max_attempts, max_task_retries=max_attempts)
-    if num_gpus:
-        remote_args["num_gpus"] = num_gpus
-    if resources:
-        remote_args["resources"] = dict(resources)
-    return ds.map_batches(
-        GenerateStage, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=stage_kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors), **remote_args)
+    # Bounded restarts and retries: Ray Data's default is unlimited, so an engine that always crashes
+    # on one batch would loop forever. Extra kwargs are still Ray 2.60's only way to say so (it warns
+    # that they go away in 2.64).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(
+            GenerateStage, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=stage_kwargs,
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            num_cpus=num_cpus, num_gpus=num_gpus or None, resources=dict(resources) or None,
+            max_restarts=max_attempts, max_task_retries=max_attempts)
 
 
 def read_shards(path: Path) -> pa.Table | None:

@@ -267,6 +267,9 @@ class Trainer:
                     if self.rank == 0:
                         state[name] = param.detach().to("cpu", copy=True)
         if self.rank == 0:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
             module = self.model
             module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)

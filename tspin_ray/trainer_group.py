@@ -42,6 +42,9 @@ def ensure_ray(cfg: RunConfig) -> None:
                      runtime_env={"env_vars": WORKER_ENV})
         else:
             ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the table
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same rows in the same order on a rerun
     ctx.enable_progress_bars = False  # tspin-ray shows its own progress

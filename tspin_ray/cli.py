@@ -14,10 +14,11 @@ User errors print one line (`error: ...`) and exit 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
-from tspin_ray.errors import UserError
+from tspin_ray.errors import RunFailed, UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e} (rerun the same command to resume)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            print(f"error: {e.filename or 'writing the run directory'}: {e.strerror}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -18,11 +20,14 @@ import numpy as np
 import ray
 
 from tspin_ray.config import RunConfig
-from tspin_ray.errors import UserError
+from tspin_ray.errors import RunFailed, UserError
+from tspin_ray.faults import maybe_fail
 from tspin_ray.pipeline import check_complete, done_keys, generation_dataset, read_shards
 from tspin_ray.progress import Progress
 from tspin_ray.rundir import RunDir, atomic_dir
 from tspin_ray.trainer_group import TrainerGroup, ensure_ray
+
+MAX_TRAINER_ATTEMPTS = 3  # a phase whose trainers keep dying fails instead of looping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,42 @@ def shuffled(rows, seed: int):
     Data's random_shuffle is an all-to-all exchange that costs seconds even for a few rows)."""
     order = np.random.default_rng(seed).permutation(len(rows))
     return rows.take(order) if hasattr(rows, "take") else [rows[i] for i in order]
+
+
+def in_row_order(table, rows: list[dict]):
+    """Shard rows in the order of `rows` (the input order), whichever batches wrote them: a resumed
+    iteration then trains on exactly the sequence an uninterrupted one would have."""
+    pos = {(r["source_iteration"], r["prompt_id"]): i for i, r in enumerate(rows)}
+    keys = zip(table.column("source_iteration").to_pylist(), table.column("prompt_id").to_pylist(), strict=True)
+    return table.take(np.argsort([pos[k] for k in keys], kind="stable"))
+
+
+def consume(batches, on_batch, timeout: float, what: str) -> None:
+    """Iterate a Ray Data batch iterator with a deadline and a one-line failure message."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+
+    def pump():
+        try:
+            for b in batches:
+                q.put(("batch", b))
+            q.put(("done", None))
+        except BaseException as e:  # handed over to the waiting thread
+            q.put(("error", e))
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.time() + timeout
+    while True:
+        try:
+            kind, value = q.get(timeout=max(0.1, deadline - time.time()))
+        except queue.Empty:
+            raise RunFailed(f"timed out after {timeout:.0f}s waiting for {what} (generation.timeout_s)") from None
+        if kind == "done":
+            return
+        if kind == "error":
+            text = str(value).strip()
+            cause = text.splitlines()[-1] if text else type(value).__name__
+            raise RunFailed(f"{what} failed (each batch tried generation.max_attempts times): {cause}") from value
+        on_batch(value)
 
 
 def example_rows(examples, t: int, proto: dict | None = None) -> list[dict]:
@@ -107,8 +148,12 @@ class Driver:
         todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
         if todo:
             with self.progress.phase(what, total=len(todo)) as bar:
-                for batch in self.generate(todo, kwargs).iter_batches(batch_size=None, batch_format="numpy"):
+                def on_batch(batch):
                     bar.update(len(batch["prompt_id"]))
+                    maybe_fail(what.split()[0])
+
+                consume(self.generate(todo, kwargs).iter_batches(batch_size=None, batch_format="numpy"),
+                        on_batch, self.cfg.generation.timeout_s, what)
         table = read_shards(out_dir)
         check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], kwargs["samples"], what)
         return table
@@ -143,6 +188,7 @@ class Driver:
                     grad_clip=c.training.grad_clip)
         with self.progress.phase("sft", total=steps) as bar:
             records = group.train_stream(ray.data.from_items(order), on_step=bar.set)
+        maybe_fail("sft")
         self.log([{"phase": "sft", **r} for r in records[:: max(1, len(records) // 50)]])
         with atomic_dir(run.checkpoint(0)) as tmp:
             group.export(tmp)
@@ -189,10 +235,13 @@ class Driver:
                                    max_new_tokens=self.cfg.eval.max_new_tokens, score_ref=False, out_dir=None)
         got = {}
         with self.progress.phase(f"eval {label}", total=len(ev)) as bar:
-            for b in self.generate(example_rows(ev, 0), kwargs).iter_batches(batch_size=None, batch_format="numpy"):
+            def on_batch(b):
                 for pid, gens in zip(b["prompt_id"], b["generated"], strict=True):
                     got[str(pid)] = str(gens[0])
                 bar.update(len(b["prompt_id"]))
+
+            consume(self.generate(example_rows(ev, 0), kwargs).iter_batches(batch_size=None, batch_format="numpy"),
+                    on_batch, self.cfg.generation.timeout_s, f"evaluation of {label}")
         acc = float(np.mean([exact_match(got[e.prompt_id], e.response) for e in ev]))
         rows = self.sft_rows(ev)
         nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
@@ -226,38 +275,44 @@ class Driver:
                     global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
         t0 = time.time()
         records: list[dict] = []
-        have = done_keys(read_shards(gen_dir))
-        todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
+        todo = [] if obj.name == "sft" else [
+            r for r in rows if (r["source_iteration"], r["prompt_id"]) not in done_keys(read_shards(gen_dir))]
+        if todo and len(todo) < len(rows):
+            # Resumed mid-generation: finish the missing shards first, then train on all of them in input
+            # order, exactly as the interrupted run would have.
+            self.persisted_generation(rows, kwargs, gen_dir, f"generate {t} (resume)")
+        stream = bool(todo) and len(todo) == len(rows)
         with self.progress.phase(f"iter {t} train", total=steps_per_epoch * tr.epochs) as bar:
             for epoch in range(tr.epochs):
                 seed = c.seed * 1000 + t * 10 + epoch
                 if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
                     ds = ray.data.from_items(shuffled(self.sft_rows(self.prep.train), seed))
-                elif epoch == 0 and todo:  # stream: training starts while generation is still running
+                elif epoch == 0 and stream:  # training starts while generation is still running
                     ds = self.generate(todo, kwargs)
-                    if len(todo) < len(rows):  # resumed: shards already on disk come first
-                        ds = ray.data.read_parquet(str(gen_dir)).union(ds)
                 else:
-                    if epoch == 1 or not todo:
-                        check_complete(read_shards(gen_dir), [(r["source_iteration"], r["prompt_id"])
-                                                             for r in rows], c.samples_per_prompt, f"iteration {t}")
-                    ds = ray.data.from_arrow(shuffled(read_shards(gen_dir), seed))
+                    table = read_shards(gen_dir)
+                    keys = [(r["source_iteration"], r["prompt_id"]) for r in rows]
+                    check_complete(table, keys, c.samples_per_prompt, f"iteration {t}")
+                    table = in_row_order(table, rows)
+                    ds = ray.data.from_arrow(table if epoch == 0 else shuffled(table, seed))
                 recs = group.train_stream(ds, on_step=bar.set)
                 records += [{"epoch": epoch, **r} for r in recs]
         t_train_end = time.time()
         if obj.name == "sft":
             return self.finish_iteration(t, t0, t_train_end, records, rows, table=None, todo=[])
+        maybe_fail("generate")
         table = read_shards(gen_dir)
         check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], c.samples_per_prompt,
                        f"iteration {t}")
         run.commit(f"gen_{t}", rows=table.num_rows)
-        return self.finish_iteration(t, t0, t_train_end, records, rows, table, todo)
+        return self.finish_iteration(t, t0, t_train_end, records, rows, table, todo if stream else [])
 
     def finish_iteration(self, t, t0, t_train_end, records, rows, table, todo) -> dict:
         """Export pi_{t+1}, log the steps, and summarise the iteration's timings and metrics."""
         run, group = self.run, self.trainers
         with atomic_dir(run.checkpoint(t + 1)) as tmp:
             export_s = group.export(tmp)
+            maybe_fail("export")
         run.commit_checkpoint(t + 1, seconds=time.time() - t0)
         group.mark_loaded(run.checkpoint(t + 1))
         self.log([{"phase": "train", "iteration": t, **r} for r in records])
@@ -277,26 +332,57 @@ class Driver:
         return summary
 
     # ------------------------------------------------------------ the loop
+    def committed(self, row: dict) -> bool:
+        """Whether a metrics row belongs to committed work (rows of interrupted work are dropped)."""
+        if row.get("phase") == "sft":
+            return self.run.done("pi_0")
+        if row.get("iteration") == -1:
+            return self.run.done("eval_0")
+        return self.run.done(f"iter_{row.get('iteration')}")
+
+    def with_trainer_retries(self, what: str, fn):
+        """Run fn; if a trainer actor dies, rebuild the group and redo the phase from its start checkpoint."""
+        for attempt in range(1, MAX_TRAINER_ATTEMPTS + 1):
+            try:
+                return fn()
+            except ray.exceptions.RayActorError as e:
+                if self.trainers is not None:
+                    self.trainers.shutdown()
+                    self.trainers = None
+                if attempt == MAX_TRAINER_ATTEMPTS:
+                    raise RunFailed(f"{what}: a trainer actor died {attempt} times; last: "
+                                    f"{str(e).strip().splitlines()[0]}") from e
+                self.progress.say(f"warning: a trainer actor died during {what}; restarting it from its "
+                                  f"start checkpoint (attempt {attempt + 1}/{MAX_TRAINER_ATTEMPTS})")
+
     def run_all(self) -> dict:
         c, run = self.cfg, self.run
-        if run.done("complete") and run.latest_good_checkpoint(c.iterations) == c.iterations:
+        latest = run.latest_good_checkpoint(c.iterations)  # verifies checksums; drops corrupt iterates
+        if run.done("complete") and latest == c.iterations:
             self.progress.say(f"run {run.root} is already complete ({c.iterations} iterations); nothing to do")
             return run.entry("complete")
+        run.prune_metrics(self.committed)
         self._index = {e.prompt_id: i for i, e in enumerate(self.prep.train)}
-        pi0 = self.initial_policy()
+        pi0 = self.with_trainer_retries("SFT of pi_0", self.initial_policy)
         if not run.done("eval_0"):
-            ev = self.evaluate(pi0, "pi_0")
+            ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))
             self.log([{"phase": "iteration", "iteration": -1, **ev}])
             run.commit("eval_0", **ev)
         proto = self.proto_cache(pi0) if c.objective.name == "tspin" else None
         start = run.latest_good_checkpoint(c.iterations) or 0
         for t in range(start, c.iterations):
             t0 = time.time()
-            summary = self.iteration(t, run.checkpoint(t), proto)
-            summary.update(self.evaluate(run.checkpoint(t + 1), f"pi_{t + 1}"))
+
+            def one_iteration(t=t):
+                summary = self.iteration(t, run.checkpoint(t), proto)
+                summary.update(self.evaluate(run.checkpoint(t + 1), f"pi_{t + 1}"))
+                return summary
+
+            summary = self.with_trainer_retries(f"iteration {t}", one_iteration)
             summary["timing/iteration"] = time.time() - t0
             self.log([{"phase": "iteration", "iteration": t, **summary}])
             run.commit(f"iter_{t}", **summary)
+            maybe_fail("between")
         final = {"iterations": c.iterations, "checkpoint": str(run.checkpoint(c.iterations))}
         run.commit("complete", **final)
         return final

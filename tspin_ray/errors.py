@@ -12,3 +12,11 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class RunFailed(Exception):
+    """The run could not finish (an engine kept crashing, a wait timed out). One line, exit status 1;
+    the run directory stays resumable."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

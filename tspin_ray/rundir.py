@@ -120,6 +120,8 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise UserError(f"output_dir {root} is not writable: {e.strerror or e}") from None
+        for stale in list(root.glob("checkpoints/.*.tmp-*")) + list(root.glob(".*.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         run = cls(root)
         stored = run.manifest.get("config_hash")
         if stored and stored != cfg.hash() and not cfg.allow_config_change:
@@ -184,12 +186,27 @@ class RunDir:
             self.save()
         return None
 
+    def prune_metrics(self, keep) -> None:
+        """Drop metrics rows of uncommitted work, so a resumed run logs each step exactly once."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                continue
+            if keep(row):
+                kept.append(line)
+        if len(kept) != len(lines):
+            write_atomic(self.metrics_path, "".join(k + "\n" for k in kept).encode())
+
     def append_metrics(self, rows: list[dict]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append rows to metrics.jsonl (fsync'd) and mirror them to `tensorboard/` (see metrics.py)."""
+        from tspin_ray.metrics import append_metrics
+
+        append_metrics(self.root, rows)
 
 
 def _iteration_of(name: str) -> int | None:

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tspin_ray.config import RunConfig
 from tspin_ray.errors import UserError
+from tspin_ray.faults import maybe_fail
 from tspin_ray.trainer import TrainerActor
 
 WORKER_ENV = {
@@ -121,11 +122,14 @@ class TrainerGroup:
         start, last = time.time(), None
         while True:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            for ref in done:  # a dead rank raises here at once; the others would wait in a collective
+                ray.get(ref)
             if on_step is not None:
-                step = ray.get(self.actors[0].__ray_call__.remote(lambda self: self.step))
+                step = ray.get(self.actors[0].__ray_call__.remote(lambda self: self.step), timeout=60)
                 if step != last:
                     on_step(step)
                     last = step
+                    maybe_fail("train")
             if len(done) == len(refs):
                 return ray.get(refs)[0]
             if time.time() - start > timeout:
@@ -141,4 +145,7 @@ class TrainerGroup:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        remove_placement_group(self.pg)
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # already gone with a dead cluster; nothing left to free
+            pass

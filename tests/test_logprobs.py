@@ -53,7 +53,7 @@ def test_one_padded_forward_matches_per_example_loop(model, tok, batch):
     prompts, responses = batch
     with torch.no_grad():
         fast = sequence_logprobs(model, prompts, responses, tok.pad_token_id)
-    slow = torch.tensor([slow_logprob(model, p, r) for p, r in zip(prompts, responses, strict=True)])
+    slow = torch.tensor([slow_logprob(model, p, r) for p, r in zip(prompts, responses, strict=True)], dtype=torch.float64)
     assert fast.shape == (4,) and fast.dtype == torch.float32
     assert torch.allclose(fast.double(), slow, atol=1e-5, rtol=0), (fast, slow)
     assert response_lengths(responses).tolist() == [1, 4, 6, 3]

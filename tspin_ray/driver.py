@@ -97,8 +97,8 @@ def consume(batches, on_batch, timeout: float, what: str) -> None:
         if kind == "done":
             return
         if kind == "error":
-            text = str(value).strip()
-            cause = text.splitlines()[-1] if text else type(value).__name__
+            text = " ".join(str(value).split())
+            cause = (text.split(". ")[0] if text else type(value).__name__)[:300]
             raise RunFailed(f"{what} failed (each batch tried generation.max_attempts times): {cause}") from value
         on_batch(value)
 

@@ -2,8 +2,9 @@
 
     TSPIN_FAULT=train:3 tspin-ray train --config jobs/tiny-cpu.yaml   # dies at the 3rd `train` point
 
-Off unless TSPIN_FAULT is set; each point is one dict lookup. Points: sft, proto, generate, train, export
-(after the checkpoint is written, before it is committed), between (after an iteration is committed).
+Off unless TSPIN_FAULT is set; each point is one dict lookup. Driver points: sft, proto, generate, train,
+export (after the checkpoint is written, before it is committed), between (after an iteration is
+committed). Worker point: `engine:<prompt_id>` makes every generator that gets that prompt exit.
 """
 
 from __future__ import annotations
@@ -26,3 +27,11 @@ def maybe_fail(point: str) -> None:
         # SIGKILL, like an OOM kill or a lost node: no cleanup handlers, no atexit.
         os.killpg(os.getpgid(0), signal.SIGKILL) if os.getpgid(0) == os.getpid() else os.kill(
             os.getpid(), signal.SIGKILL)
+
+
+def crash_if(point: str, keys) -> None:
+    """In a worker: exit hard (like a segfaulting engine) when TSPIN_FAULT=point:key names one of `keys`."""
+    spec = os.environ.get("TSPIN_FAULT", "")
+    name, _, key = spec.partition(":")
+    if name == point and key in set(keys):
+        os._exit(1)

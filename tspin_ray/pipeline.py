@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from tspin_ray.faults import crash_if
+
 # Columns of a triplet row (one per prompt and source iteration; k samples each).
 ROW_COLUMNS = ("prompt_id", "source_iteration", "prompt_ids", "real_ids", "generated_ids", "generated",
                "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s")
@@ -73,6 +75,7 @@ class GenerateStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from tspin_ray.formatting import decode_response, encode_prompt, encode_response
         ids = [str(x) for x in batch["prompt_id"]]
+        crash_if("engine", ids)  # chaos tests: a prompt that always kills its engine
         source = [int(x) for x in batch["source_iteration"]]
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch["prompt"]]
         real_ids = [encode_response(self.tokenizer, r, max_tokens=max(1, min(

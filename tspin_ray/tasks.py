@@ -10,11 +10,14 @@ bench/calibrate_tasks.py), leaving room for self-play to help (DESIGN.md, "Self-
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tspin_ray.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,18 @@ def sorting(length_min: int = 5, length_max: int = 8, alphabet: str = "abcdefghi
 TASKS: dict[str, Task] = {t.name: t for t in (addition(), multiplication(), sorting())}
 
 
+def get_task(name: str) -> Task:
+    """The built-in task called `name`, or a UserError listing the valid names."""
+    if name not in TASKS:
+        near = difflib.get_close_matches(name, TASKS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"unknown task '{name}'{hint}; built-in tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
 def export_jsonl(task_name: str, n: int, seed: int, path: str | Path) -> Path:
     """Write `TASKS[task_name].make(n, seed)` as JSON Lines (the format user data is read in)."""
-    rows = TASKS[task_name].make(n, seed)
+    rows = get_task(task_name).make(n, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:

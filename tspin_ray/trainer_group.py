@@ -34,6 +34,15 @@ def ensure_ray(cfg: RunConfig) -> None:
     """Connect to RAY_ADDRESS when set; otherwise start an embedded local Ray. Then check resources."""
     import ray.data
 
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars between our own progress lines
+    # tspin-ray reports failures itself in one line (RunFailed); Ray Data would also log each one with a
+    # full traceback. Ray's own logs under /tmp/ray/session_latest keep every detail.
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     local = not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if local:
@@ -43,9 +52,6 @@ def ensure_ray(cfg: RunConfig) -> None:
                      runtime_env={"env_vars": WORKER_ENV})
         else:
             ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines drown the table
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same rows in the same order on a rerun
     ctx.enable_progress_bars = False  # tspin-ray shows its own progress

@@ -1,0 +1,157 @@
+"""Fault injection on the tiny CPU job: kills at every stage, then the same command resumes; actor loss.
+
+    .venv/bin/pytest -m chaos tests/test_chaos.py
+
+A killed-and-resumed run must end with the same weights (bitwise: HF generate + plain torch on CPU are
+deterministic here) and the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from tests.conftest import CLI, REPO, small_config, write_config
+from tspin_ray.config import from_dict
+from tspin_ray.driver import Driver, prepare
+
+pytestmark = pytest.mark.chaos
+
+CHAOS = dict(generation={"batch_size": 16}, data={"task_size": 240, "eval_size": 20}, iterations=2)
+VOLATILE = ("time", "timing/", "tokens_per_s", "seconds")
+
+
+def _config(tmp_path, name):
+    raw = small_config(tmp_path, **CHAOS)
+    raw["output_dir"] = str(tmp_path / name)
+    return raw
+
+
+def _cli(cfg_path, env_extra=None, timeout=240):
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    # Own session: a fault point kills the whole process group (driver + its local Ray), not pytest.
+    proc = subprocess.run([*CLI, "train", "--config", str(cfg_path), "--quiet"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    return proc
+
+
+def _stable_metrics(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(s in k for s in VOLATILE)} for r in rows]
+
+
+def _weights(run_dir, t=2):
+    return load_file(run_dir / "checkpoints" / f"pi_{t}" / "model.safetensors")
+
+
+def _assert_same_run(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    assert all((wa[k] == wb[k]).all() for k in wa), "final weights differ from the uninterrupted run"
+    assert _stable_metrics(a) == _stable_metrics(b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, through the same CLI path."""
+    tmp = tmp_path_factory.mktemp("reference")
+    raw = _config(tmp, "run")
+    proc = _cli(write_config(tmp / "c.yaml", raw))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run"
+
+
+# Mid-training and a torn checkpoint commit run in the default suite; the other points (each ~100 s on
+# 2 cores) run with `make chaos` (-m chaos includes the slow ones).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("fault", ["train:3", "export:1", pytest.param("proto:2", marks=SLOW),
+                                   pytest.param("between:1", marks=SLOW), pytest.param("sft:1", marks=SLOW)])
+def test_killed_run_resumes_to_the_same_result(reference, tmp_path, fault):
+    raw = _config(tmp_path, "run")
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    killed = _cli(cfg, {"TSPIN_FAULT": fault})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())  # never torn
+    assert "complete" not in manifest["entries"]
+    resumed = _cli(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_run(reference, tmp_path / "run")
+    assert not list((tmp_path / "run").rglob("*.tmp-*"))  # no leftovers of the interrupted commit
+
+
+def test_trainer_actor_killed_mid_iteration_restarts_the_iteration(ray_session, reference, tmp_path):
+    cfg = from_dict(_config(tmp_path, "run"))
+    driver = Driver(prepare(cfg), quiet=True)
+    killed = []
+
+    def killer():  # kill rank 0 once iteration 0 has taken an optimizer step
+        while not killed:
+            tr = driver.trainers
+            if tr is not None and driver.run.done("pi_0") and driver.run.done("eval_0"):
+                try:
+                    step = ray.get(tr.actors[0].__ray_call__.remote(lambda s: s.step), timeout=5)
+                except Exception:
+                    step = 0
+                if step >= 2 and getattr(driver, "_in_iteration", True):
+                    ray.kill(tr.actors[0])
+                    killed.append(time.time())
+            time.sleep(0.2)
+
+    threading.Thread(target=killer, daemon=True).start()
+    try:
+        driver.run_all()
+    finally:
+        driver.close()
+    assert killed
+    _assert_same_run(reference, tmp_path / "run")
+
+
+def test_generator_process_killed_mid_generation(ray_session, reference, tmp_path):
+    import psutil
+
+    cfg = from_dict(_config(tmp_path, "run"))
+    driver = Driver(prepare(cfg), quiet=True)
+    killed = []
+
+    def killer():  # SIGKILL a generator process while iteration 0 is generating
+        gen_dir = tmp_path / "run" / "generations" / "iter_0"
+        while not killed:
+            if gen_dir.is_dir() and any(gen_dir.glob("part-*.parquet")):
+                for p in psutil.process_iter(["cmdline"]):
+                    if "GenerateStage" in " ".join(p.info["cmdline"] or []):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        break
+            time.sleep(0.05)
+
+    threading.Thread(target=killer, daemon=True).start()
+    try:
+        driver.run_all()
+    finally:
+        driver.close()
+    assert killed
+    _assert_same_run(reference, tmp_path / "run")
+
+
+def test_prompt_that_always_crashes_its_engine_fails_in_bounded_time(tmp_path):
+    raw = _config(tmp_path, "run")
+    raw["generation"]["max_attempts"] = 2
+    cfg = from_dict(raw)
+    victim = prepare(cfg).train[5].prompt_id
+    t0 = time.time()
+    proc = _cli(write_config(tmp_path / "c.yaml", raw), {"TSPIN_FAULT": f"engine:{victim}"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "failed" in lines[0] and "Traceback" not in proc.stderr
+    assert time.time() - t0 < 200

@@ -1,0 +1,596 @@
+"""`tspin-ray report`: plots and report.md for one run directory, or a comparison of several.
+
+    tspin-ray report --run runs/demo                        (-> runs/demo/report/report.md)
+    tspin-ray report --run runs/tspin --run runs/sft        (-> runs/tspin/report-compare/report.md)
+    .venv/bin/pytest tests/test_report.py
+
+Reads only files: metrics.jsonl (rows written by the driver), config.yaml, manifest.json and the
+generation shards; nothing needs Ray or a GPU, so it works on a copy of a finished or a running run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import matplotlib.colors
+
+# Figures are built as bare `Figure`s, never through pyplot: savefig then renders with Agg whatever the
+# process's backend is, no window opens (headless machines), and a notebook's backend is left alone.
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from tspin_ray.errors import UserError
+from tspin_ray.rundir import write_atomic
+
+PLOTS = ("eval", "nll", "advantages", "alignment", "lengths", "timings", "loss")
+PI0 = -1  # the iteration number of the evaluation of pi_0, before self-play
+# Wall-clock segments of one iteration, bottom to top, with their colours.
+SEGMENTS = (("generate", "#4c72b0"), ("train after generation", "#dd8452"), ("checkpoint", "#55a868"),
+            ("eval", "#c44e52"), ("other", "#8c8c8c"))
+
+
+# ------------------------------------------------------------ reading a run
+@dataclasses.dataclass
+class Run:
+    root: Path
+    objective: str
+    planned: int | None  # iterations in the config
+    complete: bool
+    sft: list[dict]
+    train: list[dict]
+    iterations: dict[int, dict]  # iteration -> its row, ascending; -1 = pi_0
+    lengths: dict[int, tuple[float, float]]  # iteration -> (mean generated tokens, mean real tokens)
+    notes: list[str]
+    label: str = ""
+
+    def value(self, t: int, key: str) -> float | None:
+        return _finite(self.iterations.get(t, {}).get(key))
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(iterations, values) of an iteration-row key, skipping rows where it is missing or NaN."""
+        pts = [(t, self.value(t, key)) for t in self.iterations]
+        pts = [(t, v) for t, v in pts if v is not None]
+        return [t for t, _ in pts], [v for _, v in pts]
+
+    @property
+    def completed(self) -> int:
+        return sum(1 for t in self.iterations if t >= 0)
+
+    def final(self, key: str) -> tuple[int, float] | None:
+        ts, vs = self.series(key)
+        return (ts[-1], vs[-1]) if ts else None
+
+
+def _finite(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def load_run(root: str | Path) -> Run:
+    root = Path(root)
+    metrics = root / "metrics.jsonl"
+    if not root.is_dir() or not (metrics.exists() or (root / "config.yaml").exists()):
+        raise UserError(f"{root} is not a run directory (no metrics.jsonl or config.yaml)")
+    notes: list[str] = []
+    cfg = _read_config(root, notes)
+    rows = _read_rows(metrics, notes)
+    sft = _dedup([r for r in rows if r.get("phase") == "sft"], ("step",))
+    train = _dedup([r for r in rows if r.get("phase") == "train"], ("iteration", "epoch", "step"))
+    iterations = {}
+    for r in rows:  # a resumed run may log an iteration twice: the last row wins
+        if r.get("phase") == "iteration" and isinstance(r.get("iteration"), int):
+            iterations[r["iteration"]] = r
+    manifest = _read_json(root / "manifest.json")
+    return Run(root=root, objective=str((cfg.get("objective") or {}).get("name", "unknown")),
+               planned=cfg.get("iterations"), complete="complete" in manifest.get("entries", {}),
+               sft=sft, train=train, iterations=dict(sorted(iterations.items())),
+               lengths=_read_lengths(root, notes), notes=notes)
+
+
+def _read_config(root: Path, notes: list[str]) -> dict:
+    import yaml
+
+    path = root / "config.yaml"
+    if not path.exists():
+        notes.append("no config.yaml: objective unknown")
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        notes.append(f"config.yaml unreadable ({e.__class__.__name__})")
+        return {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_rows(path: Path, notes: list[str]) -> list[dict]:
+    if not path.exists():
+        notes.append("no metrics.jsonl")
+        return []
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1  # e.g. the torn last line of a killed driver
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    if bad:
+        notes.append(f"metrics.jsonl: {bad} unreadable line(s) skipped")
+    return rows
+
+
+def _dedup(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Drop repeated steps (re-logged after a resume): first position, last value."""
+    out: dict[tuple, dict] = {}
+    for i, r in enumerate(rows):
+        key = tuple(r.get(k) for k in keys)
+        out[key if None not in key else (i,)] = r
+    return list(out.values())
+
+
+def _read_lengths(root: Path, notes: list[str]) -> dict[int, tuple[float, float]]:
+    """Mean tokens per generated sample and per real response, from generations/iter_T shards."""
+    out = {}
+    dirs = [(_int_suffix(d.name), d) for d in (root / "generations").glob("iter_*") if d.is_dir()]
+    for t, d in sorted((t, d) for t, d in dirs if t is not None):
+        totals = [0, 0, 0, 0]  # generated tokens, samples, real tokens, rows
+        for f in sorted(d.glob("*.parquet")):
+            try:
+                totals = [a + b for a, b in zip(totals, _shard_lengths(f, t), strict=True)]
+            except Exception as e:  # a foreign or damaged file must not sink the whole report
+                notes.append(f"{f.relative_to(root)} unreadable ({e.__class__.__name__})")
+        if totals[1] and totals[3]:
+            out[t] = (totals[0] / totals[1], totals[2] / totals[3])
+    return out
+
+
+def _shard_lengths(path: Path, t: int) -> list[int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    ids = "generated_ids" in names  # token ids when present; else gen_tokens over the sample count
+    table = pq.read_table(path, columns=["source_iteration", "real_ids",
+                                         *(["generated_ids"] if ids else ["gen_tokens", "generated"])])
+    # SPIN mixes in last iteration's pairs; only this iteration's samples show pi_t's lengths.
+    table = table.filter(pc.equal(table["source_iteration"], t))
+    if ids:
+        per_sample = pc.list_value_length(pc.list_flatten(table["generated_ids"]))
+        gen_tokens, samples = pc.sum(per_sample).as_py() or 0, len(per_sample)
+    else:
+        gen_tokens = pc.sum(table["gen_tokens"]).as_py() or 0
+        samples = pc.sum(pc.list_value_length(table["generated"])).as_py() or 0
+    real = pc.list_value_length(table["real_ids"])
+    return [gen_tokens, samples, pc.sum(real).as_py() or 0, len(real)]
+
+
+def _int_suffix(name: str) -> int | None:
+    try:
+        return int(name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------ plotting helpers
+def _colors(runs: list[Run]) -> dict[str, str]:
+    palette = matplotlib.colormaps["tab10"].colors
+    return {r.label: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, r in enumerate(runs)}
+
+
+def _figure(width: float, height: float) -> Figure:
+    # constrained layout makes room for the legend below the axes, so it never covers a curve
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _iteration_axis(ax, xlabel: str) -> None:
+    """Integer ticks with -1 written as pi0: readers should not have to know the -1 convention."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "pi0" if round(x) == PI0 else f"{round(x)}"))
+    ax.set_xlabel(xlabel)
+    ax.grid(True, alpha=0.3)
+
+
+def _no_data(ax, why: str) -> None:
+    ax.text(0.5, 0.5, f"no data\n({why})", ha="center", va="center", transform=ax.transAxes,
+            fontsize=11, color="#666666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _legend(fig: Figure, colors: dict, labels: list[str], styles: tuple = ()) -> None:
+    """One legend below the plot: a colour per run, then what each line style means. Keeping runs and
+    styles apart keeps the legend at n_runs + n_styles entries instead of their product."""
+    if not labels:
+        return  # nothing drawn: a key to no curves is noise
+    handles = [Line2D([], [], color=colors[lab], lw=2, label=lab) for lab in dict.fromkeys(labels)]
+    handles += [Line2D([], [], color="#444444", ls=ls, lw=1.5, label=what) for ls, what in styles]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=2 if len(handles) > 3 else len(handles),
+                   fontsize=8, frameon=False)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------ the plots
+# Each returns None when it drew something, else why it could not (for the "no data" note).
+EVAL_X = "after iteration (pi0 = before self-play)"
+
+
+def plot_eval(runs: list[Run], colors: dict, path: Path) -> str | None:
+    return _line_plot(runs, colors, path, "eval/exact_match", "Held-out exact match (greedy decoding)",
+                      "exact match", "no eval/exact_match in any iteration row")
+
+
+def plot_nll(runs: list[Run], colors: dict, path: Path) -> str | None:
+    return _line_plot(runs, colors, path, "eval/nll", "Held-out NLL of the real responses",
+                      "NLL per token (nats)", "no eval/nll in any iteration row")
+
+
+def _line_plot(runs, colors, path, key, title, ylabel, why) -> str | None:
+    fig = _figure(8, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    drawn = []
+    for r in runs:
+        xs, ys = r.series(key)
+        if xs:
+            ax.plot(xs, ys, marker="o", color=colors[r.label])
+            drawn.append(r.label)
+    if drawn:
+        _iteration_axis(ax, EVAL_X)
+        ax.set_ylabel(ylabel)
+        _legend(fig, colors, drawn)
+    else:
+        _no_data(ax, why)
+    _save(fig, path)
+    return None if drawn else why
+
+
+def plot_advantages(runs: list[Run], colors: dict, path: Path) -> str | None:
+    """T-SPIN: current (solid) and historical (dashed) advantage; other objectives: reward margin (dotted)."""
+    fig = _figure(8, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title("Advantages (T-SPIN) / reward margins (SPIN, SPACE); iteration means")
+    curves = (("train/advantage/current", "-", "current advantage (T-SPIN)"),
+              ("train/advantage/historical", "--", "historical advantage (T-SPIN)"),
+              ("train/rewards/margins", ":", "reward margin"))
+    drawn, used = [], {}
+    for r in runs:
+        mine = curves[:2] if any(r.series(k)[0] for k, _, _ in curves[:2]) else curves[2:]
+        for key, style, what in mine:
+            xs, ys = r.series(key)
+            if xs:
+                ax.plot(xs, ys, style, marker="o", color=colors[r.label])
+                drawn.append(r.label)
+                used[style] = what
+    if drawn:
+        ax.axhline(0.0, color="black", lw=0.8, alpha=0.5)
+        _iteration_axis(ax, "iteration")
+        ax.set_ylabel("mean over the iteration's steps")
+        _legend(fig, colors, drawn, tuple(used.items()))
+    else:
+        _no_data(ax, "no advantages or reward margins, e.g. SFT")
+    _save(fig, path)
+    return None if drawn else "no advantages or reward margins"
+
+
+def plot_alignment(runs: list[Run], colors: dict, path: Path) -> str | None:
+    """The T-SPIN paper's check: real responses keep a higher reward and log-likelihood than synthetic."""
+    fig = _figure(11, 4.8)
+    fig.suptitle("Alignment check: real vs synthetic responses (iteration means)")
+    drawn = []
+    for i, (kind, title, ylabel) in enumerate((("rewards", "reward", "mean reward"),
+                                               ("logps", "log-likelihood", "mean log-likelihood (nats)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.set_title(title)
+        here = False
+        for r in runs:
+            for side, style in (("real", "-"), ("generated", "--")):
+                xs, ys = r.series(f"train/{kind}/{side}")
+                if xs:
+                    ax.plot(xs, ys, style, marker="o", color=colors[r.label])
+                    drawn.append(r.label)
+                    here = True
+        if here:
+            _iteration_axis(ax, "iteration")
+            ax.set_ylabel(ylabel)
+        else:
+            _no_data(ax, f"no train/{kind}/* metrics")
+    _legend(fig, colors, drawn, (("-", "real"), ("--", "synthetic")))
+    _save(fig, path)
+    return None if drawn else "no reward or log-likelihood metrics"
+
+
+def plot_lengths(runs: list[Run], colors: dict, path: Path) -> str | None:
+    fig = _figure(8, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title("Mean response length: samples of pi_t vs real responses")
+    drawn = []
+    for r in runs:
+        if not r.lengths:
+            continue
+        ts = sorted(r.lengths)
+        c = colors[r.label]
+        ax.plot(ts, [r.lengths[t][0] for t in ts], "-", marker="o", color=c)
+        ax.plot(ts, [r.lengths[t][1] for t in ts], "--", color=c, alpha=0.7)
+        drawn.append(r.label)
+    if drawn:
+        _iteration_axis(ax, "iteration t (samples of pi_t)")
+        ax.set_ylabel("mean tokens per response")
+        _legend(fig, colors, drawn, (("-", "generated (synthetic)"), ("--", "real")))
+    else:
+        _no_data(ax, "no generations/iter_*/ shards")
+    _save(fig, path)
+    return None if drawn else "no generation shards"
+
+
+def segments(row: dict) -> dict[str, float]:
+    """Wall-clock split of one iteration. Training streams from generation, so the two overlap: the
+    'generate' bar is the time until the last sample (training already running), and 'train after
+    generation' the rest of training; the segments then add up to timing/iteration."""
+    def get(k):
+        return _finite(row.get(k)) or 0.0
+
+    gen, train = get("timing/generate"), get("timing/train")
+    parts = {"generate": gen, "train after generation": max(0.0, train - gen),
+             "checkpoint": get("timing/checkpoint"), "eval": get("timing/eval")}
+    total = _finite(row.get("timing/iteration"))
+    parts["other"] = max(0.0, total - sum(parts.values())) if total is not None else 0.0
+    return parts
+
+
+def plot_timings(runs: list[Run], colors: dict, path: Path) -> str | None:
+    with_data = [r for r in runs if any(sum(segments(row).values()) > 0 for row in r.iterations.values())]
+    fig = _figure(8, 1.2 + 2.6 * max(1, len(with_data)))
+    if not with_data:
+        ax = fig.add_subplot()
+        ax.set_title("Wall-clock time per iteration")
+        _no_data(ax, "no timing/* metrics")
+        _save(fig, path)
+        return "no timing metrics"
+    fig.suptitle("Wall-clock time per iteration (pi0 = evaluation of pi_0)")
+    axes = fig.subplots(len(with_data), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, r in zip(axes, with_data, strict=True):
+        ts = list(r.iterations)
+        bottom = [0.0] * len(ts)
+        for name, color in SEGMENTS:
+            h = [segments(r.iterations[t])[name] for t in ts]
+            ax.bar(ts, h, bottom=bottom, color=color, width=0.7)
+            bottom = [b + x for b, x in zip(bottom, h, strict=True)]
+        ax.set_title(r.label, fontsize=10)
+        ax.set_ylabel("seconds")
+        _iteration_axis(ax, "iteration" if ax is axes[-1] else "")
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in SEGMENTS], loc="outside lower center",
+               ncol=len(SEGMENTS), fontsize=8, frameon=False)
+    _save(fig, path)
+    return None
+
+
+def plot_loss(runs: list[Run], colors: dict, path: Path) -> str | None:
+    fig = _figure(11, 4.8)
+    fig.suptitle("Training loss per optimizer step")
+    ax_sft, ax_sp = fig.subplots(1, 2)
+    ax_sft.set_title("SFT stage (training pi_0)")
+    ax_sp.set_title("Self-play (dotted lines: an iteration starts)")
+    drawn_sft, drawn_sp = [], []
+    for r in runs:
+        c = colors[r.label]
+        pts = [(row.get("step"), _finite(row.get("loss"))) for row in r.sft]
+        pts = [(s, v) for s, v in pts if isinstance(s, int) and v is not None]
+        if pts:
+            ax_sft.plot(*zip(*pts, strict=True), color=c)
+            drawn_sft.append(r.label)
+        xs, ys, starts, last_t = [], [], [], object()
+        for i, row in enumerate(r.train, start=1):  # a running step: steps restart every iteration
+            if row.get("iteration") != last_t:
+                starts.append(i)
+                last_t = row.get("iteration")
+            v = _finite(row.get("loss"))
+            if v is not None:
+                xs.append(i)
+                ys.append(v)
+        if xs:
+            ax_sp.plot(xs, ys, color=c)
+            for s in starts[1:]:
+                ax_sp.axvline(s - 0.5, color=c, ls=":", alpha=0.6)
+            drawn_sp.append(r.label)
+    for ax, drawn, xlabel, why in ((ax_sft, drawn_sft, "SFT step", "no SFT stage (pi_0 given) or no sft rows"),
+                                   (ax_sp, drawn_sp, "training step, counted across iterations", "no train rows")):
+        if drawn:
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("loss")
+            ax.grid(True, alpha=0.3)
+        else:
+            _no_data(ax, why)
+    _legend(fig, colors, drawn_sft + drawn_sp)
+    _save(fig, path)
+    return None if (drawn_sft or drawn_sp) else "no sft or train rows"
+
+
+PLOTTERS: dict[str, Callable] = {"eval": plot_eval, "nll": plot_nll, "advantages": plot_advantages,
+                                 "alignment": plot_alignment, "lengths": plot_lengths,
+                                 "timings": plot_timings, "loss": plot_loss}
+
+
+# ------------------------------------------------------------ report.md
+def _fmt(v, digits: int = 3) -> str:
+    v = _finite(v)
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _above(r: Run, t: int, kind: str) -> bool | None:
+    real, gen = r.value(t, f"train/{kind}/real"), r.value(t, f"train/{kind}/generated")
+    return None if real is None or gen is None else real > gen
+
+
+def alignment_verdict(r: Run, t: int) -> str:
+    """'yes' when real stays above synthetic on both reward and log-likelihood, else what fails."""
+    checks = {"reward": _above(r, t, "rewards"), "log-likelihood": _above(r, t, "logps")}
+    if all(v is None for v in checks.values()):
+        return "n/a"
+    failed = [k for k, v in checks.items() if v is False]
+    missing = [k for k, v in checks.items() if v is None]
+    if failed:
+        return "no (" + ", ".join(f"{k} below" for k in failed) + ")"
+    return "yes" + (f" ({', '.join(missing)} n/a)" if missing else "")
+
+
+TABLE = [  # (header, cell of run r at iteration t)
+    ("iter", lambda r, t: "pi0" if t == PI0 else str(t)),
+    ("eval EM", lambda r, t: _fmt(r.value(t, "eval/exact_match"))),
+    ("eval NLL", lambda r, t: _fmt(r.value(t, "eval/nll"), 4)),
+    ("loss", lambda r, t: _fmt(r.value(t, "train/loss"), 4)),
+    ("adv cur", lambda r, t: _fmt(r.value(t, "train/advantage/current"))),
+    ("adv hist", lambda r, t: _fmt(r.value(t, "train/advantage/historical"))),
+    ("margin", lambda r, t: _fmt(r.value(t, "train/rewards/margins"))),
+    ("reward real/syn", lambda r, t: _pair(r, t, "rewards")),
+    ("logp real/syn", lambda r, t: _pair(r, t, "logps")),
+    ("real > syn", lambda r, t: "" if t == PI0 else alignment_verdict(r, t)),
+    ("len gen/real", lambda r, t: "/".join(f"{x:.1f}" for x in r.lengths[t]) if t in r.lengths else "–"),
+    ("gen s", lambda r, t: _fmt(r.value(t, "timing/generate"), 1)),
+    ("train s", lambda r, t: _fmt(r.value(t, "timing/train"), 1)),
+    ("eval s", lambda r, t: _fmt(r.value(t, "timing/eval"), 1)),
+    ("total s", lambda r, t: _fmt(r.value(t, "timing/iteration"), 1)),
+]
+
+
+def _pair(r: Run, t: int, kind: str) -> str:
+    real, gen = r.value(t, f"train/{kind}/real"), r.value(t, f"train/{kind}/generated")
+    return "–" if real is None and gen is None else f"{_fmt(real, 2)} / {_fmt(gen, 2)}"
+
+
+def iteration_table(r: Run) -> list[str]:
+    if not r.iterations:
+        return ["No iteration rows in metrics.jsonl yet: the run has not evaluated pi_0 or finished an "
+                "iteration, so there is no per-iteration table."]
+    lines = ["| " + " | ".join(h for h, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    for t in r.iterations:
+        lines.append("| " + " | ".join(cell(r, t) for _, cell in TABLE) + " |")
+    return lines
+
+
+def summary_table(runs: list[Run]) -> list[str]:
+    lines = ["| run | objective | iterations completed | status | pi0 eval EM | final eval EM | best eval EM |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        final = r.final("eval/exact_match")
+        _, ems = r.series("eval/exact_match")
+        planned = f" of {r.planned}" if isinstance(r.planned, int) else ""
+        lines.append(f"| `{r.root}` | {r.objective} | {r.completed}{planned} | "
+                     f"{'complete' if r.complete else 'incomplete'} | {_fmt(r.value(PI0, 'eval/exact_match'))} | "
+                     f"{_fmt(final[1]) + (' (pi0)' if final[0] == PI0 else '') if final else '–'} | "
+                     f"{_fmt(max(ems)) if ems else '–'} |")
+    return lines
+
+
+def alignment_text(r: Run) -> list[str]:
+    ts = [t for t in r.iterations if t >= 0]
+    verdicts = {t: alignment_verdict(r, t) for t in ts}
+    if not ts or all(v == "n/a" for v in verdicts.values()):
+        return [f"- **{r.label}**: no real/synthetic metrics (objective {r.objective}), nothing to check."]
+    held = all(v.startswith("yes") for v in verdicts.values() if v != "n/a")
+    out = [f"- **{r.label}**: real stays above synthetic on both reward and log-likelihood in "
+           f"{'every' if held else 'not every'} iteration."]
+    out += [f"  - iteration {t}: {v}" for t, v in verdicts.items()]
+    return out
+
+
+HEADINGS = {"eval": "Evaluation: exact match", "nll": "Evaluation: NLL of real responses",
+            "advantages": "Advantages and reward margins", "alignment": "Alignment: real vs synthetic",
+            "lengths": "Response lengths", "timings": "Time per iteration", "loss": "Training loss"}
+CAPTIONS = {
+    "eval": "Greedy exact match on the held-out rows after each iteration (pi0 = the policy before self-play).",
+    "nll": "Per-token NLL of the held-out real responses under each policy; lower is better.",
+    "advantages": "T-SPIN: mean current advantage (solid) and historical advantage (dashed) per iteration. "
+                  "Other objectives: mean reward margin (real minus synthetic).",
+    "alignment": "Mean reward and mean log-likelihood of the real (solid) and the synthetic (dashed) "
+                 "responses in each iteration's training batches. T-SPIN's claim: real stays above.",
+    "lengths": "Mean length in tokens of the responses sampled from pi_t (solid) and of the real "
+               "responses (dashed), from the generation shards: a drifting length is a warning sign.",
+    "timings": "Wall-clock seconds per iteration. Training streams from generation, so 'generate' is the "
+               "time until the last sample (training runs during it) and 'train after generation' the "
+               "remainder; 'other' is the rest of timing/iteration.",
+    "loss": "Training loss per optimizer step: the SFT stage that made pi_0 (left) and self-play (right, "
+            "steps counted across iterations).",
+}
+
+
+def render_markdown(runs: list[Run], missing: dict[str, str], command: str) -> str:
+    title = runs[0].label if len(runs) == 1 else f"comparison of {len(runs)} runs"
+    lines = [f"# tspin-ray report: {title}", "",
+             f"Made by `{command}` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.", ""]
+    lines += summary_table(runs) + [""]
+    for r in runs:
+        lines += [f"## Per-iteration table: {r.label}", ""] + iteration_table(r) + [""]
+        if r.notes:
+            lines += [f"Notes on `{r.root}`: " + "; ".join(r.notes) + ".", ""]
+    lines += ["EM = exact match; 'real/syn' = real / synthetic response; 'real > syn' = the alignment check "
+              "below; 'len gen/real' = mean tokens of pi_t's samples / of the real responses.", ""]
+    lines += ["## Alignment check (T-SPIN paper)", ""]
+    for r in runs:
+        lines += alignment_text(r)
+    lines += [""]
+    for name in PLOTS:
+        lines += [f"## {HEADINGS[name]}", "", f"![{name}]({name}.png)", "", CAPTIONS[name]]
+        if name in missing:
+            lines += ["", f"**No data for this plot:** {missing[name]}."]
+        lines += [""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------ entry point
+def _label_runs(runs: list[Run]) -> None:
+    """objective + directory name; parent/name where two runs share a directory name."""
+    names = [r.root.name for r in runs]
+    for r in runs:
+        name = r.root.name if names.count(r.root.name) == 1 else f"{r.root.parent.name}/{r.root.name}"
+        r.label = f"{r.objective} ({name})"
+
+
+def write_report(runs: list[str | Path] | str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write PNG plots and report.md for one run, or one comparison of several; return report.md's path.
+
+    Default `out_dir`: `<run>/report` for one run, `<first run>/report-compare` for several.
+    Plots: eval.png, nll.png, advantages.png, alignment.png, lengths.png, timings.png, loss.png (one line
+    per run). A plot without data says "no data" and report.md notes it; nothing here needs Ray.
+    """
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    if not runs:
+        raise UserError("report needs at least one run directory")
+    loaded = [load_run(p) for p in runs]
+    _label_runs(loaded)
+    default = loaded[0].root / ("report" if len(loaded) == 1 else "report-compare")
+    out = Path(out_dir) if out_dir is not None else default
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report folder {out}: {e.strerror or e}") from None
+    colors = _colors(loaded)
+    missing = {}
+    for name in PLOTS:
+        why = PLOTTERS[name](loaded, colors, out / f"{name}.png")
+        if why:
+            missing[name] = why
+    command = "tspin-ray report " + " ".join(f"--run {p}" for p in runs)
+    path = out / "report.md"
+    write_atomic(path, render_markdown(loaded, missing, command).encode())
+    return path

@@ -60,9 +60,9 @@ def _driver(args):
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import check_checkpoint
 
-    load_tokenizer(args.checkpoint)  # a missing or broken checkpoint is a one-line error
+    check_checkpoint(args.checkpoint)  # a missing or broken checkpoint is a one-line error
     driver = _driver(args)
     try:
         print(json.dumps(driver.evaluate(Path(args.checkpoint), Path(args.checkpoint).name), indent=1))
@@ -75,10 +75,10 @@ def cmd_generate(args) -> int:
     from pathlib import Path
 
     from tspin_ray.driver import example_rows
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import check_checkpoint
     from tspin_ray.rundir import write_atomic
 
-    load_tokenizer(args.checkpoint)
+    check_checkpoint(args.checkpoint)
     driver = _driver(args)
     g = driver.cfg.generation
     kwargs = driver.stage_kwargs(Path(args.checkpoint), "generate", samples=g.samples_per_prompt,

@@ -42,9 +42,10 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Check every input before any work or any write: model path, data, objective needs, resources."""
     from tspin_ray.data import load_splits
-    from tspin_ray.modeling import build_tokenizer, load_tokenizer
+    from tspin_ray.modeling import build_tokenizer, check_checkpoint, load_tokenizer
 
     if cfg.model.path is not None:
+        check_checkpoint(cfg.model.path)
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     else:
         tokenizer = build_tokenizer()

@@ -113,10 +113,19 @@ def _check_dir(path: str | Path, need_weights: bool) -> Path:
     return p
 
 
+def check_checkpoint(path: str | Path) -> Path:
+    """A one-line UserError unless `path` is a local HF checkpoint with config.json and safetensors."""
+    return _check_dir(path, need_weights=True)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a local checkpoint directory."""
     p = _check_dir(path, need_weights=False)
-    return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{p}: cannot load its tokenizer ({first})") from None
 
 
 def load_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:

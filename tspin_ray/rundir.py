@@ -113,6 +113,7 @@ class RunDir:
     def open(cls, cfg) -> RunDir:
         """Create or resume the run directory for `cfg`, refusing a changed config unless allowed."""
         root = Path(cfg.output_dir)
+        created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-test-{uuid.uuid4().hex[:6]}"
@@ -128,9 +129,14 @@ class RunDir:
             raise UserError(f"{root} holds a run with a different config (hash {stored} != {cfg.hash()}); "
                             f"use a new output_dir or set allow_config_change=true")
         if not stored or stored != cfg.hash():
-            write_atomic(root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-            run.manifest["config_hash"] = cfg.hash()
-            run.save()
+            try:
+                write_atomic(root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+                run.manifest["config_hash"] = cfg.hash()
+                run.save()
+            except OSError:
+                if created:  # leave nothing half-written behind (e.g. the disk is full)
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
         return run
 
     def save(self) -> None:

@@ -21,7 +21,14 @@ from tspin_ray.formatting import (
     encode_response,
     format_prompt,
 )
-from tspin_ray.modeling import CHARSET, build_tiny_model, build_tokenizer, load_model, load_tokenizer, save_tiny
+from tspin_ray.modeling import (
+    CHARSET,
+    build_tiny_model,
+    build_tokenizer,
+    load_model,
+    load_tokenizer,
+    save_tiny,
+)
 
 SPEC = TinyModelSpec()
 

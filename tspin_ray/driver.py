@@ -22,7 +22,7 @@ import ray
 from tspin_ray.config import RunConfig
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
-from tspin_ray.pipeline import check_complete, done_keys, generation_dataset, read_shards
+from tspin_ray.pipeline import check_complete, done_keys, generation_dataset, pool_size, read_shards
 from tspin_ray.progress import Progress
 from tspin_ray.rundir import RunDir, atomic_dir
 from tspin_ray.trainer_group import TrainerGroup, ensure_ray
@@ -151,6 +151,7 @@ class Driver:
             with self.progress.phase(what, total=len(todo)) as bar:
                 def on_batch(batch):
                     bar.update(len(batch["prompt_id"]))
+                    bar.pool(pool_size())
                     maybe_fail(what.split()[0])
 
                 consume(self.generate(todo, kwargs).iter_batches(batch_size=None, batch_format="numpy"),
@@ -296,7 +297,7 @@ class Driver:
                     check_complete(table, keys, c.samples_per_prompt, f"iteration {t}")
                     table = in_row_order(table, rows)
                     ds = ray.data.from_arrow(table if epoch == 0 else shuffled(table, seed))
-                recs = group.train_stream(ds, on_step=bar.set)
+                recs = group.train_stream(ds, on_step=lambda step: (bar.set(step), bar.pool(pool_size())))
                 records += [{"epoch": epoch, **r} for r in recs]
         t_train_end = time.time()
         if obj.name == "sft":

@@ -155,3 +155,15 @@ def check_complete(table: pa.Table | None, expected: list[tuple[int, str]], samp
     if missing or dupes or bad:
         raise RuntimeError(f"{what}: {len(missing)} rows missing, {dupes} duplicated, "
                            f"{len(bad)} with the wrong number of samples")
+
+
+def pool_size() -> int | None:
+    """Generator actors alive right now (Ray Data owns them, so ask the GCS actor table; None if the
+    private API moved)."""
+    try:
+        from ray._private import state
+
+        return sum(1 for a in state.actors().values()
+                   if "GenerateStage" in a.get("ActorClassName", "") and a.get("State") == "ALIVE")
+    except Exception:  # progress display only: never fail a run over it
+        return None

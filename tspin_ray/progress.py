@@ -32,7 +32,15 @@ TABLE = [
 
 class _Bar:
     def __init__(self, bar: tqdm | None):
-        self.bar, self.n = bar, 0
+        self.bar, self.n, self.peak_pool = bar, 0, None
+
+    def pool(self, size: int | None) -> None:
+        """Show the live generator pool size next to the bar."""
+        if size is None:
+            return
+        self.peak_pool = max(size, self.peak_pool or 0)
+        if self.bar is not None:
+            self.bar.set_postfix(generators=size, refresh=False)
 
     def update(self, n: int) -> None:
         """Advance by n (generation rows) — or, for a training phase, set the absolute step count."""
@@ -66,7 +74,8 @@ class Progress:
             if bar is not None:
                 bar.close()
             if not self.quiet:
-                print(f"[{name}] {handle.n}{'/' + str(total) if total else ''} in {time.time() - t0:.1f}s",
+                pool = f" (generators: up to {handle.peak_pool})" if handle.peak_pool else ""
+                print(f"[{name}] {handle.n}{'/' + str(total) if total else ''} in {time.time() - t0:.1f}s{pool}",
                       file=self.stream, flush=True)
 
     def metrics(self, rows: list[dict]) -> None:

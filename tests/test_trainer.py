@@ -45,8 +45,10 @@ def _reference_step(ckpt, rows) -> tuple[float, float]:
     return float(loss.detach()), float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0) -> tuple[float, float]:
-    actors = [TrainerActor.options(num_cpus=0.5).remote(r, world, backend, zero) for r in range(world)]
+def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0, num_gpus: float = 0,
+                export_to=None) -> tuple[float, float]:
+    actors = [TrainerActor.options(num_cpus=0.5, num_gpus=num_gpus).remote(r, world, backend, zero)
+              for r in range(world)]
     addr, port = ray.get(actors[0].address.remote())
     ray.get([a.init_group.remote(addr, port) for a in actors])
     ray.get([a.load.remote(str(ckpt)) for a in actors])
@@ -55,6 +57,8 @@ def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0) -> tuple[fl
     its = ds.streaming_split(world, equal=True)
     records = ray.get([a.train_epoch.remote(it) for a, it in zip(actors, its, strict=True)])
     fingerprints = ray.get([a.state_fingerprint.remote() for a in actors])
+    if export_to is not None:
+        ray.get([a.export.remote(str(export_to)) for a in actors])
     for a in actors:
         ray.kill(a)
     assert len(records[0]) == 1 and all(len(r) == 1 for r in records)  # one optimizer step on every rank

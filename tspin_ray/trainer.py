@@ -278,8 +278,14 @@ class Trainer:
         return time.time() - t0
 
     def state_fingerprint(self) -> float:
-        """Sum of all parameters: a cheap equality check for tests."""
-        return float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        """Sum of all parameters: a cheap equality check for tests (ZeRO-3 shards gathered first)."""
+        params = list(self.model.parameters())
+        if self.backend == "deepspeed" and self.zero_stage == 3 and self.engine is not None:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                return float(sum(p.detach().double().sum() for p in params))
+        return float(sum(p.detach().double().sum() for p in params))
 
     def ping(self) -> int:
         return self.rank

@@ -44,15 +44,23 @@ def parse_args(argv):
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
                    help=f"run only these, of: {', '.join(BENCHMARKS)}")
     p.add_argument("--timeout", type=float, help="seconds per benchmark (default 300 quick, 900 full)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads of in-process work (default: all cores; 1 with --quick, so a "
+                        "busy machine does not stall on OpenMP barriers)")
     p.add_argument("--child", choices=list(BENCHMARKS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------ child: one benchmark in this process
-def run_child(name: str, quick: bool, result_path: Path) -> None:
+def run_child(name: str, quick: bool, threads: int | None, result_path: Path) -> None:
     # SIGTERM (the parent's timeout) unwinds normally, so `finally` blocks shut Ray down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if threads:
+        import torch
+
+        # This process only: Ray actors still get OMP_NUM_THREADS = their num_cpus.
+        torch.set_num_threads(threads)
     module, func = BENCHMARKS[name][0].split(":")
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
@@ -86,10 +94,11 @@ def child_env() -> dict:
     return env
 
 
-def run_one(name: str, quick: bool, timeout: float, log: Path) -> dict:
+def run_one(name: str, quick: bool, threads: int | None, timeout: float, log: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-result-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench", "--child", name, "--result", str(result)] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", "bench", "--child", name, "--result", str(result)] + (["--quick"] if quick else []) \
+            + (["--threads", str(threads)] if threads else [])
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -132,7 +141,7 @@ def headline(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        run_child(args.child, args.quick, Path(args.result))
+        run_child(args.child, args.quick, args.threads, Path(args.result))
         return 0
     from bench.machine import describe
     from bench.report import markdown
@@ -140,20 +149,23 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     names = args.only or list(BENCHMARKS)
     timeout = args.timeout or TIMEOUT_S[mode]
+    threads = args.threads or (1 if args.quick else None)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     doc = {"suite": "tspin-ray bench", "schema": 1, "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "command": " ".join(["python -m bench", *sys.argv[1:]]), "machine": describe(), "benchmarks": {}}
+           "command": " ".join(["python -m bench", *sys.argv[1:]]), "machine": describe(),
+           "in_process_threads": threads or "torch default", "benchmarks": {}}
     t0 = time.time()
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {BENCHMARKS[name][1]} ...", file=sys.stderr, flush=True)
-        result = run_one(name, args.quick, timeout, out / "logs" / f"{stamp}-{name}.log")
+        result = run_one(name, args.quick, threads, timeout, out / "logs" / f"{stamp}-{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result
         print(f"    {result.get('wall_s', 0):.0f} s  {headline(result)}", file=sys.stderr, flush=True)
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["wall_s"] = time.time() - t0
+    doc["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path, md_path = out / f"bench-{stamp}.json", out / f"bench-{stamp}.md"
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     md_path.write_text(markdown(doc))

@@ -136,15 +136,20 @@ def worker_env() -> dict:
     return {**WORKER_ENV, "PYTHONPATH": path}
 
 
+def ray_cpus() -> int:
+    """Logical CPUs of the benchmarks' local Ray: at least 8 (as the tests and ensure_ray do), so generators
+    and trainers all get their bundles on a 2-core box and take turns on the cores."""
+    return max(8, os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
-def ray_session(num_cpus: int = 8):
-    """A local Ray for one benchmark, always shut down. 8 logical CPUs on any machine (as the tests and
-    ensure_ray do): generators and trainers then get their bundles on a 2-core box and take turns."""
+def ray_session():
+    """A local Ray for one benchmark, always shut down; yields the seconds ray.init took."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # a benchmark measures a local Ray, never a shared cluster
     t0 = now()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=ray_cpus(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": worker_env()})
     try:
         data_context()
@@ -178,6 +183,17 @@ def actor_threads(num_cpus: float, num_gpus: float = 0) -> int:
         return ray.get(probe.threads.remote(), timeout=120)
     finally:
         ray.kill(probe)
+
+
+def free_gpu() -> None:
+    """Hand cached GPU memory back, so the next engine or trainer in this process finds it free."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def gpu_count() -> int:

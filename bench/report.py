@@ -15,6 +15,8 @@ def fmt(x) -> str:
         return "-"
     if isinstance(x, bool) or not isinstance(x, int | float):
         return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
     if x == 0:
         return "0"
     if abs(x) >= 1000:
@@ -90,11 +92,24 @@ def section(name: str, r: dict) -> list[str]:
     return lines
 
 
+def busy_warning(doc: dict) -> list[str]:
+    """A loaded machine makes every figure unreliable (OpenMP threads wait for descheduled peers): say so."""
+    m = doc["machine"]
+    cores = m.get("usable_cores") or m.get("logical_cores") or 1
+    loads = [m.get("load_average_1_5_15", [0])[0], (doc.get("load_average_at_end") or [0])[0]]
+    if max(loads) <= 0.5 * cores:
+        return []
+    return [f"**Warning: the machine was busy** (1-minute load {fmt(loads[0])} at the start, {fmt(loads[1])} at "
+            f"the end, on {cores} usable cores): other work shared the cores, so the figures are not reliable. "
+            "Rerun on a quiet machine.", ""]
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# tspin-ray benchmarks ({doc['mode']})", "",
-             f"`{doc['command']}`, started {doc['started']}, {fmt(doc.get('wall_s'))} s in all. Every ratio is "
+             f"`{doc['command']}`, started {doc['started']}, {fmt(doc.get('wall_s'))} s in all; in-process torch "
+             f"threads: {doc.get('in_process_threads', 'torch default')}. Every ratio is "
              "candidate / baseline, both measured in this run; `better` says which direction is good.", "",
-             "## Machine", ""] + machine_lines(doc["machine"]) + ["", "## Summary", ""] + summary_lines(doc) + [""]
+             *busy_warning(doc), "## Machine", ""] + machine_lines(doc["machine"]) + ["", "## Summary", ""] + summary_lines(doc) + [""]
     for name, r in doc["benchmarks"].items():
         lines += section(name, r)
     return "\n".join(lines).rstrip() + "\n"

@@ -71,3 +71,20 @@ def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
         train(cfg, quiet=True)
         assert "already complete" in capsys.readouterr().out
         assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_external_model_path_without_sft(ray_session, tmp_path):
+    """pi_0 given as a checkpoint path (no SFT stage): iteration 0 trains from it directly."""
+    from tspin_ray.config import TinyModelSpec
+    from tspin_ray.modeling import save_tiny
+
+    ckpt = save_tiny(tmp_path / "given", TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2,
+                                                        intermediate_size=128))
+    raw = small_config(tmp_path, model={"path": str(ckpt)}, iterations=1, objective={"name": "spin"})
+    raw["model"] = {"path": str(ckpt)}
+    result = train(from_dict(raw), quiet=True)
+    run = tmp_path / "run"
+    assert result["iterations"] == 1 and (run / "checkpoints" / "pi_1" / "model.safetensors").is_file()
+    assert not (run / "checkpoints" / "pi_0").exists()  # the given checkpoint is used in place, not copied
+    manifest = json.loads((run / "manifest.json").read_text())["entries"]
+    assert manifest["pi_0"]["external"] and not [r for r in _metrics(run) if r["phase"] == "sft"]

@@ -5,6 +5,7 @@
     tspin-ray eval --config jobs/demo-cpu.yaml --checkpoint runs/demo/checkpoints/pi_3
     tspin-ray generate --config jobs/demo-cpu.yaml --checkpoint DIR --out gen.jsonl
     tspin-ray report --run runs/demo [--run runs/other ...]
+    tspin-ray study --config jobs/study-addition.yaml [--seeds 0 1] [--iterations N] [--methods a b]
     tspin-ray config  (every config key with its default and meaning)
 
 With RAY_ADDRESS set, train/eval/generate connect to that cluster; without it they start a local Ray.
@@ -102,6 +103,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from tspin_ray.study import command_line, load_study, narrow, run_study
+
+    full = load_study(args.config)
+    study = narrow(full, seeds=args.seeds, iterations=args.iterations, methods=args.methods,
+                   output_dir=args.output_dir)
+    path = run_study(study, quiet=args.quiet, command=command_line(study, full))
+    print(f"results: {path}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from tspin_ray.config import describe
 
@@ -132,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", required=True, help="run directory (repeat to compare)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("study", help="every method from one pi_0 over several seeds: tables, plots, claims")
+    p.add_argument("--config", required=True, help="study config YAML (e.g. jobs/study-addition.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
+    p.add_argument("--iterations", type=int, default=None, help="self-play iterations per method")
+    p.add_argument("--methods", nargs="+", default=None, help="run only these methods")
+    p.add_argument("--output-dir", default=None, help="study directory (default: the config's output_dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_study)
     p = sub.add_parser("config", help="list every config key")
     p.set_defaults(fn=cmd_config)
     return parser

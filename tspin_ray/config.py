@@ -241,7 +241,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Per-iteration evaluation."})
     iterations: int = _f(3, "Self-play iterations t = 0 .. iterations-1.")
     output_dir: str = _f("runs/run", "Run directory (created; rerunning resumes it).")
-    seed: int = _f(0, "Seed of sampling (per iteration, prompt id and sample) and of initialisation.")
+    seed: int = _f(0, "Seed of sampling (per iteration, prompt id and sample), data order and SFT shuffles.")
     allow_config_change: bool = _f(False, "Resume a run whose config hash differs from the stored one.")
 
     def __post_init__(self):

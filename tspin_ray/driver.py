@@ -370,13 +370,14 @@ class Driver:
             ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))
             self.log([{"phase": "iteration", "iteration": -1, **ev}])
             run.commit("eval_0", **ev)
-        proto = self.proto_cache(pi0) if c.objective.name == "tspin" else None
+        proto = self.proto_cache(pi0) if c.objective.name == "tspin" and c.iterations > 0 else None
         start = run.latest_good_checkpoint(c.iterations) or 0
         for t in range(start, c.iterations):
             t0 = time.time()
 
             def one_iteration(t=t):
-                summary = self.iteration(t, run.checkpoint(t), proto)
+                pi_t = pi0 if t == 0 else run.checkpoint(t)  # pi_0 may be an external model.path
+                summary = self.iteration(t, pi_t, proto)
                 summary.update(self.evaluate(run.checkpoint(t + 1), f"pi_{t + 1}"))
                 return summary
 

@@ -80,7 +80,7 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) ->
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(spec.seed)
     return LlamaForCausalLM(config)
@@ -91,6 +91,7 @@ def save_tiny(out_dir: str | Path, spec: TinyModelSpec) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    tokenizer.model_max_length = spec.max_position_embeddings  # so truncation defaults match the model
     model = build_tiny_model(spec, tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

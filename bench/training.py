@@ -1,0 +1,209 @@
+"""Trainer tokens/s: DeepSpeed ZeRO-0 and ZeRO-2 vs plain torch, one rank, the same T-SPIN batches.
+
+    .venv/bin/python -m bench --only trainer [--quick]
+
+Every variant runs `Trainer.train_step` (forward over the concatenated y / y' / y0 sequences, T-SPIN loss,
+backward, clip, optimizer step) on the same global batches, after the same untimed warm-up steps. The
+baseline is plain torch in this process; the candidates run in Ray trainer actors (DeepSpeed needs its
+process group, which `TrainerActor.init_group` makes), plain torch among them so the actor itself is
+measured too. Actors get as many CPUs as the baseline has torch threads (Ray sets OMP_NUM_THREADS from
+num_cpus), so every variant computes with the same intra-op threads. Tokens = prompt + response tokens
+of every sequence, unpadded. On a GPU the figures include MFU (6 x parameters x tokens / s over peak).
+"""
+
+from __future__ import annotations
+
+import random
+
+from bench.common import (
+    Context,
+    compare,
+    free_gpu,
+    gpu_count,
+    make_checkpoint,
+    now,
+    param_count,
+    ray_cpus,
+    ray_session,
+    sync,
+    task_examples,
+)
+
+SIZES = {
+    "quick": dict(global_batch=16, micro_batch=8, warmup_steps=1, steps=2, response_chars=(3, 8), model={},
+                  precision="fp32", zero_stages=[0, 2]),
+    "full": dict(global_batch=64, micro_batch=16, warmup_steps=2, steps=15, response_chars=(3, 8), model={},
+                 precision="fp32", zero_stages=[0, 2]),
+    "gpu": dict(global_batch=64, micro_batch=16, warmup_steps=3, steps=20, response_chars=(32, 128),
+                precision="bf16", zero_stages=[0, 2],
+                model=dict(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2816,
+                           max_position_embeddings=1024)),
+}
+# Dense bf16 peak FLOP/s by GPU name fragment (vendor data sheets, SXM parts), for MFU.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-5,
+             weight_decay=0.0, schedule="constant", warmup_ratio=0.0, grad_clip=1.0)
+
+
+def triplet_rows(tokenizer, n: int, response_chars: tuple[int, int], seed: int = 0) -> list[dict]:
+    """n T-SPIN rows (prompt, y, one y', one y0) on `addition` prompts; y' and y0 are random digit strings
+    of a generator-like length, so every variant trains on exactly the same tokens."""
+    from tspin_ray.formatting import encode_prompt, encode_response
+
+    rng = random.Random(seed)
+
+    def noise() -> list[int]:
+        text = "".join(rng.choice("0123456789") for _ in range(rng.randint(*response_chars)))
+        return encode_response(tokenizer, text)
+
+    return [{"prompt_ids": encode_prompt(tokenizer, e["prompt"]), "real_ids": encode_response(tokenizer, e["response"]),
+             "generated_ids": [noise()], "proto_ids": [noise()]} for e in task_examples(n, seed)]
+
+
+def step_batches(rows: list[dict], global_batch: int, micro_batch: int) -> list[list[dict]]:
+    """Global batches as lists of micro-batches (dicts of lists), the shape Trainer.train_step takes."""
+    steps = []
+    for s in range(0, len(rows) - global_batch + 1, global_batch):
+        chunk = rows[s:s + global_batch]
+        steps.append([{k: [r[k] for r in chunk[m:m + micro_batch]] for k in chunk[0]}
+                      for m in range(0, global_batch, micro_batch)])
+    return steps
+
+
+def tokens_in(step: list[dict]) -> int:
+    """Prompt + response tokens of every sequence of one global batch (y, each y', each y0)."""
+    n = 0
+    for micro in step:
+        for p, y, gs, ps in zip(micro["prompt_ids"], micro["real_ids"], micro["generated_ids"], micro["proto_ids"],
+                                strict=True):
+            n += len(p) + len(y) + sum(len(p) + len(g) for g in gs) + sum(len(p) + len(g) for g in ps)
+    return n
+
+
+def run_steps(trainer, steps: list[list[dict]]) -> dict:
+    """Time each optimizer step; runs wherever `trainer` lives (this process or inside an actor)."""
+    seconds, last = [], {}
+    for micro_batches in steps:
+        sync()
+        t0 = now()
+        last = trainer.train_step(micro_batches)
+        sync()
+        seconds.append(now() - t0)
+    import torch
+
+    return {"step_seconds": seconds, "last_loss": last.get("loss"), "threads": torch.get_num_threads()}
+
+
+def _in_actor(trainer, steps):  # __ray_call__ passes the actor's instance first
+    return run_steps(trainer, steps)
+
+
+def in_process(path: str, s: dict, warmup, timed) -> dict:
+    from tspin_ray.trainer import Trainer
+
+    trainer = Trainer(0, 1, "torch", 0, s["precision"])
+    trainer.load(path)
+    trainer.begin(**BEGIN, total_steps=len(warmup) + len(timed), micro_batch_size=s["micro_batch"],
+                  global_batch_size=s["global_batch"])
+    run_steps(trainer, warmup)
+    out = run_steps(trainer, timed)
+    del trainer
+    free_gpu()
+    return out
+
+
+def in_actor(path: str, s: dict, backend: str, zero: int, cpus: float, warmup, timed) -> dict:
+    import ray
+
+    from tspin_ray.trainer import TrainerActor
+
+    actor = TrainerActor.options(num_cpus=cpus, num_gpus=1 if gpu_count() else None).remote(
+        0, 1, backend, zero, s["precision"])
+    try:
+        t0 = now()
+        addr, port = ray.get(actor.address.remote())
+        ray.get(actor.init_group.remote(addr, port))
+        ray.get(actor.load.remote(path))
+        ray.get(actor.begin.remote(**BEGIN, total_steps=len(warmup) + len(timed), micro_batch_size=s["micro_batch"],
+                                   global_batch_size=s["global_batch"]))
+        setup_s = now() - t0
+        ray.get(actor.__ray_call__.remote(_in_actor, warmup))
+        out = ray.get(actor.__ray_call__.remote(_in_actor, timed))
+        return {**out, "setup_s": setup_s}
+    finally:
+        ray.kill(actor)
+
+
+def summarise(out: dict, tokens: int, params: int) -> dict:
+    seconds = sum(out["step_seconds"])
+    fig = {"tokens_per_s": tokens / seconds, "step_s": seconds / len(out["step_seconds"]), "seconds": seconds,
+           "tokens": tokens, "threads": out["threads"], "last_loss": out["last_loss"],
+           "model_flops_per_s": 6 * params * tokens / seconds}
+    peak = gpu_peak()
+    if peak:
+        fig["mfu"] = fig["model_flops_per_s"] / peak
+    if "setup_s" in out:
+        fig["setup_s"] = out["setup_s"]
+    return fig
+
+
+def gpu_peak() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def run(ctx: Context) -> dict:
+    import torch
+
+    from tspin_ray.modeling import load_tokenizer
+
+    s = ctx.sizes(SIZES)
+    path = make_checkpoint(ctx.work / "model", **s["model"])
+    params = param_count(path)
+    steps = step_batches(triplet_rows(load_tokenizer(path), (s["warmup_steps"] + s["steps"]) * s["global_batch"],
+                                      tuple(s["response_chars"])), s["global_batch"], s["micro_batch"])
+    warmup, timed = steps[:s["warmup_steps"]], steps[s["warmup_steps"]:]
+    tokens = sum(tokens_in(st) for st in timed)
+    threads = min(torch.get_num_threads(), ray_cpus())  # an actor asking for more CPUs than Ray has never starts
+    figures = {"torch, in-process": summarise(in_process(str(path), s, warmup, timed), tokens, params)}
+    with ray_session() as ray_start_s:
+        variants = [("torch, Ray actor", "torch", 0)] + [
+            (f"DeepSpeed ZeRO-{z}, Ray actor", "deepspeed", z) for z in s["zero_stages"]]
+        for label, backend, zero in variants:
+            try:
+                figures[label] = summarise(in_actor(str(path), s, backend, zero, threads, warmup, timed),
+                                           tokens, params)
+            except Exception as e:  # one failing variant (e.g. a DeepSpeed op build) must not hide the rest
+                figures[label] = {"skipped": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    base = figures["torch, in-process"]
+    comparisons = []
+    for label, fig in figures.items():
+        if label == "torch, in-process":
+            continue
+        if "skipped" in fig:
+            comparisons.append({"name": label, "metric": "train tokens/s", "baseline": "torch, in-process",
+                                "baseline_value": base["tokens_per_s"], "candidate": label, "skipped": fig["skipped"]})
+        else:
+            comparisons.append(compare(label, "train tokens/s", "torch, in-process", base["tokens_per_s"], label,
+                                       fig["tokens_per_s"]))
+    rows = [[label, f.get("tokens_per_s"), f.get("step_s"), f.get("threads"), f.get("setup_s"),
+             f.get("mfu", "n/a" if not ctx.gpu else None), f.get("last_loss")]
+            for label, f in figures.items() if "skipped" not in f]
+    notes = [
+        f"{params / 1e6:.2f}M-parameter tiny Llama, {s['precision']}; T-SPIN, global batch {s['global_batch']} "
+        f"(micro {s['micro_batch']}, so {s['global_batch'] // s['micro_batch']} accumulation steps), "
+        f"{len(timed)} timed steps after {len(warmup)} warm-up steps; {tokens / len(timed):.0f} tokens per step "
+        f"(3 sequences per example).",
+        f"Every variant uses {threads} torch threads (actors get num_cpus={threads}). Actor setup (process start, "
+        f"process group, load, DeepSpeed initialize) is the setup s column, not in tokens/s; Ray started in "
+        f"{ray_start_s:.1f} s.",
+        "MFU needs a GPU peak: n/a on CPU (model FLOP/s = 6 x parameters x tokens/s is in the JSON)."
+        if not ctx.gpu else "MFU = 6 x parameters x tokens/s / dense bf16 peak of the GPU (attention FLOPs left out).",
+    ]
+    return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures,
+            "tables": [{"title": "Per variant", "columns": ["variant", "tokens/s", "step s", "threads", "setup s",
+                                                            "MFU", "last loss"], "rows": rows}]}

@@ -1,0 +1,180 @@
+"""Weight sync: reloading a new checkpoint into a running engine vs starting a cold engine; checkpoint I/O.
+
+    .venv/bin/python -m bench --only weight_sync [--quick]
+
+The generators get pi_{t+1} from the HF checkpoint the trainers export (DESIGN.md, "Weight sync"). This
+measures, per model size:
+- `HFEngine.reload` and `VLLMEngine.reload` (vLLM's collective_rpc("reload_weights")) into a running
+  engine vs constructing a new engine from the same checkpoint (what a fresh generator actor pays on top
+  of its process start and imports; the vLLM import time is reported apart);
+- checkpoint export (`save_pretrained`, safetensors, as `Trainer.export` does) and load (`load_model`),
+  in GB/s, against writing / reading the same number of bytes as one plain file in the same directory
+  (the "link": here the page cache and disk).
+The NCCL broadcast fast path needs GPUs (and is not in tspin_ray yet): skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bench.common import (
+    Context,
+    compare,
+    free_gpu,
+    gpu_count,
+    make_checkpoint,
+    median,
+    now,
+    skipped,
+    weights_bytes,
+)
+
+SIZES = {
+    "quick": dict(models={"tiny": {}}, repeats=2, cold_repeats=1),
+    "full": dict(models={"tiny": {}, "medium": dict(hidden_size=768, num_layers=8, num_heads=12,
+                                                    intermediate_size=2048, max_position_embeddings=512)},
+                 repeats=5, cold_repeats=2),
+    "gpu": dict(models={"tiny": {}, "1B": dict(hidden_size=2048, num_layers=16, num_heads=16,
+                                               intermediate_size=5632, max_position_embeddings=1024)},
+                repeats=5, cold_repeats=2),
+}
+
+
+def raw_io(directory, nbytes: int, repeats: int) -> dict:
+    """Seconds to write (+fsync) and read back one plain file of nbytes: the baseline for checkpoint I/O."""
+    blob = os.urandom(min(nbytes, 1 << 24)) * max(1, nbytes // (1 << 24))
+    blob += os.urandom(nbytes - len(blob))
+    path = directory / "raw.bin"
+    writes, fsyncs, reads = [], [], []
+    for _ in range(repeats):
+        t0 = now()
+        with open(path, "wb") as f:
+            f.write(blob)
+            t1 = now()
+            f.flush()
+            os.fsync(f.fileno())
+        writes.append(t1 - t0)
+        fsyncs.append(now() - t0)
+        t0 = now()
+        with open(path, "rb") as f:
+            f.read()
+        reads.append(now() - t0)
+    path.unlink()
+    return {"write_s": median(writes), "write_fsync_s": median(fsyncs), "read_s": median(reads)}
+
+
+def checkpoint_io(path, out_dir, repeats: int) -> dict:
+    """save_pretrained (safetensors) of a loaded model, with and without fsync, and load_model, seconds."""
+    from transformers.utils import logging as hf_logging
+
+    from tspin_ray.modeling import load_model
+
+    hf_logging.disable_progress_bar()
+    model = load_model(path)
+    saves, synced, loads = [], [], []
+    for i in range(repeats):
+        target = out_dir / f"export-{i}"
+        t0 = now()
+        model.save_pretrained(target, safe_serialization=True)
+        t1 = now()
+        for f in target.iterdir():  # the run directory fsyncs every exported file (rundir.atomic_dir)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        saves.append(t1 - t0)
+        synced.append(now() - t0)
+        t0 = now()
+        load_model(target)
+        loads.append(now() - t0)
+    return {"save_s": median(saves), "save_fsync_s": median(synced), "load_s": median(loads)}
+
+
+def engine_times(backend: str, path_a, path_b, s: dict, dtype: str) -> dict:
+    """Cold construction of an engine from checkpoint A (after its imports), then reloads A <-> B."""
+    from tspin_ray.engines import make_engine
+
+    import_s = 0.0
+    if backend == "vllm":
+        t0 = now()
+        import vllm  # noqa: F401  (a new actor pays this too; reported apart from the engine start)
+        import_s = now() - t0
+    kwargs = dict(dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.4} if backend == "vllm" else {}))
+    cold, engine = [], None
+    repeats = s["cold_repeats"] if backend == "hf" else 1  # a vLLM start costs 5-30 s of compilation on CPU
+    for _ in range(repeats):
+        engine = None  # drop the previous engine before timing the next start
+        free_gpu()
+        t0 = now()
+        engine = make_engine(backend, str(path_a), **kwargs)
+        cold.append(now() - t0)
+    reloads = []
+    for i in range(s["repeats"]):
+        target = path_b if i % 2 == 0 else path_a  # alternate, so every reload really changes the weights
+        t0 = now()
+        engine.reload(str(target))
+        reloads.append(now() - t0)
+    engine = None
+    free_gpu()
+    return {"import_s": import_s, "cold_start_s": median(cold), "cold_starts": cold, "reload_s": median(reloads),
+            "reloads": reloads}
+
+
+def nccl_reason() -> str:
+    if not gpu_count():
+        return "NCCL broadcast is GPU-only (no GPU here)"
+    if gpu_count() < 2:
+        return "NCCL broadcast needs two GPUs (one trainer rank, one vLLM worker); this machine has one"
+    return "no NCCL broadcast path in tspin_ray yet (weight sync is checkpoint export + reload)"
+
+
+def run(ctx: Context) -> dict:
+    import importlib.util
+
+    s = ctx.sizes(SIZES)
+    dtype = "bfloat16" if ctx.gpu else "float32"
+    comparisons, details, rows = [], {}, []
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    for label, spec in s["models"].items():
+        a = make_checkpoint(ctx.work / label / "a", seed=0, **spec)
+        b = make_checkpoint(ctx.work / label / "b", seed=1, **spec)
+        nbytes = weights_bytes(a)
+        gb = nbytes / 1e9
+        raw = raw_io(ctx.work / label, nbytes, s["repeats"])
+        io = checkpoint_io(a, ctx.work / label, s["repeats"])
+        d = {"bytes": nbytes, "raw_io": raw, "checkpoint_io": io}
+        comparisons += [
+            compare(f"{label}: export", "GB/s", "plain file write", gb / raw["write_s"], "save_pretrained",
+                    gb / io["save_s"]),
+            compare(f"{label}: export + fsync", "GB/s", "plain file write + fsync", gb / raw["write_fsync_s"],
+                    "save_pretrained + fsync", gb / io["save_fsync_s"]),
+            compare(f"{label}: load", "GB/s", "plain file read", gb / raw["read_s"], "load_model", gb / io["load_s"]),
+        ]
+        for backend, name in (("hf", "HFEngine"), ("vllm", "VLLMEngine")):
+            if backend == "vllm" and not has_vllm:
+                comparisons.append(skipped(f"{label}: {name}", "seconds", "cold engine start", None, "reload",
+                                           "vllm is not installed"))
+                continue
+            try:
+                e = engine_times(backend, a, b, s, dtype)
+            except Exception as exc:  # report the failure, keep measuring the rest
+                comparisons.append(skipped(f"{label}: {name}", "seconds", "cold engine start", None, "reload",
+                                           f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+                continue
+            d[backend] = e
+            comparisons.append(compare(f"{label}: {name}", "seconds", "cold engine start", e["cold_start_s"],
+                                       "reload", e["reload_s"], higher_is_better=False))
+            rows.append([label, name, e["import_s"] or None, e["cold_start_s"], e["reload_s"], gb / e["reload_s"]])
+        details[label] = d
+    comparisons.append(skipped("NCCL broadcast", "GB/s", "checkpoint reload", None, "broadcast", nccl_reason()))
+    sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in details.items())
+    notes = [
+        f"Checkpoints (fp32 safetensors): {sizes}. Medians of {s['repeats']} repeats; vLLM is started once "
+        f"(its CPU start compiles the model, 5-30 s).",
+        "Export and load run through the page cache: GB/s against a plain write/read of the same bytes in the "
+        "same directory says how much the safetensors path costs over the storage itself.",
+        "In the pipeline each generation phase starts new generator actors that load the committed checkpoint "
+        "(timing/weight_sync = their engine start); an in-place reload is what long-lived engines would pay.",
+        f"Engines run in {dtype}; HF cold start is a median of {s['cold_repeats']}.",
+    ]
+    return {"comparisons": comparisons, "config": s, "details": details, "notes": notes,
+            "tables": [{"title": "Engines", "columns": ["model", "engine", "import s", "cold start s", "reload s",
+                                                        "reload GB/s"], "rows": rows}]}

@@ -1,0 +1,71 @@
+"""The benchmark suite's plumbing: `python -m bench --quick` writes well-formed JSON and Markdown.
+
+    .venv/bin/pytest tests/test_bench.py
+
+Runs two cheap benchmarks in quick mode (one without Ray, one with it) in a subprocess. Checks the shape
+of what is written, never the values: benchmark figures are for reading, not for asserting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+NAMES = ["generation", "ray_overhead"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--only", *NAMES],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_json_is_well_formed(suite):
+    stamped = sorted(suite.glob("bench-*.json"))
+    assert len(stamped) == 1 and (suite / "latest.json").read_text() == stamped[0].read_text()
+    doc = json.loads(stamped[0].read_text())
+    assert doc["mode"] == "quick"
+    machine = doc["machine"]
+    for key in ("cpu", "logical_cores", "ram_gib", "gpu", "versions"):
+        assert machine[key] not in (None, ""), key
+    assert {"torch", "ray", "vllm", "deepspeed"} <= set(machine["versions"])
+    assert list(doc["benchmarks"]) == NAMES
+    for name, result in doc["benchmarks"].items():
+        assert _positive(result["wall_s"]), name
+        if "skipped" in result:  # allowed (e.g. no vLLM), but it must say why
+            assert result["skipped"].strip(), name
+            continue
+        assert result["comparisons"], name
+        for c in result["comparisons"]:
+            assert {"name", "metric", "baseline", "candidate"} <= set(c), (name, c)
+            if "skipped" in c:
+                assert c["skipped"].strip(), (name, c)
+                continue
+            assert _positive(c["baseline_value"]) and _positive(c["ratio"]), (name, c)
+            assert c["value"] >= 0 and c["ratio"] == pytest.approx(c["value"] / c["baseline_value"]), (name, c)
+    overhead = doc["benchmarks"]["ray_overhead"]
+    if "skipped" not in overhead:  # both paths did the same work
+        assert overhead["details"]["single"]["steps"] == overhead["details"]["ray"]["steps"] > 0
+
+
+def test_markdown_has_the_tables(suite):
+    md = (suite / "latest.md").read_text()
+    assert md.startswith("# tspin-ray benchmarks (quick)")
+    assert "## Machine" in md and "## Summary" in md and "| benchmark | figure | baseline |" in md
+    for name in NAMES:
+        assert f"## {name}:" in md
+    assert "| case | metric | baseline | baseline value | candidate | value | ratio | better |" in md
+    assert list(suite.glob("bench-*.md")) and list((suite / "logs").glob("*-generation.log"))

@@ -1,0 +1,762 @@
+"""`tspin-ray study`: every method from one pi_0, over several seeds, in one table with its claim checks.
+
+    tspin-ray study --config jobs/study-addition.yaml
+    tspin-ray study --config jobs/study-addition.yaml --seeds 0 --iterations 1 --methods sft_continued tspin \
+        --output-dir runs/study-smoke                   (a narrowed smoke run)
+    .venv/bin/pytest tests/test_study.py
+
+Per seed s, all under `output_dir`:
+    seed{s}/pi0        base config, data.fraction = fraction, iterations 0: SFT of pi_0 and its evaluation
+    seed{s}/sft_full   the same on data.fraction = full_fraction: the "SFT on 100%" baseline
+    seed{s}/{method}   model.path = seed{s}/pi0/checkpoints/pi_0, the method's sections, `iterations`
+Then results.json (every number), results.md (tables and claim checks) and results_em.png /
+results_nll.png (mean over seeds with a +-1 std band; SFT-100% dashed).
+
+Every run is an ordinary run directory made by `tspin_ray.driver.train`, run one after another in this
+process (one local Ray for all). Rerunning the study skips complete runs without starting Ray and resumes
+unfinished ones. T-SPIN runs of a seed that sample y0 identically (same pi_0, data, generation settings and
+seed) share one proto cache: a later one gets the earlier one's `proto/` shards hard-linked in, and the
+driver then generates nothing for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from tspin_ray.config import RunConfig, from_dict
+from tspin_ray.errors import UserError
+from tspin_ray.rundir import RunDir, atomic_dir, write_atomic
+
+STUDY_KEYS = ("base", "seeds", "iterations", "fraction", "full_fraction", "output_dir", "methods")
+DEFAULTS = {"iterations": 5, "fraction": 0.25, "full_fraction": 1.0, "output_dir": "runs/study"}
+# The study owns these keys of every run; a value in `base` or a method would be silently overwritten.
+STUDY_OWNED = ("output_dir", "iterations", "seed", "data.fraction", "data.seed", "sft.fraction",
+               "objective.name")
+METHOD_FORBIDDEN = ("model", "output_dir", "iterations", "seed", "data.fraction", "data.seed", "sft")
+RESERVED_RUNS = ("pi0", "sft_full")
+PI0 = -1  # the metrics.jsonl iteration number of pi_0's evaluation
+VERDICTS = ("holds", "does not hold", "inconclusive", "not measured")
+
+
+# ------------------------------------------------------------ the study config
+@dataclasses.dataclass(frozen=True)
+class Study:
+    base: dict
+    seeds: tuple[int, ...]
+    iterations: int
+    fraction: float
+    full_fraction: float
+    output_dir: str
+    methods: dict  # name -> section overrides, in config order (that is also the run order)
+    source: str = "study config"  # the YAML path, for messages and the command line
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _nearest(key: str, valid: Sequence[str]) -> str:
+    near = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _get(raw: dict, dotted: str):
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _number(raw: dict, key: str, lo: float, hi: float) -> float:
+    v = raw.get(key, DEFAULTS.get(key))
+    if isinstance(v, str):  # YAML 1.1 reads 1e-1 (no dot) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v <= hi:
+        raise UserError(f"{key}: expected a number in ({lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+def parse_study(raw, source: str = "study config") -> Study:
+    """Validate a study mapping; every problem is a one-line UserError naming the key."""
+    if not isinstance(raw, dict):
+        raise UserError("the top level must be a mapping with keys " + ", ".join(STUDY_KEYS))
+    for key in raw:
+        if key not in STUDY_KEYS:
+            raise UserError(f"unknown study key '{key}'{_nearest(str(key), STUDY_KEYS)}")
+    for key in ("base", "seeds", "methods"):
+        if key not in raw:
+            raise UserError(f"{key}: required")
+    base = raw["base"]
+    if not isinstance(base, dict):
+        raise UserError(f"base: expected a run config mapping, got {base!r}")
+    for dotted in STUDY_OWNED:
+        if _get(base, dotted) is not None:
+            raise UserError(f"base.{dotted}: set by the study (seeds, fraction, iterations, output_dir or the "
+                            f"methods); remove it from base")
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds: expected a non-empty list of distinct integers >= 0, got {seeds!r}")
+    iterations = raw.get("iterations", DEFAULTS["iterations"])
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise UserError(f"iterations: expected an integer >= 1, got {iterations!r}")
+    output_dir = raw.get("output_dir", DEFAULTS["output_dir"])
+    if not isinstance(output_dir, str) or not output_dir:
+        raise UserError(f"output_dir: expected a path, got {output_dir!r}")
+    study = Study(base=base, seeds=tuple(seeds), iterations=iterations, fraction=_number(raw, "fraction", 0, 1),
+                  full_fraction=_number(raw, "full_fraction", 0, 1), output_dir=output_dir,
+                  methods=_parse_methods(raw["methods"]), source=source)
+    check_runs(study)
+    return study
+
+
+def _parse_methods(methods) -> dict:
+    if not isinstance(methods, dict) or not methods:
+        raise UserError("methods: expected a non-empty mapping of name -> {objective: {name: ...}, ...}")
+    for name, sections in methods.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise UserError(f"methods.{name}: a method name must be a plain directory name (letters, digits, _-.)")
+        if name in RESERVED_RUNS:
+            raise UserError(f"methods.{name}: '{name}' is the name of a study run; choose another")
+        if not isinstance(sections, dict):
+            raise UserError(f"methods.{name}: expected a mapping of config sections, got {sections!r}")
+        for dotted in METHOD_FORBIDDEN:
+            if _get(sections, dotted) is not None:
+                raise UserError(f"methods.{name}.{dotted}: set by the study (every method starts from the "
+                                f"same pi_0 with the same data and seed); remove it")
+        if _get(sections, "objective.name") is None:
+            raise UserError(f"methods.{name}.objective.name: required (sft, spin, tspin or space)")
+    return dict(methods)
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
+                        f"({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    try:
+        return parse_study(raw, source=str(path))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def narrow(study: Study, seeds: Sequence[int] | None = None, iterations: int | None = None,
+           methods: Sequence[str] | None = None, output_dir: str | None = None) -> Study:
+    """The study restricted by command-line flags (smoke runs); unknown method names are an error."""
+    changes: dict = {}
+    if seeds:
+        changes["seeds"] = tuple(dict.fromkeys(seeds))
+        if any(s < 0 for s in changes["seeds"]):
+            raise UserError("--seeds: seeds must be >= 0")
+    if iterations is not None:
+        if iterations < 1:
+            raise UserError(f"--iterations: expected an integer >= 1, got {iterations}")
+        changes["iterations"] = iterations
+    if methods:
+        for m in methods:
+            if m not in study.methods:
+                raise UserError(f"--methods: unknown method '{m}'{_nearest(m, list(study.methods))}; the config "
+                                f"has {', '.join(study.methods)}")
+        # config order, not flag order: T-SPIN proto sharing and the tables follow the config
+        changes["methods"] = {m: s for m, s in study.methods.items() if m in methods}
+    if output_dir:
+        changes["output_dir"] = output_dir
+    narrowed = dataclasses.replace(study, **changes)
+    check_runs(narrowed)
+    return narrowed
+
+
+def command_line(study: Study, full: Study | None = None) -> str:
+    """The `tspin-ray study` command that reproduces `study` (narrowing flags only where it differs)."""
+    parts = ["tspin-ray", "study", "--config", study.source]
+    ref = full or study
+    if study.seeds != ref.seeds:
+        parts += ["--seeds", *map(str, study.seeds)]
+    if study.iterations != ref.iterations:
+        parts += ["--iterations", str(study.iterations)]
+    if list(study.methods) != list(ref.methods):
+        parts += ["--methods", *study.methods]
+    if study.output_dir != ref.output_dir:
+        parts += ["--output-dir", study.output_dir]
+    return shlex.join(parts)
+
+
+# ------------------------------------------------------------ the runs
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    seed: int
+    name: str  # "pi0", "sft_full" or a method name
+    raw: dict  # the run config mapping given to from_dict
+
+    @property
+    def key(self) -> str:
+        return f"seed{self.seed}/{self.name}"
+
+    @property
+    def root(self) -> Path:
+        return Path(self.raw["output_dir"])
+
+    def config(self) -> RunConfig:
+        return from_dict(self.raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _sft_run(study: Study, seed: int, name: str, fraction: float) -> RunSpec:
+    raw = _merge(study.base, {"data": {"fraction": fraction, "seed": seed}, "iterations": 0, "seed": seed,
+                              "output_dir": str(study.out / f"seed{seed}" / name)})
+    if isinstance(raw["model"].get("tiny"), dict):
+        # a different random initialisation per seed: seed-to-seed spread should include it
+        raw["model"]["tiny"] = {**raw["model"]["tiny"], "seed": seed}
+    raw.setdefault("objective", {})["name"] = "sft"  # iterations=0: no self-play; keeps the hash readable
+    return RunSpec(seed, name, raw)
+
+
+def pi0_path(study: Study, seed: int) -> Path:
+    return study.out / f"seed{seed}" / "pi0" / "checkpoints" / "pi_0"
+
+
+def _method_run(study: Study, seed: int, name: str) -> RunSpec:
+    base = copy.deepcopy(study.base)
+    model = {k: v for k, v in base.pop("model", {}).items() if k not in ("tiny", "path")}
+    base["model"] = {**model, "path": str(pi0_path(study, seed))}
+    base["sft"] = {**base.get("sft", {}), "enabled": False}  # pi_0 is the seed's pi0 run's checkpoint
+    raw = _merge(base, study.methods[name])
+    raw = _merge(raw, {"data": {"fraction": study.fraction, "seed": seed}, "iterations": study.iterations,
+                       "seed": seed, "output_dir": str(study.out / f"seed{seed}" / name)})
+    return RunSpec(seed, name, raw)
+
+
+def plan(study: Study) -> list[RunSpec]:
+    """All runs in execution order: per seed, pi0, sft_full, then the methods in config order."""
+    specs = []
+    for s in study.seeds:
+        specs.append(_sft_run(study, s, "pi0", study.fraction))
+        specs.append(_sft_run(study, s, "sft_full", study.full_fraction))
+        specs += [_method_run(study, s, m) for m in study.methods]
+    return specs
+
+
+def check_runs(study: Study) -> None:
+    """Build every run config up front, so a bad base or method section fails before any work."""
+    for spec in plan(study)[: 2 + len(study.methods)]:  # one seed's runs: the others differ only in seeds
+        where = "base" if spec.name in RESERVED_RUNS else f"methods.{spec.name}"
+        try:
+            cfg = spec.config()
+        except UserError as e:
+            raise UserError(f"{where} (run {spec.name}): {e}") from None
+        if spec.name == "pi0" and not cfg.data.eval_path and cfg.data.eval_size == 0:
+            raise UserError("base.data.eval_size: the study compares held-out exact match; set it > 0 "
+                            "(or set base.data.eval_path)")
+        if spec.name == "pi0" and not cfg.needs_sft_stage:
+            raise UserError("base.model: the study trains pi_0 and the SFT baseline by SFT: set base.model.tiny, "
+                            "or base.model.path with base.sft.enabled: true")
+
+
+def is_complete(spec: RunSpec, cfg: RunConfig) -> bool:
+    """A committed, finished run of exactly this config (a different config is an error, not a skip)."""
+    run = RunDir(spec.root)
+    stored = run.manifest.get("config_hash")
+    if stored and stored != cfg.hash():
+        raise UserError(f"{spec.root} holds a run made with a different config (other --iterations or base "
+                        f"settings?); choose another --output-dir or remove that directory")
+    return run.done("complete")
+
+
+def proto_key(cfg: RunConfig) -> str | None:
+    """What y0 depends on: pi_0, the training prompts, the sampling settings and the seed (T-SPIN only)."""
+    if cfg.objective.name != "tspin":
+        return None
+    d = cfg.to_dict()
+    key = {"model": d["model"], "data": d["data"], "generation": d["generation"], "seed": cfg.seed,
+           "samples": cfg.samples_per_prompt, "max_length": cfg.training.max_length}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system: copy
+        shutil.copy2(src, dst)
+
+
+def link_pi0(spec: RunSpec, pi0: Path) -> None:
+    """Put the seed's pi_0 at <run>/checkpoints/pi_0 (hard links, atomically) when it is not there yet.
+
+    Needed while the driver, given an external pi_0 (model.path, no SFT stage), still trains iteration 0
+    from run.checkpoint(0) instead of model.path; harmless afterwards (no extra disk, never read).
+    """
+    dest = spec.root / "checkpoints" / "pi_0"
+    if (dest / "config.json").exists():
+        return
+    with atomic_dir(dest) as tmp:
+        for f in sorted(pi0.rglob("*")):
+            if f.is_file():
+                (tmp / f.relative_to(pi0)).parent.mkdir(parents=True, exist_ok=True)
+                _link(f, tmp / f.relative_to(pi0))
+
+
+def reuse_proto(target: Path, source: Path) -> int:
+    """Hard-link (copy across file systems) the committed proto shards of `source` into `target`.
+
+    The driver only generates the (source_iteration, prompt_id) rows a directory lacks, and shards are
+    write-once, so sharing the files is safe; each link goes in under a temporary name and is renamed.
+    """
+    dest = target / "proto"
+    dest.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in sorted((source / "proto").glob("part-*.parquet")):
+        final = dest / f.name
+        if final.exists():
+            continue
+        tmp = dest / f".{f.name}.tmp-{uuid.uuid4().hex[:8]}"
+        _link(f, tmp)
+        os.replace(tmp, final)
+        n += 1
+    return n
+
+
+def eval_key(cfg: RunConfig) -> str:
+    """What an evaluation of a given checkpoint depends on besides the checkpoint: the held-out rows (data
+    minus fraction/limit), greedy decoding settings and the NLL computation."""
+    d = cfg.to_dict()
+    key = {"data": {k: v for k, v in d["data"].items() if k not in ("fraction", "limit")}, "eval": d["eval"],
+           "model": {k: d["model"][k] for k in ("dtype", "trust_remote_code")},
+           "generation": {k: d["generation"][k] for k in ("backend", "gpu_memory_utilization",
+                                                          "tensor_parallel_size")},
+           "training": {k: d["training"][k] for k in ("backend", "precision", "max_length")}}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def reuse_pi0_eval(spec: RunSpec, cfg: RunConfig, pi0: RunSpec) -> bool:
+    """Commit the pi0 run's evaluation of pi_0 as this run's `eval_0`, so the driver does not evaluate the
+    same checkpoint on the same rows again (a generator and a trainer start-up per method and seed).
+
+    Only when everything the evaluation depends on is equal. Same order as the driver (metrics row, then
+    the manifest entry): a crash in between leaves a row the driver prunes as uncommitted.
+    """
+    src = RunDir(pi0.root).entry("eval_0")
+    if src is None or eval_key(cfg) != eval_key(pi0.config()):
+        return False
+    run = RunDir.open(cfg)  # creates the run directory (config.yaml, hash) exactly as the driver would
+    if run.done("eval_0"):
+        return False
+    run.append_metrics([{"phase": "iteration", "iteration": PI0, **src, "copied_from": str(pi0.root)}])
+    run.commit("eval_0", **src)
+    return True
+
+
+class Timings:
+    """Wall seconds per run, summed over the study invocations that did work on it (timings.json)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, json.dumps(self.seconds, indent=1, sort_keys=True).encode())
+
+
+def share_work(study: Study, spec: RunSpec, cfg: RunConfig, pi0: RunSpec, proto_src: RunSpec | None,
+               say) -> None:
+    """Before a method's run starts: give it the seed's pi_0, pi_0's evaluation and a sibling's y0 cache."""
+    if spec.name in RESERVED_RUNS:
+        return
+    link_pi0(spec, pi0_path(study, spec.seed))
+    if reuse_pi0_eval(spec, cfg, pi0):
+        say(f"{spec.key}: pi_0's evaluation taken from {pi0.key}")
+    if proto_src is not None and RunDir(proto_src.root).done("proto") and not RunDir(spec.root).done("proto"):
+        n = reuse_proto(spec.root, proto_src.root)
+        record_reuse(study.out / "proto_reuse.json", {spec.key: proto_src.key})  # now: a crash must not lose it
+        say(f"{spec.key}: reusing the proto cache of {proto_src.key} ({n} shards linked)")
+
+
+def execute(study: Study, quiet: bool = False, say=print) -> None:
+    """Run (or resume, or skip) every run in order."""
+    specs = plan(study)
+    timings = Timings(study.out / "timings.json")
+    proto_sources: dict[tuple[int, str], RunSpec] = {}  # (seed, proto key) -> the first run with that y0
+    pi0 = specs[0]
+    for i, spec in enumerate(specs, 1):
+        cfg = spec.config()
+        pkey = proto_key(cfg)
+        pi0 = spec if spec.name == "pi0" else pi0
+        if is_complete(spec, cfg):
+            say(f"[study {i}/{len(specs)}] {spec.key}: complete, skipped")
+        else:
+            share_work(study, spec, cfg, pi0, proto_sources.get((spec.seed, pkey)) if pkey else None,
+                       lambda msg, i=i: say(f"[study {i}/{len(specs)}] {msg}"))
+            say(f"[study {i}/{len(specs)}] {spec.key}: running")
+            from tspin_ray.driver import train  # imports Ray and torch: only when there is work
+
+            t0 = time.time()
+            try:
+                train(cfg, quiet=quiet)
+            finally:  # an interrupted attempt's time counts too: the table reports the cost of the run
+                timings.add(spec.key, time.time() - t0)
+        if pkey:
+            proto_sources.setdefault((spec.seed, pkey), spec)
+
+
+def record_reuse(path: Path, reused: dict[str, str]) -> None:
+    """Reuse happens once (the shards then belong to the run): keep the record across invocations."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({**old, **reused}, indent=1, sort_keys=True).encode())
+
+
+# ------------------------------------------------------------ collecting
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One evaluation: `iteration` -1 is pi_0 (the same numbers for every method of a seed)."""
+    method: str
+    seed: int
+    iteration: int
+    exact_match: float | None  # None: the run has no such evaluation row
+    nll: float | None
+
+
+def iteration_rows(root: Path) -> dict[int, dict]:
+    """iteration -> its metrics row (a resumed run may log one twice: the last wins, as in report.py)."""
+    from tspin_ray.report import load_run
+
+    return load_run(root).iterations
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def stats(values: Sequence[float | None]) -> dict:
+    """Mean and sample std (n-1) over seeds; std is None with fewer than two values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
+def collect(study: Study) -> dict:
+    """Every number the tables, plots and claims use, read back from the runs' metrics.jsonl."""
+    out = study.out
+    points: list[Point] = []
+    sft_full, alignment, timing = [], [], {"sft_s": [], "eval_s": [], "iteration_s": {}}
+    for s in study.seeds:
+        pi0 = iteration_rows(out / f"seed{s}" / "pi0").get(PI0, {})
+        full = iteration_rows(out / f"seed{s}" / "sft_full").get(PI0, {})
+        sft_full.append({"seed": s, "exact_match": _num(full.get("eval/exact_match")),
+                         "nll": _num(full.get("eval/nll"))})
+        for name in ("pi0", "sft_full"):
+            e = RunDir(out / f"seed{s}" / name).entry("pi_0") or {}
+            timing["sft_s"].append(e.get("seconds"))
+        timing["eval_s"].append(_num(pi0.get("timing/eval")))
+        for m in study.methods:
+            rows = iteration_rows(out / f"seed{s}" / m)
+            points.append(Point(m, s, PI0, _num(pi0.get("eval/exact_match")), _num(pi0.get("eval/nll"))))
+            for t in range(study.iterations):
+                r = rows.get(t, {})
+                points.append(Point(m, s, t, _num(r.get("eval/exact_match")), _num(r.get("eval/nll"))))
+                timing["iteration_s"].setdefault(m, []).append(_num(r.get("timing/iteration")))
+                keys = ("train/logps/real", "train/logps/generated", "train/rewards/real", "train/rewards/generated")
+                if all(_num(r.get(k)) is not None for k in keys):
+                    alignment.append({"method": m, "seed": s, "iteration": t, **{k: r[k] for k in keys}})
+    return {"points": points, "sft_full": sft_full, "alignment": alignment, "timing": timing}
+
+
+def summarise(study: Study, data: dict) -> dict:
+    """Mean/std over seeds per method and column (pi0, 0 .. N-1), for EM and NLL, and the SFT-100% line."""
+    cols = [PI0, *range(study.iterations)]
+    summary: dict = {}
+    for m in study.methods:
+        summary[m] = {}
+        for metric in ("exact_match", "nll"):
+            summary[m][metric] = [stats([getattr(p, metric) for p in data["points"]
+                                         if p.method == m and p.iteration == t]) for t in cols]
+    full = {metric: stats([r[metric] for r in data["sft_full"]]) for metric in ("exact_match", "nll")}
+    return {"columns": cols, "methods": summary, "sft_full": full}
+
+
+# ------------------------------------------------------------ claim checks
+def pooled(a: dict, b: dict) -> float | None:
+    if a["std"] is None or b["std"] is None:
+        return None
+    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+
+
+def verdict(diff: float, spread: float | None) -> str:
+    """'holds' when diff > 0 by more than one pooled std, 'does not hold' when < 0 by more, else inconclusive
+    (also with one seed: there is no spread to judge a difference by)."""
+    if spread is None or abs(diff) <= spread:
+        return "inconclusive"
+    return "holds" if diff > 0 else "does not hold"
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _ms(st: dict, digits: int = 3) -> str:
+    if st["mean"] is None:
+        return "–"
+    return _f(st["mean"], digits) + ("" if st["std"] is None else f" ± {st['std']:.{digits}f}")
+
+
+def _claim(cid: str, claim: str, status: str, sentence: str, **numbers) -> dict:
+    return {"id": cid, "claim": claim, "status": status, "sentence": sentence, **numbers}
+
+
+def _not_measured(cid: str, claim: str, *needs: str) -> dict:
+    return _claim(cid, claim, "not measured", f"({cid}) {claim}: not measured (needs complete runs of "
+                  f"{', '.join(needs)} in the study).")
+
+
+def _missing(*sts: dict | None) -> bool:
+    return any(st is None or st["mean"] is None for st in sts)
+
+
+def _final(summary: dict, m: str) -> dict:
+    return summary["methods"][m]["exact_match"][-1]
+
+
+def claim_monotonic(summary: dict, m: str = "tspin") -> dict:
+    claim = "T-SPIN's mean exact match is non-decreasing from pi_0 over the iterations"
+    if m not in summary["methods"] or _missing(*summary["methods"][m]["exact_match"]):
+        return _not_measured("a", claim, m)
+    seq = summary["methods"][m]["exact_match"]
+    drops = [(i, seq[i]["mean"] - seq[i + 1]["mean"], pooled(seq[i], seq[i + 1])) for i in range(len(seq) - 1)]
+    worst = max(drops, key=lambda d: d[1])
+    if worst[1] <= 0:
+        status = "holds" if worst[2] is not None else "inconclusive"
+    else:  # a real drop must exceed the spread of its two points
+        status = "does not hold" if worst[2] is not None and worst[1] > worst[2] else "inconclusive"
+    path = " → ".join(_f(x["mean"]) for x in seq)
+    sentence = (f"(a) {claim}: mean EM {path}; largest drop {max(0.0, worst[1]):.3f} "
+                f"(pooled std {_f(worst[2])}): **{status}**.")
+    return _claim("a", claim, status, sentence, means=[x["mean"] for x in seq], largest_drop=max(0.0, worst[1]),
+                  pooled_std=worst[2])
+
+
+def claim_spin_peaks(summary: dict, cols: list[int], m: str = "spin") -> dict:
+    """Over SPIN's own iterates (after iterations 0 .. N-1): the best one comes before the last, and the
+    last is below it."""
+    claim = "SPIN peaks before its last iteration and then degrades"
+    if m not in summary["methods"] or _missing(*summary["methods"][m]["exact_match"]):
+        return _not_measured("b", claim, m)
+    seq = summary["methods"][m]["exact_match"][1:]  # iterates only: pi_0 is not SPIN's
+    its = cols[1:]
+    if len(seq) < 2:
+        return _claim("b", claim, "inconclusive", f"(b) {claim}: needs at least 2 iterations: **inconclusive**.")
+    peak = max(range(len(seq) - 1), key=lambda i: seq[i]["mean"])
+    last = seq[-1]
+    diff = seq[peak]["mean"] - last["mean"]  # > 0: the last iterate is below the earlier peak
+    spread = pooled(seq[peak], last)
+    status = verdict(diff, spread)
+    pi0 = summary["methods"][m]["exact_match"][0]["mean"]
+    sentence = (f"(b) {claim}: best before the last at iteration {its[peak]} ({_ms(seq[peak])}; pi_0 "
+                f"{_f(pi0)}), last {_ms(last)}, drop {diff:+.3f} (pooled std {_f(spread)}): **{status}**.")
+    return _claim("b", claim, status, sentence, peak_iteration=its[peak], peak=seq[peak]["mean"],
+                  last=last["mean"], difference=diff, pooled_std=spread, pi0=pi0)
+
+
+def claim_pair(cid: str, claim: str, a_label: str, a: dict | None, b_label: str, b: dict | None,
+               needs: tuple[str, ...]) -> dict:
+    """claim: a > b (final mean exact matches), judged by one pooled std."""
+    if _missing(a, b):
+        return _not_measured(cid, claim, *needs)
+    diff = a["mean"] - b["mean"]
+    status = verdict(diff, pooled(a, b))
+    sentence = (f"({cid}) {claim}: {a_label} {_ms(a)} vs {b_label} {_ms(b)}, difference {diff:+.3f} "
+                f"(pooled std {_f(pooled(a, b))}): **{status}**.")
+    return _claim(cid, claim, status, sentence, a=a["mean"], a_std=a["std"], b=b["mean"], b_std=b["std"],
+                  difference=diff, pooled_std=pooled(a, b))
+
+
+def claim_alignment(alignment: list[dict], m: str = "tspin") -> dict:
+    claim = ("T-SPIN keeps the real responses above the synthetic ones in both log-likelihood and reward at "
+             "every iteration")
+    rows = [r for r in alignment if r["method"] == m]
+    if not rows:
+        return _not_measured("e", claim, m)
+    ok = [r["train/logps/real"] > r["train/logps/generated"] and r["train/rewards/real"] > r["train/rewards/generated"]
+          for r in rows]
+    frac = sum(ok) / len(ok)
+    # a count, not a difference of means: all pairs = holds, at most half = does not hold
+    status = "holds" if frac == 1.0 else "does not hold" if frac <= 0.5 else "inconclusive"
+    sentence = (f"(e) {claim}: real > synthetic on both in {sum(ok)} of {len(ok)} (seed, iteration) pairs "
+                f"({frac:.0%}; holds = all, does not hold = at most half): **{status}**.")
+    return _claim("e", claim, status, sentence, fraction=frac, pairs=len(ok))
+
+
+def claims(summary: dict, alignment: list[dict]) -> list[dict]:
+    ms = summary["methods"]
+
+    def final(m):
+        return _final(summary, m) if m in ms else None
+
+    return [
+        claim_monotonic(summary),
+        claim_spin_peaks(summary, summary["columns"]),
+        claim_pair("c", "T-SPIN on the annotated fraction beats SFT on 100%", "T-SPIN final", final("tspin"),
+                   "SFT-100%", summary["sft_full"]["exact_match"], ("tspin",)),
+        claim_pair("d", "Removing T-SPIN's historical term hurts", "T-SPIN final", final("tspin"),
+                   "T-SPIN without history final", final("tspin_no_history"), ("tspin", "tspin_no_history")),
+        claim_alignment(alignment),
+        claim_pair("f", "SPACE beats SPIN", "SPACE final", final("space"), "SPIN final", final("spin"),
+                   ("space", "spin")),
+    ]
+
+
+# ------------------------------------------------------------ writing
+def _col(t: int) -> str:
+    return "pi0" if t == PI0 else str(t)
+
+
+def metric_table(summary: dict, metric: str, digits: int) -> list[str]:
+    cols = summary["columns"]
+    lines = ["| method | " + " | ".join(_col(t) for t in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m, per in summary["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(_ms(st, digits) for st in per[metric]) + " |")
+    return lines
+
+
+def timing_lines(study: Study, timings: dict[str, float], timing: dict) -> list[str]:
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in study.seeds) + " |", "|---|" + "---|" * len(study.seeds)]
+    for name in [*RESERVED_RUNS, *study.methods]:
+        cells = [_f(timings.get(f"seed{s}/{name}"), 0) for s in study.seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    sft = stats([_num(x) for x in timing["sft_s"]])
+    ev = stats(timing["eval_s"])
+    lines += ["", f"Mean seconds: one SFT stage (pi0 and sft_full) {_f(sft['mean'], 1)}; one evaluation "
+              f"{_f(ev['mean'], 1)}; one self-play iteration (generation, training, checkpoint, evaluation): " +
+              ", ".join(f"{m} {_f(stats(v)['mean'], 1)}" for m, v in timing["iteration_s"].items()) + "."]
+    return lines
+
+
+def render_markdown(study: Study, results: dict, command: str) -> str:
+    summary = results["summary"]
+    full = summary["sft_full"]
+    n = len(study.seeds)
+    lines = [f"# Study: {study.out}", "", f"Made by `{command}`.", "",
+             f"{n} seed(s) ({', '.join(map(str, study.seeds))}); every method starts from the same pi_0 per seed "
+             f"(SFT on {study.fraction:.0%} of the training rows) and trains {study.iterations} iteration(s) on "
+             f"that same {study.fraction:.0%}. Cells are mean ± std (n-1) over seeds of the held-out greedy exact "
+             f"match; column pi0 is pi_0 before self-play, column t the policy after iteration t.", "",
+             "## Exact match", ""]
+    lines += metric_table(summary, "exact_match", 3)
+    lines += ["", f"SFT on {study.full_fraction:.0%} (the baseline): exact match {_ms(full['exact_match'])}, "
+              f"NLL {_ms(full['nll'], 4)}.", "", "![exact match](results_em.png)", "",
+              "## NLL of the held-out real responses (per token, nats; lower is better)", ""]
+    lines += metric_table(summary, "nll", 4)
+    lines += ["", "![NLL](results_nll.png)", "", "## Claim checks", "",
+              "Computed from the numbers above; a difference within one pooled std over seeds is "
+              "inconclusive (and every difference is, with one seed).", ""]
+    lines += [f"- {c['sentence']}" for c in results["claims"]]
+    if results["proto_reused"]:
+        lines += ["", "Proto caches shared (y0 sampled once per seed): " + "; ".join(
+            f"{k} ← {v}" for k, v in sorted(results["proto_reused"].items())) + "."]
+    lines += ["", "## Wall time per run (seconds, summed over the invocations that worked on it)", ""]
+    lines += timing_lines(study, results["wall_s"], results["timing"])
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, summary: dict, metric: str, path: Path, title: str, ylabel: str) -> None:
+    from tspin_ray.report import _figure, _iteration_axis, _save
+
+    fig = _figure(8, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    cols = summary["columns"]
+    palette = [f"C{i}" for i in range(10)]
+    for i, (m, per) in enumerate(summary["methods"].items()):
+        xs = [t for t, st in zip(cols, per[metric], strict=True) if st["mean"] is not None]
+        means = [st["mean"] for st in per[metric] if st["mean"] is not None]
+        color = palette[i % len(palette)]
+        ax.plot(xs, means, marker="o", color=color, label=m)
+        sds = [st["std"] for st in per[metric] if st["mean"] is not None]
+        if xs and all(sd is not None for sd in sds):
+            ax.fill_between(xs, [a - b for a, b in zip(means, sds, strict=True)],
+                            [a + b for a, b in zip(means, sds, strict=True)], color=color, alpha=0.15, lw=0)
+    full = summary["sft_full"][metric]
+    if full["mean"] is not None:
+        ax.axhline(full["mean"], color="black", ls="--", lw=1.2, label=f"SFT on {study.full_fraction:.0%}")
+        if full["std"] is not None:
+            ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.06, lw=0)
+    _iteration_axis(ax, "after iteration (pi0 = before self-play)")
+    ax.set_ylabel(ylabel)
+    fig.legend(loc="outside lower center", ncol=min(4, len(summary["methods"]) + 1), fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def write_results(study: Study, command: str) -> Path:
+    """Collect every run's numbers and write results.json, results.md and the two plots."""
+    data = collect(study)
+    summary = summarise(study, data)
+    reuse_path = study.out / "proto_reuse.json"
+    all_reused = json.loads(reuse_path.read_text()) if reuse_path.exists() else {}
+    keys = {spec.key for spec in plan(study)}
+    wall = {k: v for k, v in Timings(study.out / "timings.json").seconds.items() if k in keys}
+    results = {
+        "command": command,
+        "study": {"seeds": list(study.seeds), "iterations": study.iterations, "fraction": study.fraction,
+                  "full_fraction": study.full_fraction, "methods": study.methods, "base": study.base},
+        "points": [dataclasses.asdict(p) for p in data["points"]],
+        "sft_full": data["sft_full"],
+        "alignment": data["alignment"],
+        "summary": summary,
+        "claims": claims(summary, data["alignment"]),
+        "proto_reused": {k: v for k, v in all_reused.items() if k in keys},
+        "wall_s": wall,
+        "timing": data["timing"],
+    }
+    out = study.out
+    write_atomic(out / "results.json", json.dumps(results, indent=1, default=str).encode())
+    plot(study, summary, "exact_match", out / "results_em.png", "Held-out exact match (mean ± std over seeds)",
+         "exact match")
+    plot(study, summary, "nll", out / "results_nll.png", "Held-out NLL of the real responses (mean ± std over seeds)",
+         "NLL per token (nats)")
+    md = out / "results.md"
+    write_atomic(md, render_markdown(study, results, command).encode())
+    return md
+
+
+def run_study(study: Study, quiet: bool = False, command: str | None = None, say=print) -> Path:
+    """Run/resume every run of `study`, then write the results; return results.md's path."""
+    study.out.mkdir(parents=True, exist_ok=True)
+    execute(study, quiet=quiet, say=say)
+    return write_results(study, command or command_line(study))

@@ -287,7 +287,8 @@ def run_ray_overhead(ctx: Context) -> dict:
             f"starting inside Ray Data's execution (first batch after {piped['first_batch_s']:.1f} s, of which "
             f"{piped['engine_load_s']:.1f} s engine load). In return generation and training run at once on separate "
             "cores (Ray's generation s is when its last batch finished, inside the stream).",
-            f"Threads: the single process uses torch's default {single['threads']} intra-op threads in both phases; "
+            f"Threads: the single process uses {single['threads']} torch intra-op thread(s) in both phases (--threads; "
+            "default: all cores); "
             f"each Ray actor gets OMP_NUM_THREADS = num_cpus = {threads}. On a busy machine extra threads hurt "
             "(OpenMP barriers wait for descheduled threads): compare on a quiet one.",
         ],

@@ -111,7 +111,10 @@ def child(case: str, out_path: str) -> None:
                                              max_attempts=3)
         finally:
             pipeline.GenerateStage = original
-        batches = []  # (seconds since the first batch was asked for, generator, prompt ids)
+        # (seconds since the first batch was asked for: when the batch was generated on its actor,
+        #  generator, prompt ids). Generation time, not arrival time: finished batches may still be in
+        #  flight to this consumer when their node goes.
+        batches = []
         added_at: dict[str, float] = {}
         removed = None
         t_iter = time.time()
@@ -119,7 +122,8 @@ def child(case: str, out_path: str) -> None:
         for i, b in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
             gens = {str(g) for g in b["generator"]}
             assert len(gens) == 1, gens
-            batches.append((round(time.time() - t_iter, 2), gens.pop(), [str(p) for p in b["prompt_id"]]))
+            made = float(max(b["gen_done"])) - t_iter
+            batches.append((round(made, 2), gens.pop(), [str(p) for p in b["prompt_id"]]))
             if case == "grow" and i == 3:  # a few batches in: two more generator nodes join
                 for _ in range(2):
                     asked = round(time.time() - t_iter, 2)  # from asking for the node to its first batch
@@ -132,8 +136,9 @@ def child(case: str, out_path: str) -> None:
                 if len(serving & set(nodes)) >= 2:
                     victim = batches[-1][1].split(":")[0]
                     t0 = time.time()
+                    removed_at = round(t0 - t_iter, 2)
                     cluster.remove_node(nodes.pop(victim))
-                    removed = {"node": victim, "at": round(time.time() - t_iter, 2),
+                    removed = {"node": victim, "at": removed_at,
                                "remove_s": round(time.time() - t0, 2), "after_batches": i + 1}
                     event("node removed", node=victim[:8])
         event("iteration done")
@@ -227,13 +232,11 @@ def check_every_prompt_once(report: dict) -> None:
 def test_pool_grows_onto_generator_nodes_that_join_mid_run():
     r = run_case("grow")
     check_every_prompt_once(r)
-    gens = {}
-    for t, g, _ in r["batches"]:
-        gens.setdefault(g, t)
+    gens = {g for _, g, _ in r["batches"]}
     nodes = {g.split(":")[0] for g in gens}
-    new_nodes = {n: t for n, t in r["added_at"].items()}
-    first_use = {n: min(t for t, g, _ in r["batches"] if g.startswith(n)) for n in new_nodes if
-                 any(g.startswith(n) for g in gens)}
+    new_nodes = r["added_at"]  # node id -> when add_node was called
+    first_use = {n: min(t for t, g, _ in r["batches"] if g.startswith(n)) for n in new_nodes
+                 if any(g.startswith(n) for g in gens)}
     print(f"\n[grow] add_node {r['add_node_s']} s; generators {len(gens)} on {len(nodes)} nodes; "
           f"batches per generator {[sum(1 for _, x, _ in r['batches'] if x == g) for g in gens]}; "
           f"add_node called -> first batch on that node: "
@@ -253,10 +256,10 @@ def test_losing_a_generator_node_mid_run_loses_no_prompt():
     after = [(t, g) for t, g, _ in r["batches"] if t > at]
     replacements = {g: min(t for t, x in after if x == g) for _, g in after if g not in before}
     print(f"\n[lose] removed a node after {r['removed']['after_batches']} batches at {at} s "
-          f"(remove_node {r['removed']['remove_s']} s); {len(after)} batches after it; first batch of each "
-          f"replacement generator: { {g.split(':')[1]: t for g, t in replacements.items()} } s; "
-          f"last batch {r['batches'][-1][0]} s")
-    assert after and not any(g.startswith(victim) for _, g in after)
+          f"(remove_node {r['removed']['remove_s']} s); {len(after)} batches generated after it; first batch "
+          f"of each replacement generator: { {g.split(':')[1]: t for g, t in replacements.items()} } s; "
+          f"last batch {max(t for t, _, _ in r['batches'])} s")
+    assert after and not any(g.startswith(victim) for _, g in after), "a batch was generated on a removed node"
 
 
 if __name__ == "__main__":

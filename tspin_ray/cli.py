@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import json
 import sys
+import threading
 
 from tspin_ray.errors import RunFailed, UserError
 
@@ -157,8 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # `ray job stop` sends SIGTERM: leave through the same clean path as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.fn(args)
     except UserError as e:

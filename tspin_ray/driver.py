@@ -164,12 +164,12 @@ class Driver:
     def initial_policy(self) -> Path:
         """pi_0: the given checkpoint, or a tiny model trained by SFT on the configured fraction."""
         c, run = self.cfg, self.run
-        if run.done("pi_0") and run.latest_good_checkpoint(0) == 0:
+        if run.done("pi_0") and (run.entry("pi_0").get("external") or run.latest_good_checkpoint(0) == 0):
             return run.root / run.entry("pi_0")["path"]
-        if not c.needs_sft_stage:
+        if not c.needs_sft_stage:  # absolute: actors resolve relative paths against their own cwd
             run.commit("pi_0", path=str(Path(c.model.path).resolve()), files={}, external=True)
-            return Path(c.model.path)
-        base = Path(c.model.path) if c.model.path else run.root / "checkpoints" / "base"
+            return Path(c.model.path).resolve()
+        base = Path(c.model.path).resolve() if c.model.path else run.root / "checkpoints" / "base"
         if c.model.tiny is not None and not (base / "config.json").exists():
             from tspin_ray.modeling import save_tiny
 
@@ -372,6 +372,10 @@ class Driver:
             run.commit("eval_0", **ev)
         proto = self.proto_cache(pi0) if c.objective.name == "tspin" and c.iterations > 0 else None
         start = run.latest_good_checkpoint(c.iterations) or 0
+        while start > 0 and not run.done(f"iter_{start - 1}"):
+            # pi_start exists but its iteration was never committed (stopped during its evaluation):
+            # redo that iteration from its shards on disk so its metrics are logged exactly once.
+            start = run.latest_good_checkpoint(start - 1) or 0
         for t in range(start, c.iterations):
             t0 = time.time()
 

@@ -30,7 +30,7 @@ from tspin_ray.faults import crash_if
 
 # Columns of a triplet row (one per prompt and source iteration; k samples each).
 ROW_COLUMNS = ("prompt_id", "source_iteration", "prompt_ids", "real_ids", "generated_ids", "generated",
-               "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s")
+               "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s", "generator")
 
 
 def sample_seed(seed: int, iteration: int | str, prompt_id: str, sample: int) -> int:
@@ -71,6 +71,7 @@ class GenerateStage:
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.max_response_tokens, self.max_length = max_response_tokens, max_length
         self.score_ref, self.out_dir = score_ref, Path(out_dir) if out_dir else None
+        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"  # which actor made a row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from tspin_ray.formatting import decode_response, encode_prompt, encode_response
@@ -105,6 +106,7 @@ class GenerateStage:
             "proto_ids": proto, "ref_real": ref_real, "ref_generated": ref_gen,
             "gen_tokens": [sum(len(g) for g in gs) for gs in generated],
             "gen_done": [time.time()] * len(ids), "engine_load_s": [self.load_seconds] * len(ids),
+            "generator": [self.name] * len(ids),
         }
         if self.out_dir is not None:
             write_shard(pa.Table.from_pydict(out), self.out_dir, [f"{s}:{i}" for s, i in zip(source, ids, strict=False)])

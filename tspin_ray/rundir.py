@@ -112,7 +112,10 @@ class RunDir:
     @classmethod
     def open(cls, cfg) -> RunDir:
         """Create or resume the run directory for `cfg`, refusing a changed config unless allowed."""
-        root = Path(cfg.output_dir)
+        if not Path(cfg.output_dir).is_absolute() and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            raise UserError(f"output_dir {cfg.output_dir} is relative: inside a Ray job it would land in the "
+                            f"job's temporary working dir; use an absolute path on shared storage")
+        root = Path(cfg.output_dir).expanduser().resolve()  # actors must see the same absolute path
         created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)

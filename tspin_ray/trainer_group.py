@@ -9,6 +9,7 @@ message says what was being waited for.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -50,7 +51,10 @@ def ensure_ray(cfg: RunConfig) -> None:
             ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": WORKER_ENV})
         else:
-            ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+            # A job's own runtime_env may set some of these already; Ray refuses to merge a conflict.
+            job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+            env = {k: v for k, v in WORKER_ENV.items() if k not in (job.get("env_vars") or {})}
+            ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same rows in the same order on a rerun
     ctx.enable_progress_bars = False  # tspin-ray shows its own progress

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import signal
 import json
+import signal
 import sys
 import threading
 

@@ -26,21 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import MARK, die_with_parent, end_marked, free_port, marked_pids  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
-MARK = "TSPIN_TEST_CLUSTER"
 PROMPTS, BATCH, NEW_TOKENS = 800, 4, 24  # 200 batches: ~20 s for one generator actor on an idle core
 CASE_TIMEOUT = 240  # a safety net: each case took 45-75 s at load average 11-14 on 2 cores, 110-120 s at 23
 
 
 # ---------------------------------------------------------------- the child (runs the cluster)
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tagged_stage():
     """GenerateStage plus a `generator` column naming the actor (node id : pid) that made each row.
@@ -76,9 +69,9 @@ def child(case: str, out_path: str) -> None:
 
     t_start = time.time()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=4, include_dashboard=False, dashboard_agent_listen_port=_free_port(),
-        ray_client_server_port=_free_port(), metrics_export_port=_free_port(),
-        runtime_env_agent_port=_free_port()))
+        num_cpus=4, include_dashboard=False, dashboard_agent_listen_port=free_port(),
+        ray_client_server_port=free_port(), metrics_export_port=free_port(),
+        runtime_env_agent_port=free_port()))
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
         ctx = ray.data.DataContext.get_current()
@@ -152,44 +145,6 @@ def child(case: str, out_path: str) -> None:
 
 # ---------------------------------------------------------------- the tests (parent side)
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM to the child when pytest dies (a killed pytest runs no teardown); the child's
-    Cluster nodes then go with it (their reapers end them when the child exits)."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _marked_pids(mark: str) -> list[int]:
-    needle = f"{MARK}={mark}".encode()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    out.append(int(entry))
-        except OSError:
-            continue
-    return out
-
-
-def _end_marked(mark: str, grace: float = 10.0) -> None:
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _marked_pids(mark):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + grace
-        while _marked_pids(mark) and time.time() < deadline:
-            time.sleep(0.2)
-
-
 def run_case(case: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="tse-", dir="/tmp"))  # short: Ray's socket paths have a limit
     mark = uuid.uuid4().hex
@@ -202,7 +157,7 @@ def run_case(case: str) -> dict:
         with open(log, "wb") as f:
             p = subprocess.run([sys.executable, "-m", "tests.test_elastic", case, str(out)], cwd=REPO, env=env,
                                stdout=f, stderr=subprocess.STDOUT, timeout=CASE_TIMEOUT,
-                               preexec_fn=_die_with_parent)
+                               preexec_fn=die_with_parent)
         text = log.read_text(errors="replace")
         assert p.returncode == 0 and out.exists(), f"child exited {p.returncode}:\n{text[-6000:]}"
         report = json.loads(out.read_text())
@@ -215,7 +170,7 @@ def run_case(case: str) -> dict:
         raise AssertionError(f"case {case} took over {CASE_TIMEOUT}s:\n"
                              f"{log.read_text(errors='replace')[-6000:]}") from None
     finally:
-        _end_marked(mark)
+        end_marked(mark)
         shutil.rmtree(work, ignore_errors=True)
 
 

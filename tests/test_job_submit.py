@@ -20,7 +20,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.procs import MARK, die_with_parent, end_marked, free_port, marked_pids  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,51 +43,6 @@ SHRINK = ["data.task_size=100", "data.eval_size=0"]
 # The stop/resume test keeps a small evaluation: the evaluation of pi_1 is what runs between pi_1's commit
 # and iteration 0's (iter_0), the window that a stop right after pi_1 most likely hits.
 SHRINK_STOP = ["data.task_size=100", "data.eval_size=8"]
-MARK = "TSPIN_TEST_CLUSTER"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL (a pytest killed by a
-    timeout runs no fixture teardown; `ray start --block` stops its node's processes on SIGTERM)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def marked_pids(mark: str) -> list[int]:
-    """Processes whose environment carries MARK=mark: the test cluster's and nothing else."""
-    needle = f"{MARK}={mark}".encode()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    out.append(int(entry))
-        except OSError:
-            continue
-    return out
-
-
-def end_marked(mark: str, grace: float = 10.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in marked_pids(mark):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + grace
-        while marked_pids(mark) and time.time() < deadline:
-            time.sleep(0.2)
-
-
 class Head:
     """A `ray start --head` cluster on loopback, and the environment that talks to its job server."""
 

@@ -371,11 +371,11 @@ def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
     return _build(RunConfig, raw, "")
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config; relative data/model paths are resolved against the current directory."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping, or a one-line UserError naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -386,6 +386,12 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
         raise UserError(f"{path}: not UTF-8 text") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply dotted overrides."""
+    raw = read_yaml_mapping(path)
     try:
         return from_dict(raw, overrides)
     except UserError as e:

@@ -36,9 +36,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from tspin_ray.config import RunConfig, from_dict
+from tspin_ray.config import RunConfig, from_dict, read_yaml_mapping
 from tspin_ray.errors import UserError
 from tspin_ray.rundir import RunDir, atomic_dir, write_atomic
 
@@ -150,17 +148,7 @@ def _parse_methods(methods) -> dict:
 
 
 def load_study(path: str | Path) -> Study:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
-                        f"({getattr(e, 'problem', e)})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    raw = read_yaml_mapping(path, "study config")
     try:
         return parse_study(raw, source=str(path))
     except UserError as e:

@@ -128,14 +128,16 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def headline(result: dict) -> str:
+def one_line(result: dict) -> str:
+    from bench.report import headline
+
     if "skipped" in result:
         return f"skipped: {result['skipped']}"
-    for c in result.get("comparisons", []):
-        if "ratio" in c:
-            return (f"{c['name']}: {c['baseline']} {c['baseline_value']:.4g} -> {c['candidate']} "
-                    f"{c['value']:.4g} {c['metric']} ({c['ratio']:.2f}x)")
-    return "no comparison measured"
+    c = headline(result)
+    if c is None:
+        return "no comparison measured"
+    return (f"{c['name']}: {c['baseline']} {c['baseline_value']:.4g} -> {c['candidate']} {c['value']:.4g} "
+            f"{c['metric']} ({c['ratio']:.2f}x)")
 
 
 def main(argv=None) -> int:
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
         result = run_one(name, args.quick, threads, timeout, out / "logs" / f"{stamp}-{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result
-        print(f"    {result.get('wall_s', 0):.0f} s  {headline(result)}", file=sys.stderr, flush=True)
+        print(f"    {result.get('wall_s', 0):.0f} s  {one_line(result)}", file=sys.stderr, flush=True)
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc["wall_s"] = time.time() - t0
     doc["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

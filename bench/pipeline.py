@@ -9,14 +9,15 @@ training alone (`TrainerGroup.train_stream` over the persisted triplet rows): ov
 train phase / (generation alone + training alone); below 1 means streaming hid work.
 
 `ray_overhead`: the same generation + training work (same prompts, sizes, trainer settings; pi_t is the
-random tiny model, y0 a fixed wrong answer) once as a single-process loop without Ray (`GenerateStage`
-called in-process on each batch, then `Trainer` in-process) and once as the Ray pipeline
+random tiny model, y0 a fixed wrong answer) once as a single-process loop without Ray (the engine
+generating batch after batch as GenerateStage does, then `Trainer` in-process) and once as the Ray pipeline
 (`generation_dataset` streamed into a `TrainerGroup`, as `Driver.iteration` does).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from bench.common import Context, actor_threads, compare, gpu_count, make_checkpoint, now, ray_session
@@ -195,21 +196,52 @@ def overhead_inputs(ctx: Context, s: dict):
     return cfg, path, example_rows(prep.train, 0, proto)
 
 
+def generate_batch(engine, tokenizer, chunk: list[dict], kw: dict) -> dict[str, list]:
+    """GenerateStage.__call__ without Ray and without reference scoring: the same encoding, seeds, engine
+    call, decoding and Parquet shard. (GenerateStage itself asks ray.get_runtime_context() for its name,
+    which starts a whole local Ray when it runs outside one.)"""
+    import json
+
+    import pyarrow as pa
+
+    from tspin_ray.formatting import decode_response, encode_prompt, encode_response
+    from tspin_ray.pipeline import sample_seed, write_shard
+
+    k, ids = kw["samples"], [r["prompt_id"] for r in chunk]
+    prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
+    real_ids = [encode_response(tokenizer, r["response"], max_tokens=max(1, min(
+        kw["max_response_tokens"], kw["max_length"] - len(p)))) for r, p in zip(chunk, prompt_ids, strict=True)]
+    outs = engine.generate([p for p in prompt_ids for _ in range(k)],
+                           [sample_seed(kw["seed"], kw["iteration"], i, s) for i in ids for s in range(k)],
+                           max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"])
+    generated = [[list(outs[i * k + s]) or [tokenizer.eos_token_id] for s in range(k)] for i in range(len(chunk))]
+    out = {"prompt_id": ids, "source_iteration": [r["source_iteration"] for r in chunk], "prompt_ids": prompt_ids,
+           "real_ids": real_ids, "generated_ids": generated,
+           "generated": [[decode_response(tokenizer, g) for g in gs] for gs in generated],
+           "proto_ids": [json.loads(r["proto_json"]) if r["proto_json"] else [] for r in chunk],
+           "gen_tokens": [sum(len(g) for g in gs) for gs in generated]}
+    write_shard(pa.Table.from_pydict(out), Path(kw["out_dir"]), [f"{r['source_iteration']}:{r['prompt_id']}"
+                                                                  for r in chunk])
+    return out
+
+
 def single_process(cfg, path, rows: list[dict], out_dir) -> dict:
-    """The same work with no Ray: GenerateStage on each batch in this process, then Trainer in-process."""
+    """The same work with no Ray: one engine generating batch after batch, then Trainer in-process."""
     import torch
 
-    from tspin_ray.pipeline import GenerateStage
+    from tspin_ray.engines import make_engine
+    from tspin_ray.modeling import load_tokenizer
     from tspin_ray.trainer import Trainer
 
     tr, batch = cfg.training, cfg.generation.batch_size
+    kw = stage_kwargs(cfg, path, out_dir)
     t0 = now()
-    stage = GenerateStage(**stage_kwargs(cfg, path, out_dir))
+    engine = make_engine(kw["backend"], kw["model_path"], seed=kw["seed"], **kw["engine_kwargs"])
+    tokenizer = load_tokenizer(path)
     loaded = now()
     generated, first = [], None
     for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        out = stage({k: [r[k] for r in chunk] for k in chunk[0]})
+        out = generate_batch(engine, tokenizer, rows[i:i + batch], kw)
         generated += [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
         first = first if first is not None else now() - t0
     gen_done = now()

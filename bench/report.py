@@ -62,14 +62,20 @@ def machine_lines(m: dict) -> list[str]:
     return table(["", ""], rows)
 
 
+def headline(result: dict) -> dict | None:
+    """The comparison a benchmark names as its headline (`headline`: its name), else its first measured one."""
+    measured = [c for c in result.get("comparisons", []) if "ratio" in c]
+    named = [c for c in measured if c["name"] == result.get("headline")]
+    return (named or measured or [None])[0]
+
+
 def summary_lines(doc: dict) -> list[str]:
     rows = []
     for name, r in doc["benchmarks"].items():
         if "skipped" in r:
             rows.append([name, f"skipped: {r['skipped']}", "", "", "", r.get("wall_s")])
             continue
-        cs = [c for c in r.get("comparisons", []) if "ratio" in c]
-        c = cs[r.get("headline", 0)] if cs and r.get("headline", 0) < len(cs) else (cs[0] if cs else None)
+        c = headline(r)
         if c is None:
             rows.append([name, "nothing measured", "", "", "", r.get("wall_s")])
             continue

@@ -55,18 +55,20 @@ def pool_throughput(rows, kwargs: dict, batch: int, actors: int, cpus: float) ->
                              max_attempts=2).take_all()
     wall = now() - t0
     tokens = sum(int(r["gen_tokens"]) for r in out)
-    # Rows of one batch share their gen_done stamp: tokens per finished batch, in finishing order. The
-    # steady rate starts at the k-th finished batch: by then each of the k actors has (about) finished its
-    # first one, so process start, imports and engine load are behind every actor.
+    # Rows of one batch share their gen_done stamp, and rows of one actor its `generator` name (older
+    # tspin_ray: its engine_load_s, a measured duration, distinct per actor). The steady window opens when the last actor delivers its first batch:
+    # from then on every actor's process start, imports and engine load are behind it.
     batches: dict[float, int] = {}
+    first_of_actor: dict[float, float] = {}
     for r in out:
-        batches[float(r["gen_done"])] = batches.get(float(r["gen_done"]), 0) + int(r["gen_tokens"])
-    done = sorted(batches)
-    start = done[min(actors, len(done)) - 1]
-    later = sum(batches[t] for t in done if t > start)
-    steady = later / (done[-1] - start) if later and done[-1] > start else None
+        done_at, actor = float(r["gen_done"]), r.get("generator", float(r["engine_load_s"]))
+        batches[done_at] = batches.get(done_at, 0) + int(r["gen_tokens"])
+        first_of_actor[actor] = min(done_at, first_of_actor.get(actor, done_at))
+    start, last = max(first_of_actor.values()), max(batches)
+    later = sum(n for t, n in batches.items() if t > start)
+    steady = later / (last - start) if later and last > start else None
     return {"tokens_per_s": tokens / wall, "steady_tokens_per_s": steady, "tokens": tokens, "seconds": wall,
-            "first_batch_s": done[0] - t0_wall, "batches": len(done),
+            "first_batch_s": min(batches) - t0_wall, "batches": len(batches), "actors_used": len(first_of_actor),
             "engine_load_s": max(float(r["engine_load_s"]) for r in out)}
 
 
@@ -94,19 +96,21 @@ def run(ctx: Context) -> dict:
                             f["tokens_per_s"]) for name, f in figures.items() if name != base_name]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     table = [[name, f["tokens_per_s"], f["tokens_per_s"] / base["tokens_per_s"], f["steady_tokens_per_s"],
-              f["seconds"], f["first_batch_s"], f["tokens"], f["engine_load_s"]] for name, f in figures.items()]
+              f["seconds"], f["first_batch_s"], f["tokens"], f["actors_used"], f["engine_load_s"]]
+             for name, f in figures.items()]
     return {
         "comparisons": comparisons, "config": s, "details": {"figures": figures, "actor_threads": threads,
                                                              "ray_start_s": ray_start_s, "cores": cores},
         "tables": [{"title": "Generator pool", "columns": ["pool", "tokens/s (wall)", "speed-up", "steady tokens/s",
-                                                           "wall s", "first batch s", "tokens", "engine load s"],
+                                                           "wall s", "first batch s", "tokens", "actors used",
+                                                           "engine load s"],
                     "rows": table}],
         "notes": [
             f"{s['prompts']} `addition` prompts in batches of {s['batch']}, max_new_tokens {s['max_new_tokens']}, "
             f"random tiny model, HF backend. Wall tokens/s include starting the actors (process, imports, engine: "
-            f"most of the first batch s); steady tokens/s count the batches that finish after the k-th one (by "
-            f"then every one of the k actors has delivered a batch) over the time from the k-th to the last. "
-            f"Ray Data hands each actor several batches at once, so with few batches the split is uneven.",
+            f"most of the first batch s); steady tokens/s count the batches that finish after the last actor's "
+            f"first one (every actor started by then), over the time from then to the last batch. Ray Data "
+            f"hands each actor several batches at once, so with few batches the split is uneven (actors used).",
             f"This machine has {cores} usable cores and Ray runs with 8 logical CPUs. A 1-CPU actor runs torch "
             f"with {threads[1]} intra-op thread(s) (Ray sets OMP_NUM_THREADS = num_cpus; a 2-CPU actor gets "
             f"{threads[2]}), so 1 actor uses one core: 2 actors can use both; beyond {cores} actors there is "

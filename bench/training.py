@@ -205,5 +205,6 @@ def run(ctx: Context) -> dict:
         if not ctx.gpu else "MFU = 6 x parameters x tokens/s / dense bf16 peak of the GPU (attention FLOPs left out).",
     ]
     return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures,
+            "headline": "DeepSpeed ZeRO-0, Ray actor",  # the default training backend
             "tables": [{"title": "Per variant", "columns": ["variant", "tokens/s", "step s", "threads", "setup s",
                                                             "MFU", "last loss"], "rows": rows}]}

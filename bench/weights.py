@@ -6,7 +6,8 @@ The generators get pi_{t+1} from the HF checkpoint the trainers export (DESIGN.m
 measures, per model size:
 - `HFEngine.reload` and `VLLMEngine.reload` (vLLM's collective_rpc("reload_weights")) into a running
   engine vs constructing a new engine from the same checkpoint (what a fresh generator actor pays on top
-  of its process start and imports; the vLLM import time is reported apart);
+  of its process start and imports; the vLLM import time is reported apart), both up to the first token
+  generated with the new weights;
 - checkpoint export (`save_pretrained`, safetensors, as `Trainer.export` does) and load (`load_model`),
   in GB/s, against writing / reading the same number of bytes as one plain file in the same directory
   (the "link": here the page cache and disk).
@@ -63,8 +64,16 @@ def raw_io(directory, nbytes: int, repeats: int) -> dict:
     return {"write_s": median(writes), "write_fsync_s": median(fsyncs), "read_s": median(reads)}
 
 
+def touch_pages(model) -> None:
+    """Read one float per 4 KiB page of every weight: load_model memory-maps the safetensors file, so the
+    bytes are only read when first used; this makes a load time cover the reading."""
+    for p in model.parameters():
+        p.detach().reshape(-1)[::1024].sum()
+
+
 def checkpoint_io(path, out_dir, repeats: int) -> dict:
-    """save_pretrained (safetensors) of a loaded model, with and without fsync, and load_model, seconds."""
+    """save_pretrained (safetensors) of a loaded model, with and without fsync, and load_model (plus a first
+    read of every weight page), seconds."""
     from transformers.utils import logging as hf_logging
 
     from tspin_ray.modeling import load_model
@@ -83,13 +92,20 @@ def checkpoint_io(path, out_dir, repeats: int) -> dict:
         saves.append(t1 - t0)
         synced.append(now() - t0)
         t0 = now()
-        load_model(target)
+        touch_pages(load_model(target))
         loads.append(now() - t0)
     return {"save_s": median(saves), "save_fsync_s": median(synced), "load_s": median(loads)}
 
 
+def first_token(engine) -> None:
+    """One token for one prompt: the engine has now read every weight it serves with (both engines map
+    the checkpoint lazily, so a start or reload is only done once a forward has run)."""
+    engine.generate([[4, 5, 6]], [0], max_new_tokens=1, temperature=1.0, top_p=1.0)
+
+
 def engine_times(backend: str, path_a, path_b, s: dict, dtype: str) -> dict:
-    """Cold construction of an engine from checkpoint A (after its imports), then reloads A <-> B."""
+    """Cold construction of an engine from checkpoint A (after its imports), then reloads A <-> B; each
+    timed up to the first token generated with the new weights."""
     from tspin_ray.engines import make_engine
 
     import_s = 0.0
@@ -105,12 +121,14 @@ def engine_times(backend: str, path_a, path_b, s: dict, dtype: str) -> dict:
         free_gpu()
         t0 = now()
         engine = make_engine(backend, str(path_a), **kwargs)
+        first_token(engine)
         cold.append(now() - t0)
     reloads = []
     for i in range(s["repeats"]):
         target = path_b if i % 2 == 0 else path_a  # alternate, so every reload really changes the weights
         t0 = now()
         engine.reload(str(target))
+        first_token(engine)
         reloads.append(now() - t0)
     engine = None
     free_gpu()
@@ -170,11 +188,16 @@ def run(ctx: Context) -> dict:
         f"Checkpoints (fp32 safetensors): {sizes}. Medians of {s['repeats']} repeats; vLLM is started once "
         f"(its CPU start compiles the model, 5-30 s).",
         "Export and load run through the page cache: GB/s against a plain write/read of the same bytes in the "
-        "same directory says how much the safetensors path costs over the storage itself.",
+        "same directory says how much the safetensors path costs over the storage itself. load_model maps the "
+        "file lazily, so its time includes reading one float of every 4 KiB page; engine start and reload are "
+        "timed up to their first generated token.",
         "In the pipeline each generation phase starts new generator actors that load the committed checkpoint "
         "(timing/weight_sync = their engine start); an in-place reload is what long-lived engines would pay.",
         f"Engines run in {dtype}; HF cold start is a median of {s['cold_repeats']}.",
     ]
+    engines = [c["name"] for c in comparisons if c["name"].endswith("Engine") and "ratio" in c]
+    vllm_rows = [n for n in engines if n.endswith("VLLMEngine")]
     return {"comparisons": comparisons, "config": s, "details": details, "notes": notes,
+            "headline": (vllm_rows or engines or [None])[-1],  # the largest model's vLLM reload
             "tables": [{"title": "Engines", "columns": ["model", "engine", "import s", "cold start s", "reload s",
                                                         "reload GB/s"], "rows": rows}]}

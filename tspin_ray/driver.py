@@ -325,6 +325,7 @@ class Driver:
             "timing/generate": gen_seconds, "timing/train": t_train_end - t0, "timing/checkpoint": export_s,
             "timing/weight_sync": float(np.max(table.column("engine_load_s").to_numpy())) if table is not None else 0.0,
             "timing/first_train_step": first_step - t0, "timing/last_generation": gen_seconds,
+            "timing/first_generation": float(table.column("gen_done").to_numpy().min() - t0) if todo else 0.0,
             "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
             "train/rows": len(rows),
         }

@@ -71,7 +71,8 @@ class GenerateStage:
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.max_response_tokens, self.max_length = max_response_tokens, max_length
         self.score_ref, self.out_dir = score_ref, Path(out_dir) if out_dir else None
-        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"  # which actor made a row
+        node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
+        self.name = f"{node}:{os.getpid()}"  # which actor made a row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from tspin_ray.formatting import decode_response, encode_prompt, encode_response

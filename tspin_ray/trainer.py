@@ -190,7 +190,7 @@ class Trainer:
                 self.engine.step()  # steps optimizer and scheduler at the accumulation boundary
             else:
                 (loss / len(micro_batches)).backward()
-            for k, v in {"loss": float(loss), **metrics}.items():
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
         if self.backend == "deepspeed":
             lr = self.scheduler.get_last_lr()[0]

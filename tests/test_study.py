@@ -2,7 +2,7 @@
 local Ray (1 seed, 1 iteration, 3 methods, tiny sizes; about a minute and a half on 2 cores).
 
     .venv/bin/pytest tests/test_study.py
-    .venv/bin/pytest -m study tests/test_study.py      (the full study of jobs/study-addition.yaml: hours)
+    .venv/bin/pytest -m study tests/test_study.py      (the full study of jobs/study-sorting.yaml: hours)
 """
 
 from __future__ import annotations
@@ -210,10 +210,10 @@ def test_study_cli_errors_are_one_line(tmp_path):
 # ------------------------------------------------------------ the full study (hours on 2 cores)
 @pytest.mark.study
 def test_full_study():
-    """jobs/study-addition.yaml into runs/study-addition (resumable: rerun to continue)."""
-    proc = subprocess.run(CLI + ["study", "--config", "jobs/study-addition.yaml"], cwd=REPO)
+    """jobs/study-sorting.yaml into runs/study-sorting (resumable: rerun to continue)."""
+    proc = subprocess.run(CLI + ["study", "--config", "jobs/study-sorting.yaml"], cwd=REPO)
     assert proc.returncode == 0
-    cfg = yaml.safe_load((REPO / "jobs" / "study-addition.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "jobs" / "study-sorting.yaml").read_text())
     results = json.loads((REPO / cfg["output_dir"] / "results.json").read_text())
     n = len(cfg["seeds"]) * len(cfg["methods"]) * (cfg["iterations"] + 1)
     assert len(results["points"]) == n

@@ -5,7 +5,7 @@
     tspin-ray eval --config jobs/demo-cpu.yaml --checkpoint runs/demo/checkpoints/pi_3
     tspin-ray generate --config jobs/demo-cpu.yaml --checkpoint DIR --out gen.jsonl
     tspin-ray report --run runs/demo [--run runs/other ...]
-    tspin-ray study --config jobs/study-addition.yaml [--seeds 0 1] [--iterations N] [--methods a b]
+    tspin-ray study --config jobs/study-sorting.yaml [--seeds 0 1] [--iterations N] [--methods a b]
     tspin-ray config  (every config key with its default and meaning)
 
 With RAY_ADDRESS set, train/eval/generate connect to that cluster; without it they start a local Ray.
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("study", help="every method from one pi_0 over several seeds: tables, plots, claims")
-    p.add_argument("--config", required=True, help="study config YAML (e.g. jobs/study-addition.yaml)")
+    p.add_argument("--config", required=True, help="study config YAML (e.g. jobs/study-sorting.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
     p.add_argument("--iterations", type=int, default=None, help="self-play iterations per method")
     p.add_argument("--methods", nargs="+", default=None, help="run only these methods")

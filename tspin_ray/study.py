@@ -1,7 +1,7 @@
 """`tspin-ray study`: every method from one pi_0, over several seeds, in one table with its claim checks.
 
-    tspin-ray study --config jobs/study-addition.yaml
-    tspin-ray study --config jobs/study-addition.yaml --seeds 0 --iterations 1 --methods sft_continued tspin \
+    tspin-ray study --config jobs/study-sorting.yaml
+    tspin-ray study --config jobs/study-sorting.yaml --seeds 0 --iterations 1 --methods sft_continued tspin \
         --output-dir runs/study-smoke                   (a narrowed smoke run)
     .venv/bin/pytest tests/test_study.py
 

@@ -1,0 +1,79 @@
+"""Run directory commits: atomic directories, checksummed checkpoints, falling back past a torn one.
+
+    .venv/bin/pytest tests/test_rundir.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import small_config
+from tspin_ray.config import from_dict
+from tspin_ray.errors import UserError
+from tspin_ray.rundir import RunDir, atomic_dir, verify_dir
+
+
+def _run_with_checkpoints(tmp_path, n=3) -> RunDir:
+    run = RunDir.open(from_dict(small_config(tmp_path)))
+    for t in range(n):
+        with atomic_dir(run.checkpoint(t)) as tmp:
+            (tmp / "model.safetensors").write_bytes(bytes(range(256)) * (t + 1))
+            (tmp / "config.json").write_text(json.dumps({"t": t}))
+        run.commit_checkpoint(t)
+        if t:
+            run.commit(f"iter_{t - 1}")
+    return run
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "missing_file"])
+def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys, damage):
+    run = _run_with_checkpoints(tmp_path)
+    weights = run.checkpoint(2) / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "flip_byte":
+        _flip_byte(weights)
+    else:
+        weights.unlink()
+    assert RunDir(run.root).latest_good_checkpoint(2) == 1
+    out = capsys.readouterr().out
+    assert "pi_2 is corrupt" in out and "model.safetensors" in out
+    again = RunDir(run.root)  # the fallback is persisted: pi_2 and iteration 1 are no longer committed
+    assert not again.done("pi_2") and not again.done("iter_1") and again.done("pi_1")
+
+
+def test_verify_dir_reports_each_problem(tmp_path):
+    run = _run_with_checkpoints(tmp_path, n=1)
+    files = run.entry("pi_0")["files"]
+    assert verify_dir(run.checkpoint(0), files) is None
+    _flip_byte(run.checkpoint(0) / "model.safetensors")
+    assert "sha256 mismatch" in verify_dir(run.checkpoint(0), files)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed mid-export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_is_replaced_whole(tmp_path):
+    run = _run_with_checkpoints(tmp_path, n=2)
+    assert json.loads(run.manifest_path.read_text())["entries"]["pi_1"]["files"]
+    assert not list(run.root.glob(".manifest.json.tmp-*"))
+
+
+def test_config_change_is_refused_and_can_be_allowed(tmp_path):
+    RunDir.open(from_dict(small_config(tmp_path)))
+    changed = small_config(tmp_path, training={"lr": 0.5})
+    with pytest.raises(UserError, match="different config"):
+        RunDir.open(from_dict(changed))
+    RunDir.open(from_dict({**changed, "allow_config_change": True}))

@@ -60,7 +60,9 @@ RAYCLUSTER = next(doc for _, doc in DOCS if doc.get("kind") == "RayCluster")
 RAYJOB = next(doc for _, doc in DOCS if doc.get("kind") == "RayJob")
 # Every cluster spec in the folder: the long-lived RayCluster and the one the RayJob brings.
 SPECS = [("RayCluster", RAYCLUSTER["spec"]), ("RayJob.rayClusterSpec", RAYJOB["spec"]["rayClusterSpec"])]
-JOB_FILES = sorted(JOBS.glob("*.yaml"))
+# Run configs; study-*.yaml are study configs (tspin_ray.study.load_study validates them in test_study).
+JOB_FILES = sorted(p for p in JOBS.glob("*.yaml") if not p.name.startswith("study-"))
+STUDY_FILES = sorted(JOBS.glob("study-*.yaml"))
 ZEPHYR_FILES = sorted(JOBS.glob("zephyr-7b-*.yaml"))
 
 
@@ -336,6 +338,13 @@ def test_rayjob_config_fits_the_cluster(label, spec):
 @pytest.mark.parametrize("path", JOB_FILES, ids=[p.name for p in JOB_FILES])
 def test_job_config_loads(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=[p.name for p in STUDY_FILES])
+def test_study_config_loads(path):
+    from tspin_ray.study import load_study, plan
+
+    assert plan(load_study(path))  # every run of the study is a valid run config
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=[p.name for p in JOB_FILES])

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import CLI, REPO, small_config, write_config
-from tspin_ray import study
+from tspin_ray import study, study_results
 from tspin_ray.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -97,14 +97,14 @@ def test_plan_and_narrowing(tmp_path):
 def summary_of(means: dict[str, list[list[float]]], full: list[float]) -> dict:
     """means[method] = per column (pi0, 0, 1, ...) the per-seed exact matches."""
     cols = [-1, *range(len(next(iter(means.values()))) - 1)]
-    methods = {m: {"exact_match": [study.stats(v) for v in per], "nll": [study.stats(v) for v in per]}
+    methods = {m: {"exact_match": [study_results.stats(v) for v in per], "nll": [study_results.stats(v) for v in per]}
                for m, per in means.items()}
-    return {"columns": cols, "methods": methods, "sft_full": {"exact_match": study.stats(full),
-                                                             "nll": study.stats(full)}}
+    return {"columns": cols, "methods": methods, "sft_full": {"exact_match": study_results.stats(full),
+                                                             "nll": study_results.stats(full)}}
 
 
 def by_id(summary, alignment=()):
-    return {c["id"]: c for c in study.claims(summary, list(alignment))}
+    return {c["id"]: c for c in study_results.claims(summary, list(alignment))}
 
 
 def test_claims_follow_the_numbers():

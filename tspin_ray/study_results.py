@@ -1,0 +1,330 @@
+"""Study results: collect every run's metrics, mean ± std per iteration, claim checks, tables and plots.
+
+    tspin-ray study --config jobs/study-sorting.yaml     (writes results.json, results.md, results_*.png)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from tspin_ray.rundir import RunDir, write_atomic
+from tspin_ray.study import PI0, RESERVED_RUNS, Study, Timings, plan
+
+
+# ------------------------------------------------------------ collecting
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One evaluation: `iteration` -1 is pi_0 (the same numbers for every method of a seed)."""
+    method: str
+    seed: int
+    iteration: int
+    exact_match: float | None  # None: the run has no such evaluation row
+    nll: float | None
+
+
+def iteration_rows(root: Path) -> dict[int, dict]:
+    """iteration -> its metrics row (a resumed run may log one twice: the last wins, as in report.py)."""
+    from tspin_ray.report import load_run
+
+    return load_run(root).iterations
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def stats(values: Sequence[float | None]) -> dict:
+    """Mean and sample std (n-1) over seeds; std is None with fewer than two values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
+def collect(study: Study) -> dict:
+    """Every number the tables, plots and claims use, read back from the runs' metrics.jsonl."""
+    out = study.out
+    points: list[Point] = []
+    sft_full, alignment, timing = [], [], {"sft_s": [], "eval_s": [], "iteration_s": {}}
+    for s in study.seeds:
+        pi0 = iteration_rows(out / f"seed{s}" / "pi0").get(PI0, {})
+        full = iteration_rows(out / f"seed{s}" / "sft_full").get(PI0, {})
+        sft_full.append({"seed": s, "exact_match": _num(full.get("eval/exact_match")),
+                         "nll": _num(full.get("eval/nll"))})
+        for name in ("pi0", "sft_full"):
+            e = RunDir(out / f"seed{s}" / name).entry("pi_0") or {}
+            timing["sft_s"].append(e.get("seconds"))
+        timing["eval_s"].append(_num(pi0.get("timing/eval")))
+        for m in study.methods:
+            rows = iteration_rows(out / f"seed{s}" / m)
+            points.append(Point(m, s, PI0, _num(pi0.get("eval/exact_match")), _num(pi0.get("eval/nll"))))
+            for t in range(study.iterations):
+                r = rows.get(t, {})
+                points.append(Point(m, s, t, _num(r.get("eval/exact_match")), _num(r.get("eval/nll"))))
+                timing["iteration_s"].setdefault(m, []).append(_num(r.get("timing/iteration")))
+                keys = ("train/logps/real", "train/logps/generated", "train/rewards/real", "train/rewards/generated")
+                if all(_num(r.get(k)) is not None for k in keys):
+                    alignment.append({"method": m, "seed": s, "iteration": t, **{k: r[k] for k in keys}})
+    return {"points": points, "sft_full": sft_full, "alignment": alignment, "timing": timing}
+
+
+def summarise(study: Study, data: dict) -> dict:
+    """Mean/std over seeds per method and column (pi0, 0 .. N-1), for EM and NLL, and the SFT-100% line."""
+    cols = [PI0, *range(study.iterations)]
+    summary: dict = {}
+    for m in study.methods:
+        summary[m] = {}
+        for metric in ("exact_match", "nll"):
+            summary[m][metric] = [stats([getattr(p, metric) for p in data["points"]
+                                         if p.method == m and p.iteration == t]) for t in cols]
+    full = {metric: stats([r[metric] for r in data["sft_full"]]) for metric in ("exact_match", "nll")}
+    return {"columns": cols, "methods": summary, "sft_full": full}
+
+
+# ------------------------------------------------------------ claim checks
+def pooled(a: dict, b: dict) -> float | None:
+    if a["std"] is None or b["std"] is None:
+        return None
+    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+
+
+def verdict(diff: float, spread: float | None) -> str:
+    """'holds' when diff > 0 by more than one pooled std, 'does not hold' when < 0 by more, else inconclusive
+    (also with one seed: there is no spread to judge a difference by)."""
+    if spread is None or abs(diff) <= spread:
+        return "inconclusive"
+    return "holds" if diff > 0 else "does not hold"
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _ms(st: dict, digits: int = 3) -> str:
+    if st["mean"] is None:
+        return "–"
+    return _f(st["mean"], digits) + ("" if st["std"] is None else f" ± {st['std']:.{digits}f}")
+
+
+def _claim(cid: str, claim: str, status: str, sentence: str, **numbers) -> dict:
+    return {"id": cid, "claim": claim, "status": status, "sentence": sentence, **numbers}
+
+
+def _not_measured(cid: str, claim: str, *needs: str) -> dict:
+    return _claim(cid, claim, "not measured", f"({cid}) {claim}: not measured (needs complete runs of "
+                  f"{', '.join(needs)} in the study).")
+
+
+def _missing(*sts: dict | None) -> bool:
+    return any(st is None or st["mean"] is None for st in sts)
+
+
+def _final(summary: dict, m: str) -> dict:
+    return summary["methods"][m]["exact_match"][-1]
+
+
+def claim_monotonic(summary: dict, m: str = "tspin") -> dict:
+    claim = "T-SPIN's mean exact match is non-decreasing from pi_0 over the iterations"
+    if m not in summary["methods"] or _missing(*summary["methods"][m]["exact_match"]):
+        return _not_measured("a", claim, m)
+    seq = summary["methods"][m]["exact_match"]
+    drops = [(i, seq[i]["mean"] - seq[i + 1]["mean"], pooled(seq[i], seq[i + 1])) for i in range(len(seq) - 1)]
+    worst = max(drops, key=lambda d: d[1])
+    if worst[1] <= 0:
+        status = "holds" if worst[2] is not None else "inconclusive"
+    else:  # a real drop must exceed the spread of its two points
+        status = "does not hold" if worst[2] is not None and worst[1] > worst[2] else "inconclusive"
+    path = " → ".join(_f(x["mean"]) for x in seq)
+    sentence = (f"(a) {claim}: mean EM {path}; largest drop {max(0.0, worst[1]):.3f} "
+                f"(pooled std {_f(worst[2])}): **{status}**.")
+    return _claim("a", claim, status, sentence, means=[x["mean"] for x in seq], largest_drop=max(0.0, worst[1]),
+                  pooled_std=worst[2])
+
+
+def claim_spin_peaks(summary: dict, cols: list[int], m: str = "spin") -> dict:
+    """Over SPIN's own iterates (after iterations 0 .. N-1): the best one comes before the last, and the
+    last is below it."""
+    claim = "SPIN peaks before its last iteration and then degrades"
+    if m not in summary["methods"] or _missing(*summary["methods"][m]["exact_match"]):
+        return _not_measured("b", claim, m)
+    seq = summary["methods"][m]["exact_match"][1:]  # iterates only: pi_0 is not SPIN's
+    its = cols[1:]
+    if len(seq) < 2:
+        return _claim("b", claim, "inconclusive", f"(b) {claim}: needs at least 2 iterations: **inconclusive**.")
+    peak = max(range(len(seq) - 1), key=lambda i: seq[i]["mean"])
+    last = seq[-1]
+    diff = seq[peak]["mean"] - last["mean"]  # > 0: the last iterate is below the earlier peak
+    spread = pooled(seq[peak], last)
+    status = verdict(diff, spread)
+    pi0 = summary["methods"][m]["exact_match"][0]["mean"]
+    sentence = (f"(b) {claim}: best before the last at iteration {its[peak]} ({_ms(seq[peak])}; pi_0 "
+                f"{_f(pi0)}), last {_ms(last)}, drop {diff:+.3f} (pooled std {_f(spread)}): **{status}**.")
+    return _claim("b", claim, status, sentence, peak_iteration=its[peak], peak=seq[peak]["mean"],
+                  last=last["mean"], difference=diff, pooled_std=spread, pi0=pi0)
+
+
+def claim_pair(cid: str, claim: str, a_label: str, a: dict | None, b_label: str, b: dict | None,
+               needs: tuple[str, ...]) -> dict:
+    """claim: a > b (final mean exact matches), judged by one pooled std."""
+    if _missing(a, b):
+        return _not_measured(cid, claim, *needs)
+    diff = a["mean"] - b["mean"]
+    status = verdict(diff, pooled(a, b))
+    sentence = (f"({cid}) {claim}: {a_label} {_ms(a)} vs {b_label} {_ms(b)}, difference {diff:+.3f} "
+                f"(pooled std {_f(pooled(a, b))}): **{status}**.")
+    return _claim(cid, claim, status, sentence, a=a["mean"], a_std=a["std"], b=b["mean"], b_std=b["std"],
+                  difference=diff, pooled_std=pooled(a, b))
+
+
+def claim_alignment(alignment: list[dict], m: str = "tspin") -> dict:
+    claim = ("T-SPIN keeps the real responses above the synthetic ones in both log-likelihood and reward at "
+             "every iteration")
+    rows = [r for r in alignment if r["method"] == m]
+    if not rows:
+        return _not_measured("e", claim, m)
+    ok = [r["train/logps/real"] > r["train/logps/generated"] and r["train/rewards/real"] > r["train/rewards/generated"]
+          for r in rows]
+    frac = sum(ok) / len(ok)
+    # a count, not a difference of means: all pairs = holds, at most half = does not hold
+    status = "holds" if frac == 1.0 else "does not hold" if frac <= 0.5 else "inconclusive"
+    sentence = (f"(e) {claim}: real > synthetic on both in {sum(ok)} of {len(ok)} (seed, iteration) pairs "
+                f"({frac:.0%}; holds = all, does not hold = at most half): **{status}**.")
+    return _claim("e", claim, status, sentence, fraction=frac, pairs=len(ok))
+
+
+def claims(summary: dict, alignment: list[dict]) -> list[dict]:
+    ms = summary["methods"]
+
+    def final(m):
+        return _final(summary, m) if m in ms else None
+
+    return [
+        claim_monotonic(summary),
+        claim_spin_peaks(summary, summary["columns"]),
+        claim_pair("c", "T-SPIN on the annotated fraction beats SFT on 100%", "T-SPIN final", final("tspin"),
+                   "SFT-100%", summary["sft_full"]["exact_match"], ("tspin",)),
+        claim_pair("d", "Removing T-SPIN's historical term hurts", "T-SPIN final", final("tspin"),
+                   "T-SPIN without history final", final("tspin_no_history"), ("tspin", "tspin_no_history")),
+        claim_alignment(alignment),
+        claim_pair("f", "SPACE beats SPIN", "SPACE final", final("space"), "SPIN final", final("spin"),
+                   ("space", "spin")),
+    ]
+
+
+# ------------------------------------------------------------ writing
+def _col(t: int) -> str:
+    return "pi0" if t == PI0 else str(t)
+
+
+def metric_table(summary: dict, metric: str, digits: int) -> list[str]:
+    cols = summary["columns"]
+    lines = ["| method | " + " | ".join(_col(t) for t in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m, per in summary["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(_ms(st, digits) for st in per[metric]) + " |")
+    return lines
+
+
+def timing_lines(study: Study, timings: dict[str, float], timing: dict) -> list[str]:
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in study.seeds) + " |", "|---|" + "---|" * len(study.seeds)]
+    for name in [*RESERVED_RUNS, *study.methods]:
+        cells = [_f(timings.get(f"seed{s}/{name}"), 0) for s in study.seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    sft = stats([_num(x) for x in timing["sft_s"]])
+    ev = stats(timing["eval_s"])
+    lines += ["", f"Mean seconds: one SFT stage (pi0 and sft_full) {_f(sft['mean'], 1)}; one evaluation "
+              f"{_f(ev['mean'], 1)}; one self-play iteration (generation, training, checkpoint, evaluation): " +
+              ", ".join(f"{m} {_f(stats(v)['mean'], 1)}" for m, v in timing["iteration_s"].items()) + "."]
+    return lines
+
+
+def render_markdown(study: Study, results: dict, command: str) -> str:
+    summary = results["summary"]
+    full = summary["sft_full"]
+    n = len(study.seeds)
+    lines = [f"# Study: {study.out}", "", f"Made by `{command}`.", "",
+             f"{n} seed(s) ({', '.join(map(str, study.seeds))}); every method starts from the same pi_0 per seed "
+             f"(SFT on {study.fraction:.0%} of the training rows) and trains {study.iterations} iteration(s) on "
+             f"that same {study.fraction:.0%}. Cells are mean ± std (n-1) over seeds of the held-out greedy exact "
+             f"match; column pi0 is pi_0 before self-play, column t the policy after iteration t.", "",
+             "## Exact match", ""]
+    lines += metric_table(summary, "exact_match", 3)
+    lines += ["", f"SFT on {study.full_fraction:.0%} (the baseline): exact match {_ms(full['exact_match'])}, "
+              f"NLL {_ms(full['nll'], 4)}.", "", "![exact match](results_em.png)", "",
+              "## NLL of the held-out real responses (per token, nats; lower is better)", ""]
+    lines += metric_table(summary, "nll", 4)
+    lines += ["", "![NLL](results_nll.png)", "", "## Claim checks", "",
+              "Computed from the numbers above; a difference within one pooled std over seeds is "
+              "inconclusive (and every difference is, with one seed).", ""]
+    lines += [f"- {c['sentence']}" for c in results["claims"]]
+    if results["proto_reused"]:
+        lines += ["", "Proto caches shared (y0 sampled once per seed): " + "; ".join(
+            f"{k} ← {v}" for k, v in sorted(results["proto_reused"].items())) + "."]
+    lines += ["", "## Wall time per run (seconds, summed over the invocations that worked on it)", ""]
+    lines += timing_lines(study, results["wall_s"], results["timing"])
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, summary: dict, metric: str, path: Path, title: str, ylabel: str) -> None:
+    from tspin_ray.report import _figure, _iteration_axis, _save
+
+    fig = _figure(8, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    cols = summary["columns"]
+    palette = [f"C{i}" for i in range(10)]
+    for i, (m, per) in enumerate(summary["methods"].items()):
+        xs = [t for t, st in zip(cols, per[metric], strict=True) if st["mean"] is not None]
+        means = [st["mean"] for st in per[metric] if st["mean"] is not None]
+        color = palette[i % len(palette)]
+        ax.plot(xs, means, marker="o", color=color, label=m)
+        sds = [st["std"] for st in per[metric] if st["mean"] is not None]
+        if xs and all(sd is not None for sd in sds):
+            ax.fill_between(xs, [a - b for a, b in zip(means, sds, strict=True)],
+                            [a + b for a, b in zip(means, sds, strict=True)], color=color, alpha=0.15, lw=0)
+    full = summary["sft_full"][metric]
+    if full["mean"] is not None:
+        ax.axhline(full["mean"], color="black", ls="--", lw=1.2, label=f"SFT on {study.full_fraction:.0%}")
+        if full["std"] is not None:
+            ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.06, lw=0)
+    _iteration_axis(ax, "after iteration (pi0 = before self-play)")
+    ax.set_ylabel(ylabel)
+    fig.legend(loc="outside lower center", ncol=min(4, len(summary["methods"]) + 1), fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def write_results(study: Study, command: str) -> Path:
+    """Collect every run's numbers and write results.json, results.md and the two plots."""
+    data = collect(study)
+    summary = summarise(study, data)
+    reuse_path = study.out / "proto_reuse.json"
+    all_reused = json.loads(reuse_path.read_text()) if reuse_path.exists() else {}
+    keys = {spec.key for spec in plan(study)}
+    wall = {k: v for k, v in Timings(study.out / "timings.json").seconds.items() if k in keys}
+    results = {
+        "command": command,
+        "study": {"seeds": list(study.seeds), "iterations": study.iterations, "fraction": study.fraction,
+                  "full_fraction": study.full_fraction, "methods": study.methods, "base": study.base},
+        "points": [dataclasses.asdict(p) for p in data["points"]],
+        "sft_full": data["sft_full"],
+        "alignment": data["alignment"],
+        "summary": summary,
+        "claims": claims(summary, data["alignment"]),
+        "proto_reused": {k: v for k, v in all_reused.items() if k in keys},
+        "wall_s": wall,
+        "timing": data["timing"],
+    }
+    out = study.out
+    write_atomic(out / "results.json", json.dumps(results, indent=1, default=str).encode())
+    plot(study, summary, "exact_match", out / "results_em.png", "Held-out exact match (mean ± std over seeds)",
+         "exact match")
+    plot(study, summary, "nll", out / "results_nll.png", "Held-out NLL of the real responses (mean ± std over seeds)",
+         "NLL per token (nats)")
+    md = out / "results.md"
+    write_atomic(md, render_markdown(study, results, command).encode())
+    return md

@@ -42,6 +42,9 @@ def test_answers_are_correct():
     for row in TASKS["multiplication"].make(200, 0):
         a, b = row["prompt"].rstrip("=").split("*")
         assert int(row["response"]) == int(a) * int(b)
+    for row in TASKS["sorting"].make(200, 0):
+        items = row["prompt"].removeprefix("sort:").rstrip("=").split(",")
+        assert row["response"].split(",") == sorted(items)
 
 
 def test_exact_match_ignores_surrounding_whitespace_only():

@@ -60,7 +60,7 @@ def _number(rng: random.Random, digits_min: int, digits_max: int) -> int:
 
 
 def addition(digits_min: int = 2, digits_max: int = 3, name: str = "addition") -> Task:
-    """`a+b=` -> a+b; each operand draws its digit count uniformly from digits_min..digits_max."""
+    """`a+b=` -> a+b, operands of digits_min..digits_max digits."""
 
     def sample(rng: random.Random) -> tuple[str, str]:
         a, b = _number(rng, digits_min, digits_max), _number(rng, digits_min, digits_max)
@@ -69,7 +69,7 @@ def addition(digits_min: int = 2, digits_max: int = 3, name: str = "addition") -
     return Task(name, f"add two {digits_min}-{digits_max} digit numbers", _distinct(name, sample))
 
 
-def multiplication(digits_a: int = 4, digits_b: int = 1, name: str = "multiplication") -> Task:
+def multiplication(digits_a: int = 3, digits_b: int = 1, name: str = "multiplication") -> Task:
     """`a*b=` -> a*b, a with digits_a digits, b with digits_b digits (b >= 2)."""
 
     def sample(rng: random.Random) -> tuple[str, str]:
@@ -80,7 +80,18 @@ def multiplication(digits_a: int = 4, digits_b: int = 1, name: str = "multiplica
     return Task(name, f"multiply a {digits_a}-digit by a {digits_b}-digit number", _distinct(name, sample))
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (addition(), multiplication())}
+def sorting(length_min: int = 5, length_max: int = 8, alphabet: str = "abcdefghijklmnopqrstuvwxyz",
+            name: str = "sorting") -> Task:
+    """`sort: d,a,c=` -> `a,c,d`, letters drawn with replacement."""
+
+    def sample(rng: random.Random) -> tuple[str, str]:
+        items = rng.choices(alphabet, k=rng.randint(length_min, length_max))
+        return f"sort:{','.join(items)}=", ",".join(sorted(items))
+
+    return Task(name, f"sort {length_min}-{length_max} letters", _distinct(name, sample))
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (addition(), multiplication(), sorting())}
 
 
 def get_task(name: str) -> Task:

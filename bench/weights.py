@@ -11,7 +11,8 @@ measures, per model size:
 - checkpoint export (`save_pretrained`, safetensors, as `Trainer.export` does) and load (`load_model`),
   in GB/s, against writing / reading the same number of bytes as one plain file in the same directory
   (the "link": here the page cache and disk).
-The NCCL broadcast fast path needs GPUs (and is not in tspin_ray yet): skipped with that reason.
+- the broadcast fast path for long-lived generators (`GeneratorPool.sync`, weight_sync.py: gloo here, NCCL
+  on GPUs) against export + reload, in seconds, and its GB/s against one whole-model bucket.
 """
 
 from __future__ import annotations
@@ -136,12 +137,76 @@ def engine_times(backend: str, path_a, path_b, s: dict, dtype: str) -> dict:
             "reloads": reloads}
 
 
-def nccl_reason() -> str:
-    if not gpu_count():
-        return "NCCL broadcast is GPU-only (no GPU here)"
-    if gpu_count() < 2:
-        return "NCCL broadcast needs two GPUs (one trainer rank, one vLLM worker); this machine has one"
-    return "no NCCL broadcast path in tspin_ray yet (weight sync is checkpoint export + reload)"
+def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
+    """A 1-rank trainer group and one long-lived generator, both on pi at `path`: the fast path
+    (GeneratorPool.sync: bucketed broadcast, gloo on CPU / NCCL on GPU) against the checkpoint path the
+    default pipeline takes (trainer export + engine reload), and against one whole-model bucket (the
+    most the link gives to this code path). Each timed to the new weights being in the engine."""
+    import ray
+
+    from tspin_ray.config import from_dict
+    from tspin_ray.driver import Driver, example_rows, prepare
+    from tspin_ray.generators import GeneratorPool
+    from tspin_ray.trainer_group import TrainerGroup
+
+    raw = {"model": {"path": str(path)}, "data": {"task": "addition", "task_size": 40, "eval_size": 8},
+           "generation": {"backend": backend, "persistent": True, "weight_sync": "broadcast", "max_new_tokens": 1},
+           "training": {"backend": "torch", "max_length": 64},
+           "resources": {"trainers": 1, "trainer_cpus": 1, "trainer_gpus": gpus, "generators_max": 1,
+                         "generator_cpus": 1, "generator_gpus": gpus}, "output_dir": str(out_dir / "run")}
+    driver = Driver(prepare(from_dict(raw)), quiet=True)
+    kwargs = driver.stage_kwargs(path, "eval", samples=1, temperature=0.0, max_new_tokens=1, score_ref=False,
+                                 out_dir=None)
+    trainers, pool = TrainerGroup(driver.cfg), GeneratorPool(driver.cfg)
+    try:
+        trainers.load(path)
+        pool.dataset(example_rows(driver.prep.eval[:1], 0), kwargs, 1, 1).take_all()  # start the engine
+        pool.sync(trainers, path)  # warm-up: the first group in a process pays imports and gloo setup
+        syncs, checkpoints, whole = [], [], []
+        for i in range(s["repeats"]):
+            out = pool.sync(trainers, path)
+            if "error" in out:
+                raise RuntimeError(out["error"])
+            syncs.append(out["seconds"])
+            t0 = now()
+            trainers.export(out_dir / f"export-{i}")
+            ray.get(pool.actors[0].__ray_call__.remote(lambda self, p=str(out_dir / f"export-{i}"):
+                                                       self.stage.engine.reload(p)))
+            checkpoints.append(now() - t0)
+        bucket_mb = pool.cfg.generation.sync_bucket_mb
+        pool.cfg = from_dict({**raw, "generation": {**raw["generation"], "sync_bucket_mb": 1e6}})
+        for _ in range(s["repeats"]):
+            whole.append(pool.sync(trainers, path)["seconds"])
+        return {"broadcast_s": median(syncs), "checkpoint_s": median(checkpoints), "one_bucket_s": median(whole),
+                "bytes": out["bytes"], "bucket_mb": bucket_mb, "broadcasts": syncs}
+    finally:
+        trainers.shutdown()
+        pool.shutdown()
+        driver.close()
+
+
+def broadcast_comparisons(ctx: Context, label: str, path, d: dict, backend: str) -> list[dict]:
+    from bench.common import ray_session
+
+    s = ctx.sizes(SIZES)
+    link = "NCCL" if ctx.gpu else "gloo over loopback TCP"
+    if ctx.gpu and gpu_count() < 2:
+        return [skipped(f"{label}: broadcast", "seconds", "export + reload", None, "broadcast",
+                        "NCCL needs the trainer rank and the vLLM worker on two GPUs; this machine has one")]
+    try:
+        with ray_session():
+            b = broadcast_times(path, ctx.work / label / "sync", s, backend, 1.0 if ctx.gpu else 0.0)
+    except Exception as exc:  # report the failure, keep measuring the rest
+        return [skipped(f"{label}: broadcast", "seconds", "export + reload", None, "broadcast",
+                        f"{type(exc).__name__}: {str(exc).strip()[:200]}")]
+    d["broadcast"] = b
+    gb = b["bytes"] / 1e9
+    return [
+        compare(f"{label}: weight sync ({link})", "seconds", "export + reload", b["checkpoint_s"],
+                f"broadcast, {b['bucket_mb']:g} MiB buckets", b["broadcast_s"], higher_is_better=False),
+        compare(f"{label}: broadcast ({link})", "GB/s", "one whole-model bucket", gb / b["one_bucket_s"],
+                f"{b['bucket_mb']:g} MiB buckets", gb / b["broadcast_s"]),
+    ]
 
 
 def run(ctx: Context) -> dict:
@@ -182,7 +247,7 @@ def run(ctx: Context) -> dict:
                                        "reload", e["reload_s"], higher_is_better=False))
             rows.append([label, name, e["import_s"] or None, e["cold_start_s"], e["reload_s"], gb / e["reload_s"]])
         details[label] = d
-    comparisons.append(skipped("NCCL broadcast", "GB/s", "checkpoint reload", None, "broadcast", nccl_reason()))
+        comparisons += broadcast_comparisons(ctx, label, a, d, "vllm" if ctx.gpu and has_vllm else "hf")
     sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in details.items())
     notes = [
         f"Checkpoints (fp32 safetensors): {sizes}. Medians of {s['repeats']} repeats; vLLM is started once "
@@ -191,8 +256,9 @@ def run(ctx: Context) -> dict:
         "same directory says how much the safetensors path costs over the storage itself. load_model maps the "
         "file lazily, so its time includes reading one float of every 4 KiB page; engine start and reload are "
         "timed up to their first generated token.",
-        "In the pipeline each generation phase starts new generator actors that load the committed checkpoint "
-        "(timing/weight_sync = their engine start); an in-place reload is what long-lived engines would pay.",
+        "By default each generation phase starts new generator actors that load the committed checkpoint "
+        "(timing/weight_sync = their engine start); long-lived generators (generation.persistent) reload in "
+        "place or take a broadcast (weight_sync: broadcast).",
         f"Engines run in {dtype}; HF cold start is a median of {s['cold_repeats']}.",
     ]
     engines = [c["name"] for c in comparisons if c["name"].endswith("Engine") and "ratio" in c]

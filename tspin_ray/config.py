@@ -103,12 +103,21 @@ class GenerationConfig:
     timeout_s: float = _f(1800.0, "Longest wait for one generation phase before it fails with a message.")
     gpu_memory_utilization: float = _f(0.85, "vLLM on GPU: fraction of GPU memory for weights + KV cache.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallel size (GPUs per engine).")
+    persistent: bool = _f(False, "Long-lived generator actors (generators_max of them) that keep their engine "
+                                 "across phases; false = an elastic Ray Data pool started per phase.")
+    weight_sync: Literal["checkpoint", "broadcast"] = _f(
+        "checkpoint", "How persistent generators get pi_{t+1}: reload the committed checkpoint, or a "
+                      "bucketed broadcast from trainer rank 0 (NCCL on GPU, gloo on CPU).")
+    sync_bucket_mb: float = _f(256.0, "Broadcast bucket size in MiB (weight_sync: broadcast).")
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",
-                  "tensor_parallel_size")
+                  "tensor_parallel_size", "sync_bucket_mb")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.weight_sync == "broadcast" and not self.persistent:
+            raise ValueError("weight_sync: broadcast needs persistent: true (per-phase actors have no engine "
+                             "to broadcast into)")
 
 
 @dataclass(frozen=True)

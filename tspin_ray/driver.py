@@ -117,6 +117,7 @@ class Driver:
         ensure_ray(self.cfg)
         self.run = RunDir.open(self.cfg)
         self.trainers: TrainerGroup | None = None
+        self.generators = None  # GeneratorPool, when generation.persistent
 
     # ------------------------------------------------------------ helpers
     def log(self, rows: list[dict]) -> None:
@@ -138,6 +139,12 @@ class Driver:
 
     def generate(self, rows: list[dict], stage_kwargs: dict):
         r, g = self.cfg.resources, self.cfg.generation
+        if g.persistent:
+            if self.generators is None:
+                from tspin_ray.generators import GeneratorPool
+
+                self.generators = GeneratorPool(self.cfg)
+            return self.generators.dataset(rows, stage_kwargs, g.batch_size, g.max_attempts)
         return generation_dataset(rows, stage_kwargs=stage_kwargs, batch_size=g.batch_size,
                                   min_actors=r.generators_min, max_actors=r.generators_max,
                                   num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
@@ -317,13 +324,17 @@ class Driver:
             maybe_fail("export")
         run.commit_checkpoint(t + 1, seconds=time.time() - t0)
         group.mark_loaded(run.checkpoint(t + 1))
+        sync = self.sync_weights(run.checkpoint(t + 1))
         self.log([{"phase": "train", "iteration": t, **r} for r in records])
         gen_tokens = int(np.sum(table.column("gen_tokens").to_numpy())) if table is not None else 0
         gen_seconds = float(table.column("gen_done").to_numpy().max() - t0) if todo else 0.0
         first_step = records[0]["time"] if records else t0
         summary = {
             "timing/generate": gen_seconds, "timing/train": t_train_end - t0, "timing/checkpoint": export_s,
-            "timing/weight_sync": float(np.max(table.column("engine_load_s").to_numpy())) if table is not None else 0.0,
+            # The engine (re)load a phase paid, or the broadcast of pi_{t+1} into long-lived engines.
+            "timing/weight_sync": sync.get("seconds") or (
+                float(np.max(table.column("engine_load_s").to_numpy())) if table is not None else 0.0),
+            **({"weight_sync/gbps": sync["gbps"]} if sync.get("bytes") else {}),
             "timing/first_train_step": first_step - t0, "timing/last_generation": gen_seconds,
             "timing/first_generation": float(table.column("gen_done").to_numpy().min() - t0) if todo else 0.0,
             "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
@@ -333,6 +344,17 @@ class Driver:
             vals = [r[key] for r in records if key in r]
             summary[f"train/{key}"] = float(np.mean(vals)) if vals else math.nan
         return summary
+
+    def sync_weights(self, path: Path) -> dict:
+        """Broadcast pi_{t+1} into the long-lived generators (generation.weight_sync: broadcast); any
+        other case, or a failed broadcast, leaves them to reload the committed checkpoint lazily."""
+        if self.generators is None or self.cfg.generation.weight_sync != "broadcast":
+            return {}
+        sync = self.generators.sync(self.trainers, path)
+        if "error" in sync:
+            self.progress.say(f"warning: weight broadcast failed ({sync['error']}); generators will reload "
+                              f"{path} instead")
+        return sync
 
     # ------------------------------------------------------------ the loop
     def committed(self, row: dict) -> bool:
@@ -396,8 +418,9 @@ class Driver:
         return final
 
     def close(self) -> None:
-        if self.trainers is not None:
-            self.trainers.shutdown()
+        for group in (self.trainers, self.generators):
+            if group is not None:
+                group.shutdown()
 
 
 def train(cfg: RunConfig, quiet: bool = False) -> dict:

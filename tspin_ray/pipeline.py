@@ -57,22 +57,26 @@ def write_shard(table: pa.Table, out_dir: Path, keys: list[str]) -> None:
 class GenerateStage:
     """Opponent generation for one batch of prompts (and reference scoring for SPIN/SPACE)."""
 
-    def __init__(self, *, model_path: str, backend: str, engine_kwargs: dict, iteration: int | str,
-                 seed: int, samples: int, max_new_tokens: int, temperature: float, top_p: float,
-                 max_response_tokens: int, max_length: int, score_ref: bool, out_dir: str | None):
+    def __init__(self, *, model_path: str, backend: str, engine_kwargs: dict, **phase):
         from tspin_ray.engines import make_engine
         from tspin_ray.modeling import load_tokenizer
 
         t0 = time.time()
-        self.engine = make_engine(backend, model_path, seed=seed, **engine_kwargs)
+        self.engine = make_engine(backend, model_path, seed=phase["seed"], **engine_kwargs)
         self.load_seconds = time.time() - t0
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=engine_kwargs.get("trust_remote_code", False))
+        node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
+        self.name = f"{node}:{os.getpid()}"  # which actor made a row
+        self.set_phase(**phase)
+
+    def set_phase(self, *, iteration: int | str, seed: int, samples: int, max_new_tokens: int,
+                  temperature: float, top_p: float, max_response_tokens: int, max_length: int,
+                  score_ref: bool, out_dir: str | None) -> None:
+        """What to do with the next batches (a long-lived generator serves many phases)."""
         self.iteration, self.seed, self.samples = iteration, seed, samples
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.max_response_tokens, self.max_length = max_response_tokens, max_length
         self.score_ref, self.out_dir = score_ref, Path(out_dir) if out_dir else None
-        node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
-        self.name = f"{node}:{os.getpid()}"  # which actor made a row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from tspin_ray.formatting import decode_response, encode_prompt, encode_response
@@ -167,6 +171,7 @@ def pool_size() -> int | None:
         from ray._private import state
 
         return sum(1 for a in state.actors().values()
-                   if "GenerateStage" in a.get("ActorClassName", "") and a.get("State") == "ALIVE")
+                   if a.get("State") == "ALIVE" and ("GenerateStage" in a.get("ActorClassName", "")
+                                                     or a.get("ActorClassName", "").endswith("Generator")))
     except Exception:  # progress display only: never fail a run over it
         return None

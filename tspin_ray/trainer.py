@@ -11,6 +11,7 @@ process group, the model and the tokenizer are set up once instead of once per i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -277,15 +278,46 @@ class Trainer:
             torch.distributed.barrier()
         return time.time() - t0
 
-    def state_fingerprint(self) -> float:
-        """Sum of all parameters: a cheap equality check for tests (ZeRO-3 shards gathered first)."""
-        params = list(self.model.parameters())
+    def _gathered(self, params: list):
+        """Full tensors of ZeRO-3 shards inside the block (a no-op for every other stage)."""
         if self.backend == "deepspeed" and self.zero_stage == 3 and self.engine is not None:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(params):
-                return float(sum(p.detach().double().sum() for p in params))
-        return float(sum(p.detach().double().sum() for p in params))
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def weight_specs(self) -> list:
+        """Name, full shape and dtype of every parameter, in the order `send_weights` sends them."""
+        from tspin_ray.weight_sync import ParamSpec, dtype_name
+
+        return [ParamSpec(name, tuple(getattr(p, "ds_shape", p.shape)), dtype_name(p.dtype))
+                for name, p in self.model.named_parameters()]
+
+    def send_weights(self, host: str, port: int, world_size: int, bucket_bytes: int, timeout_s: float) -> dict:
+        """Broadcast the current weights to the generators (weight_sync.py). Every rank calls this: under
+        ZeRO-3 each bucket is gathered from all ranks; rank 0 alone joins the broadcast group."""
+        from tspin_ray.weight_sync import open_group, plan_buckets, send
+
+        t0 = time.time()
+        buckets = plan_buckets(self.weight_specs(), bucket_bytes)
+        params = dict(self.model.named_parameters())
+        group = store = None
+        if self.rank == 0:
+            group, store = open_group(host, port, 0, world_size, timeout_s, self.device)
+        sent = 0
+        for bucket in buckets:
+            tensors = [params[s.name] for s in bucket]
+            with self._gathered(tensors):
+                if group is not None:
+                    sent += send(group, [bucket], lambda _, t=tensors: t, self.device)
+        del group, store
+        return {"seconds": time.time() - t0, "bytes": sent, "buckets": len(buckets)}
+
+    def state_fingerprint(self) -> float:
+        """Sum of all parameters: a cheap equality check for tests (ZeRO-3 shards gathered first)."""
+        params = list(self.model.parameters())
+        with self._gathered(params):
+            return float(sum(p.detach().double().sum() for p in params))
 
     def ping(self) -> int:
         return self.rank

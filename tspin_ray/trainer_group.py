@@ -63,18 +63,20 @@ def ensure_ray(cfg: RunConfig) -> None:
 
 
 def check_resources(cfg: RunConfig, strict: bool) -> None:
-    """Fail fast when the trainers plus the smallest generator pool cannot fit in the cluster."""
+    """Fail fast when the trainers plus the smallest generator pool cannot fit in the cluster (a
+    persistent pool is always generators_max actors)."""
     r = cfg.resources
-    need: dict[str, float] = {"CPU": r.trainers * r.trainer_cpus + r.generators_min * r.generator_cpus,
-                              "GPU": r.trainers * r.trainer_gpus + r.generators_min * r.generator_gpus}
-    for res, mult in ((r.trainer_resources, r.trainers), (r.generator_resources, r.generators_min)):
+    gens = r.generators_max if cfg.generation.persistent else r.generators_min
+    need: dict[str, float] = {"CPU": r.trainers * r.trainer_cpus + gens * r.generator_cpus,
+                              "GPU": r.trainers * r.trainer_gpus + gens * r.generator_gpus}
+    for res, mult in ((r.trainer_resources, r.trainers), (r.generator_resources, gens)):
         for k, v in res.items():
             need[k] = need.get(k, 0.0) + v * mult
     have = ray.cluster_resources()
     short = [f"{k} {v:g} > {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0) + 1e-9]
     if short and strict:
         raise UserError(f"resources cannot be satisfied by this Ray cluster: {', '.join(short)} "
-                        f"(resources.trainers/generators_min and their cpus/gpus)")
+                        f"(resources.trainers/generators_min|max and their cpus/gpus)")
     if short:
         print(f"warning: cluster has too few resources now ({', '.join(short)}); waiting for the autoscaler")
 

@@ -57,34 +57,37 @@ def _run(pool: GeneratorPool, rows, kwargs) -> dict:
 
 @pytest.mark.parametrize("backend,n", [("hf", 2), pytest.param("vllm", 1, marks=pytest.mark.slow)])
 def test_broadcast_from_trainer_ranks_reaches_every_generator(ray_session, tmp_path, tiny_ckpt, backend, n):
-    """n trainer ranks take a real optimizer step; after the broadcast each of n generators holds exactly
-    the trainer's tensors and generates what an engine loaded from the exported checkpoint generates."""
     if backend == "vllm":
         pytest.importorskip("vllm")
-    raw = small_config(tmp_path, model={"path": str(tiny_ckpt)},
-                       generation={"persistent": True, "weight_sync": "broadcast", "sync_bucket_mb": 0.05,
-                                   "backend": backend},
-                       resources={"trainers": n, "trainer_cpus": 0.5, "generators_max": n, "generator_cpus": 0.5})
-    raw["model"] = {"path": str(tiny_ckpt)}
+    broadcast_roundtrip(tmp_path, tiny_ckpt, backend, n)
+
+
+def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0, training: dict | None = None):
+    """n trainer ranks take a real optimizer step; after the broadcast each of n generators holds exactly
+    the exported checkpoint's tensors and generates what an engine loaded from that checkpoint generates.
+    Also run by tests/test_gpu.py with NCCL, vLLM and ZeRO-3."""
+    raw = small_config(tmp_path, generation={"persistent": True, "weight_sync": "broadcast", "sync_bucket_mb": 0.05,
+                                             "backend": backend},
+                       resources={"trainers": n, "trainer_cpus": 0.5, "generators_max": n, "generator_cpus": 0.5,
+                                  "trainer_gpus": gpus, "generator_gpus": gpus},
+                       training=training or {})
+    raw["model"] = {"path": str(ckpt)}
     driver = Driver(prepare(from_dict(raw)), quiet=True)
     trainers, pool = TrainerGroup(driver.cfg), GeneratorPool(driver.cfg)
     try:
-        trainers.load(tiny_ckpt)
+        trainers.load(ckpt)
         trainers.begin(**{**BEGIN, "global_batch_size": 8, "micro_batch_size": 4})
-        trainers.train_stream(ray.data.from_items(_rows(tiny_ckpt)))
+        trainers.train_stream(ray.data.from_items(_rows(ckpt)))
         rows = example_rows(driver.prep.eval[:16], 0)
-        before = _run(pool, rows, _kwargs(driver, tiny_ckpt))  # starts both engines on pi_0
+        before = _run(pool, rows, _kwargs(driver, ckpt))  # starts the engines on pi_0
         assert len(set(before["generator"])) == n  # two batches, round robin: one per actor
 
         stepped = tmp_path / "stepped"
         trainers.export(stepped)
         sync = pool.sync(trainers, stepped)
         assert "error" not in sync and sync["receivers"] == n
-        n_bytes = sum(p.numel() * 4 for p in load_model(tiny_ckpt).parameters())
-        assert sync["bytes"] == n_bytes and sync["gbps"] > 0
-        expected = ray.get(trainers.actors[0].__ray_call__.remote(
-            lambda self: {k: v.detach().clone() for k, v in self.model.named_parameters()}))
-        original = load_model(tiny_ckpt).state_dict()
+        expected, original = load_model(stepped).state_dict(), load_model(ckpt).state_dict()
+        assert sync["bytes"] == sum(t.numel() * t.element_size() for t in original.values()) and sync["gbps"] > 0
         assert any(not torch.equal(expected[k], original[k]) for k in expected)  # the step changed weights
         for got in ray.get([a.weights.remote() for a in pool.actors]) if backend == "hf" else []:
             assert got.keys() == expected.keys()
@@ -93,15 +96,16 @@ def test_broadcast_from_trainer_ranks_reaches_every_generator(ray_session, tmp_p
         after = _run(pool, rows, _kwargs(driver, stepped))
         assert after["engine_load_s"] == [0.0] * len(rows)  # the broadcast counted as loading `stepped`
         assert set(after["generator"]) == set(before["generator"])  # the same long-lived actors
-        ref = HFEngine(str(stepped)).generate(_prompt_ids(driver, rows),
-                                              [0] * len(rows), max_new_tokens=6, temperature=0.0, top_p=1.0)
+        ref = HFEngine(str(stepped)).generate(_prompt_ids(driver, rows), [0] * len(rows), max_new_tokens=6,
+                                              temperature=0.0, top_p=1.0)
         by_id = dict(zip(after["prompt_id"], after["generated_ids"], strict=True))
         assert [list(by_id[r["prompt_id"]][0]) for r in rows] == ref
 
-        again = _run(pool, rows, _kwargs(driver, tiny_ckpt))  # a batch naming other weights reloads them
+        again = _run(pool, rows, _kwargs(driver, ckpt))  # a batch naming other weights reloads them
         assert max(again["engine_load_s"]) > 0
         assert dict(zip(again["prompt_id"], map(lambda g: list(g[0]), again["generated_ids"]), strict=True)) == \
             dict(zip(before["prompt_id"], map(lambda g: list(g[0]), before["generated_ids"]), strict=True))
+        return sync
     finally:
         trainers.shutdown()
         pool.shutdown()
@@ -113,31 +117,43 @@ def _prompt_ids(driver, rows):
     return [encode_prompt(driver.prep.tokenizer, r["prompt"]) for r in rows]
 
 
-def test_persistent_broadcast_run_equals_per_phase_run(ray_session, tmp_path):
-    """The same 2-iteration T-SPIN run with long-lived generators + broadcast and with the default per-phase
-    pool ends with tensor-equal weights and equal evaluations; the persistent run used one actor throughout."""
-    runs = {}
-    for name, gen in (("phase", {}), ("persistent", {"persistent": True, "weight_sync": "broadcast"})):
-        raw = small_config(tmp_path, output_dir=str(tmp_path / name), generation=gen)
-        train(from_dict(raw), quiet=True)
-        runs[name] = tmp_path / name
-    a, b = (load_model(runs[n] / "checkpoints" / "pi_2").state_dict() for n in ("phase", "persistent"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_persistent_and_colocated_runs_equal_the_per_phase_run(ray_session, tmp_path):
+    """The same 2-iteration T-SPIN run three ways: the default per-phase pool, long-lived generators with
+    the broadcast sync, and colocated long-lived generators (generate, sleep, train; checkpoint reload).
+    All end with tensor-equal weights and equal evaluations; the long-lived runs used one actor throughout."""
+    ways = {"phase": {}, "persistent": {"persistent": True, "weight_sync": "broadcast"},
+            "colocate": {"persistent": True, "colocate": True}}
+    for name, gen in ways.items():
+        train(from_dict(small_config(tmp_path, output_dir=str(tmp_path / name), generation=gen)), quiet=True)
 
     def iters(run):
         return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
                 if json.loads(x)["phase"] == "iteration"]
 
-    pa, pb = iters(runs["phase"]), iters(runs["persistent"])
-    assert [r["eval/exact_match"] for r in pa] == [r["eval/exact_match"] for r in pb]
-    assert [r["eval/nll"] for r in pa] == [r["eval/nll"] for r in pb]
-    assert all(r["weight_sync/gbps"] > 0 for r in pb[1:]) and not any("weight_sync/gbps" in r for r in pa)
-    names = {g for t in range(2) for g in read_shards(runs["persistent"] / "generations" / f"iter_{t}")
-             .column("generator").to_pylist()}
-    names |= set(read_shards(runs["persistent"] / "proto").column("generator").to_pylist())
-    assert len(names) == 1  # proto, iteration 0 and iteration 1 all came from the one long-lived actor
+    base, base_iters = load_model(tmp_path / "phase" / "checkpoints" / "pi_2").state_dict(), iters(tmp_path / "phase")
+    for name in ("persistent", "colocate"):
+        run = tmp_path / name
+        got = load_model(run / "checkpoints" / "pi_2").state_dict()
+        assert all(torch.equal(base[k], got[k]) for k in base), name
+        its = iters(run)
+        assert [r["eval/exact_match"] for r in its] == [r["eval/exact_match"] for r in base_iters]
+        assert [r["eval/nll"] for r in its] == [r["eval/nll"] for r in base_iters]
+        names = {g for t in range(2) for g in read_shards(run / "generations" / f"iter_{t}").column("generator")
+                 .to_pylist()} | set(read_shards(run / "proto").column("generator").to_pylist())
+        assert len(names) == 1, name  # proto, iterations 0 and 1: the one long-lived actor
+    persistent, colocate = iters(tmp_path / "persistent"), iters(tmp_path / "colocate")
+    assert all(r["weight_sync/gbps"] > 0 for r in persistent[1:])
+    assert not any("weight_sync/gbps" in r for r in base_iters + colocate)
+    for r in colocate[1:]:  # colocated: the whole generation finished before the first optimizer step
+        assert r["timing/first_train_step"] >= r["timing/last_generation"] > 0
 
 
-def test_broadcast_needs_persistent_generators(tmp_path):
-    with pytest.raises(UserError, match="generation: weight_sync: broadcast needs persistent: true"):
-        from_dict(small_config(tmp_path, generation={"weight_sync": "broadcast"}))
+@pytest.mark.parametrize("gen,message", [
+    ({"weight_sync": "broadcast"}, "generation: weight_sync: broadcast needs persistent: true"),
+    ({"colocate": True}, "generation: colocate: true needs persistent: true"),
+    ({"colocate": True, "persistent": True, "weight_sync": "broadcast"},
+     "generation: colocate: true needs weight_sync: checkpoint"),
+])
+def test_generation_mode_conflicts_are_refused(tmp_path, gen, message):
+    with pytest.raises(UserError, match=message):
+        from_dict(small_config(tmp_path, generation=gen))

@@ -109,15 +109,20 @@ class GenerationConfig:
         "checkpoint", "How persistent generators get pi_{t+1}: reload the committed checkpoint, or a "
                       "bucketed broadcast from trainer rank 0 (NCCL on GPU, gloo on CPU).")
     sync_bucket_mb: float = _f(256.0, "Broadcast bucket size in MiB (weight_sync: broadcast).")
+    colocate: bool = _f(False, "Generators share the trainers' GPUs (persistent engines sleep while trainers "
+                               "train; generation is not streamed into training). For one node.")
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",
                   "tensor_parallel_size", "sync_bucket_mb")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.weight_sync == "broadcast" and not self.persistent:
-            raise ValueError("weight_sync: broadcast needs persistent: true (per-phase actors have no engine "
-                             "to broadcast into)")
+        if (self.weight_sync == "broadcast" or self.colocate) and not self.persistent:
+            raise ValueError(f"{'weight_sync: broadcast' if not self.colocate else 'colocate: true'} needs "
+                             f"persistent: true (per-phase actors have no engine to keep)")
+        if self.colocate and self.weight_sync == "broadcast":
+            raise ValueError("colocate: true needs weight_sync: checkpoint (NCCL cannot broadcast between two "
+                             "processes on one GPU)")
 
 
 @dataclass(frozen=True)

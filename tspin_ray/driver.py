@@ -135,7 +135,7 @@ class Driver:
                     engine_kwargs=dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code,
                                        gpu_memory_utilization=c.generation.gpu_memory_utilization,
                                        tensor_parallel_size=c.generation.tensor_parallel_size,
-                                       max_model_len=c.training.max_length))
+                                       max_model_len=c.training.max_length, sleep_mode=c.generation.colocate))
 
     def generate(self, rows: list[dict], stage_kwargs: dict):
         r, g = self.cfg.resources, self.cfg.generation
@@ -163,6 +163,7 @@ class Driver:
 
                 consume(self.generate(todo, kwargs).iter_batches(batch_size=None, batch_format="numpy"),
                         on_batch, self.cfg.generation.timeout_s, what)
+            self.rest_generators()
         table = read_shards(out_dir)
         check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], kwargs["samples"], what)
         return table
@@ -251,6 +252,7 @@ class Driver:
 
             consume(self.generate(example_rows(ev, 0), kwargs).iter_batches(batch_size=None, batch_format="numpy"),
                     on_batch, self.cfg.generation.timeout_s, f"evaluation of {label}")
+        self.rest_generators()
         acc = float(np.mean([exact_match(got[e.prompt_id], e.response) for e in ev]))
         rows = self.sft_rows(ev)
         nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
@@ -286,11 +288,12 @@ class Driver:
         records: list[dict] = []
         todo = [] if obj.name == "sft" else [
             r for r in rows if (r["source_iteration"], r["prompt_id"]) not in done_keys(read_shards(gen_dir))]
-        if todo and len(todo) < len(rows):
-            # Resumed mid-generation: finish the missing shards first, then train on all of them in input
-            # order, exactly as the interrupted run would have.
-            self.persisted_generation(rows, kwargs, gen_dir, f"generate {t} (resume)")
-        stream = bool(todo) and len(todo) == len(rows)
+        if todo and (len(todo) < len(rows) or c.generation.colocate):
+            # Resumed mid-generation, or colocated engines that must sleep before training: finish the
+            # shards first, then train on all of them in input order, exactly as a streamed run would.
+            label = f"generate {t} (resume)" if len(todo) < len(rows) else f"generate {t}"
+            self.persisted_generation(rows, kwargs, gen_dir, label)
+        stream = bool(todo) and len(todo) == len(rows) and not c.generation.colocate
         with self.progress.phase(f"iter {t} train", total=steps_per_epoch * tr.epochs) as bar:
             for epoch in range(tr.epochs):
                 seed = c.seed * 1000 + t * 10 + epoch
@@ -314,7 +317,8 @@ class Driver:
         check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], c.samples_per_prompt,
                        f"iteration {t}")
         run.commit(f"gen_{t}", rows=table.num_rows)
-        return self.finish_iteration(t, t0, t_train_end, records, rows, table, todo if stream else [])
+        generated_now = stream or (c.generation.colocate and len(todo) == len(rows))
+        return self.finish_iteration(t, t0, t_train_end, records, rows, table, todo if generated_now else [])
 
     def finish_iteration(self, t, t0, t_train_end, records, rows, table, todo) -> dict:
         """Export pi_{t+1}, log the steps, and summarise the iteration's timings and metrics."""
@@ -344,6 +348,12 @@ class Driver:
             vals = [r[key] for r in records if key in r]
             summary[f"train/{key}"] = float(np.mean(vals)) if vals else math.nan
         return summary
+
+    def rest_generators(self) -> None:
+        """Colocated mode: long-lived engines sleep once a generation phase is consumed (the next batch
+        wakes them), so the trainers get the GPU memory back."""
+        if self.generators is not None and self.cfg.generation.colocate:
+            self.generators.sleep()
 
     def sync_weights(self, path: Path) -> dict:
         """Broadcast pi_{t+1} into the long-lived generators (generation.weight_sync: broadcast); any

@@ -30,6 +30,14 @@ class Engine(Protocol):
         """Load the weights of the HF checkpoint at `path` into the running engine."""
         ...
 
+    def sleep(self) -> None:
+        """Free accelerator memory between phases (colocated mode: the trainers need it); no-op on CPU."""
+        ...
+
+    def wake(self) -> None:
+        """Undo `sleep` before the next generation."""
+        ...
+
     sync_ranks: int
     """Processes of this engine that join a weight broadcast (weight_sync.py)."""
 
@@ -116,6 +124,14 @@ class HFEngine:
         new = load_model(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         self.model.load_state_dict(new.state_dict())
 
+    def sleep(self) -> None:
+        if self.device == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        self.model.to(self.device)
+
     sync_ranks = 1
 
     def receive_weights(self, host, port, rank, world_size, buckets, timeout_s):
@@ -131,7 +147,7 @@ class VLLMEngine:
 
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 tensor_parallel_size: int = 1, **_):
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False, **_):
         # CPU: in-process engine core (loads in ~3 s instead of ~25 s, leaves no shared memory behind).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -145,8 +161,12 @@ class VLLMEngine:
                       enforce_eager=not torch.cuda.is_available(),
                       worker_extension_cls="tspin_ray.weight_sync.VLLMWorkerExtension")
         self.sync_ranks = tensor_parallel_size
+        self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM has no sleep mode on CPU
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleep_mode
+            if tensor_parallel_size > 1:  # TP workers as processes on this actor's GPUs, never Ray actors
+                kwargs["distributed_executor_backend"] = "mp"
         self.llm = LLM(**kwargs)
 
     def _prompts(self, prompts):
@@ -179,8 +199,18 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)  # weights to CPU memory, KV cache dropped
+
+    def wake(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
+
     def receive_weights(self, host, port, rank, world_size, buckets, timeout_s):
-        n = self.llm.collective_rpc("tspin_receive_weights", args=(host, port, rank, world_size, buckets, timeout_s))
+        # Plain lists: collective_rpc arguments cross vLLM's msgpack IPC when the engine core is a process.
+        plain = [[(s.name, list(s.shape), s.dtype) for s in b] for b in buckets]
+        n = self.llm.collective_rpc("tspin_receive_weights", args=(host, port, rank, world_size, plain, timeout_s))
         self.llm.reset_prefix_cache()
         return n[0]
 

@@ -31,6 +31,7 @@ class Generator:
     def __init__(self):
         self.stage: GenerateStage | None = None
         self.loaded: str | None = None
+        self.asleep = False
 
     def run(self, batch: dict, kwargs: dict) -> dict:
         kwargs = dict(kwargs)
@@ -38,6 +39,7 @@ class Generator:
         if self.stage is None:
             self.stage = GenerateStage(model_path=path, backend=backend, engine_kwargs=engine_kwargs, **kwargs)
         else:
+            self.wake()
             self.stage.load_seconds = 0.0
             if path != self.loaded:
                 t0 = time.time()
@@ -47,6 +49,18 @@ class Generator:
         self.loaded = path
         return self.stage(batch)
 
+    def sleep(self) -> bool:
+        """Colocated mode: give the accelerator memory back to the trainers until the next batch."""
+        if self.stage is not None and not self.asleep:
+            self.stage.engine.sleep()
+            self.asleep = True
+        return self.asleep
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.stage.engine.wake()
+            self.asleep = False
+
     def sync_ranks(self) -> int:
         """Ranks this actor takes in a weight broadcast; 0 before its engine exists (it loads lazily)."""
         return 0 if self.stage is None else self.stage.engine.sync_ranks
@@ -54,6 +68,7 @@ class Generator:
     def receive_weights(self, host: str, port: int, rank: int, world_size: int, buckets: list,
                         timeout_s: float, path: str) -> float:
         t0 = time.time()
+        self.wake()
         self.loaded = None  # half-received weights are nobody's: reload if this fails part-way
         self.stage.engine.receive_weights(host, port, rank, world_size, buckets, timeout_s)
         self.loaded = path
@@ -143,6 +158,10 @@ class GeneratorPool:
         seconds = time.time() - t0
         return {"seconds": seconds, "bytes": sent["bytes"], "gbps": sent["bytes"] / seconds / 1e9,
                 "receivers": sum(ranks)}
+
+    def sleep(self) -> int:
+        """Every engine to sleep (colocated mode, before the trainers need the GPUs); returns how many."""
+        return sum(ray.get([a.sleep.remote() for a in self.actors], timeout=self.timeout_s))
 
     def shutdown(self) -> None:
         for a in self.actors:

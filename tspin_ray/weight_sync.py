@@ -125,9 +125,10 @@ class VLLMWorkerExtension:
     the full tensors and vLLM's own `load_weights` shards them."""
 
     def tspin_receive_weights(self, host: str, port: int, rank_offset: int, world_size: int,
-                              buckets: list[list[ParamSpec]], timeout_s: float) -> int:
+                              buckets: list[list], timeout_s: float) -> int:
         from vllm.distributed.parallel_state import get_tp_group
 
+        buckets = [[ParamSpec(name, tuple(shape), dtype) for name, shape, dtype in b] for b in buckets]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         group, _store = open_group(host, port, rank_offset + get_tp_group().rank_in_group, world_size,

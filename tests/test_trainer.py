@@ -83,3 +83,31 @@ def test_group_step_equals_single_process_step(ray_session, tiny_ckpt, reference
 
 def _reference_params(ckpt) -> float:
     return float(sum(p.detach().double().sum() for p in load_model(ckpt).parameters()))
+
+
+def test_length_sorted_micro_batches_keep_rows_and_cut_padding():
+    """Row lengths (prompt 1 + response) 9,2,8,3 | 7,1,6,2 pad to 9 and 7: (9 + 7) x 4 = 64 tokens as given;
+    regrouped as 1,2,2,3 | 6,7,8,9 they pad to 3 and 9: (3 + 9) x 4 = 48."""
+    import numpy as np
+
+    from tspin_ray.trainer import _row_length, length_sorted
+
+    def batch(lengths, ids):
+        real = np.empty(len(lengths), dtype=object)
+        for j, n in enumerate(lengths):
+            real[j] = np.arange(n)
+        return {"prompt_ids": [[0]] * len(lengths), "real_ids": real, "row": np.array(ids)}
+
+    given = [batch([8, 1, 7, 2], [0, 1, 2, 3]), batch([6, 0, 5, 1], [4, 5, 6, 7])]
+    out = length_sorted(given)
+
+    def padded(bs):
+        return sum(max(_row_length(b, i) for i in range(4)) * 4 for b in bs)
+
+    assert padded(given) == 64 and padded(out) == 48
+    assert [len(b["prompt_ids"]) for b in out] == [4, 4]
+    assert sorted(int(r) for b in out for r in b["row"]) == list(range(8))
+    assert [int(r) for r in out[0]["row"]] == [5, 1, 7, 3]  # lengths 1,2,2,3: stable among equals
+    assert [int(r) for r in out[1]["row"]] == [6, 4, 2, 0]
+    assert out[0]["row"].dtype == given[0]["row"].dtype and out[0]["real_ids"].dtype == object
+    assert length_sorted(given[:1]) == given[:1]  # one micro-batch: nothing to regroup

@@ -75,6 +75,45 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str,
     return out
 
 
+def _row_length(batch: dict, i: int) -> int:
+    """Padded width this row forces on its micro-batch: prompt + the longest response it carries."""
+    responses = [batch["real_ids"][i]]
+    for key in ("generated_ids", "proto_ids"):
+        if key in batch:
+            responses += list(batch[key][i])
+    return len(batch["prompt_ids"][i]) + max(len(r) for r in responses)
+
+
+def length_sorted(micro_batches: list[dict]) -> list[dict]:
+    """The rows of one optimizer step regrouped so each micro-batch holds rows of similar length.
+
+    Every micro-batch keeps its size and each loss is a mean over its rows, so the step's gradient (the
+    mean of the micro-batch means) is unchanged; only the padding shrinks (each forward pads to its
+    longest row). The sort is stable, so equal lengths keep their stream order.
+    """
+    if len(micro_batches) < 2:
+        return micro_batches
+    rows = sorted(((b, i) for b in micro_batches for i in range(len(b["prompt_ids"]))),
+                  key=lambda r: _row_length(*r))
+    out, start = [], 0
+    for b in micro_batches:
+        chunk, start = rows[start:start + len(b["prompt_ids"])], start + len(b["prompt_ids"])
+        out.append({k: _column([src[k][i] for src, i in chunk], b[k]) for k in b})
+    return out
+
+
+def _column(values: list, like):
+    """Picked rows as a column of the same kind as `like` (ragged token lists stay object arrays)."""
+    if not isinstance(like, np.ndarray):
+        return list(values)
+    if like.dtype != object:
+        return np.asarray(values, dtype=like.dtype)
+    column = np.empty(len(values), dtype=object)
+    for j, v in enumerate(values):
+        column[j] = v
+    return column
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
@@ -226,7 +265,7 @@ class Trainer:
                 continue  # drain the shard so the split coordinator is not left waiting
             pending.append(batch)
             if len(pending) == self.accum:
-                rec = self.train_step(pending)
+                rec = self.train_step(length_sorted(pending))
                 rec.update(step=self.step, time=time.time(), rows=sum(len(b["prompt_ids"]) for b in pending))
                 records.append(rec)
                 pending = []

@@ -89,6 +89,9 @@ CONFIG_CASES = {
     "missing_model_path": ({"model": {"path": "/no/such/model"}}, ["/no/such/model"]),
     "impossible_resources": ({"resources": {"trainers": 1, "trainer_cpus": 64}}, ["resources", "CPU"]),
     "impossible_gpus": ({"resources": {"trainer_gpus": 2}}, ["resources", "GPU"]),
+    "gpus_not_tensor_parallel": ({"generation": {"backend": "vllm", "tensor_parallel_size": 2},
+                                  "resources": {"generator_gpus": 1}}, ["generator_gpus (1)", "tensor_parallel_size (2)"]),
+    "broadcast_without_persistent": ({"generation": {"weight_sync": "broadcast"}}, ["needs persistent: true"]),
 }
 
 

@@ -266,6 +266,14 @@ class RunConfig:
         t = self.training
         if t.global_batch_size % (t.micro_batch_size * self.resources.trainers):
             raise ValueError("training.global_batch_size must be a multiple of micro_batch_size * resources.trainers")
+        g, r = self.generation, self.resources
+        if g.backend == "vllm" and r.generator_gpus >= 1 and r.generator_gpus != g.tensor_parallel_size:
+            # Ray hides all but the actor's GPUs; vLLM then asks for tensor_parallel_size of them
+            # ("invalid device ordinal" when more, idle GPUs when fewer).
+            raise ValueError(f"resources.generator_gpus ({r.generator_gpus:g}) must equal "
+                             f"generation.tensor_parallel_size ({g.tensor_parallel_size}): one engine per actor")
+        if g.tensor_parallel_size > 1 and r.generator_gpus < 1:
+            raise ValueError("generation.tensor_parallel_size > 1 needs GPUs (resources.generator_gpus)")
 
     @property
     def samples_per_prompt(self) -> int:

@@ -153,7 +153,10 @@ def test_persistent_and_colocated_runs_equal_the_per_phase_run(ray_session, tmp_
     ({"colocate": True}, "generation: colocate: true needs persistent: true"),
     ({"colocate": True, "persistent": True, "weight_sync": "broadcast"},
      "generation: colocate: true needs weight_sync: checkpoint"),
+    ({"colocate": True, "persistent": True, "_resources": {"generators_max": 2}},
+     r"resources.generators_max \(2\) must equal trainers \(1\)"),
 ])
 def test_generation_mode_conflicts_are_refused(tmp_path, gen, message):
+    resources = gen.pop("_resources", {})
     with pytest.raises(UserError, match=message):
-        from_dict(small_config(tmp_path, generation=gen))
+        from_dict(small_config(tmp_path, generation=gen, resources=resources))

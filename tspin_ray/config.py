@@ -272,6 +272,9 @@ class RunConfig:
             # ("invalid device ordinal" when more, idle GPUs when fewer).
             raise ValueError(f"resources.generator_gpus ({r.generator_gpus:g}) must equal "
                              f"generation.tensor_parallel_size ({g.tensor_parallel_size}): one engine per actor")
+        if g.colocate and r.generators_max != r.trainers:
+            raise ValueError(f"generation.colocate pairs one engine with each trainer rank on its GPU: "
+                             f"resources.generators_max ({r.generators_max}) must equal trainers ({r.trainers})")
         if g.tensor_parallel_size > 1 and r.generator_gpus < 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs GPUs (resources.generator_gpus)")
 

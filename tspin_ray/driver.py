@@ -143,7 +143,8 @@ class Driver:
             if self.generators is None:
                 from tspin_ray.generators import GeneratorPool
 
-                self.generators = GeneratorPool(self.cfg)
+                share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
+                self.generators = GeneratorPool(self.cfg, share_pg=share)
             return self.generators.dataset(rows, stage_kwargs, g.batch_size, g.max_attempts)
         return generation_dataset(rows, stage_kwargs=stage_kwargs, batch_size=g.batch_size,
                                   min_actors=r.generators_min, max_actors=r.generators_max,
@@ -217,10 +218,11 @@ class Driver:
                 tok, e.response, max_tokens=max(1, min(c.data.max_response_tokens, c.training.max_length - len(p))))})
         return out
 
-    def trainer_group(self, path: Path) -> TrainerGroup:
+    def trainer_group(self, path: Path | None = None) -> TrainerGroup:
         if self.trainers is None:
             self.trainers = TrainerGroup(self.cfg)
-        self.trainers.load(path)
+        if path is not None:
+            self.trainers.load(path)
         return self.trainers
 
     def proto_cache(self, pi0: Path) -> dict[str, list]:
@@ -382,6 +384,9 @@ class Driver:
                 return fn()
             except ray.exceptions.RayActorError as e:
                 if self.trainers is not None:
+                    if self.generators is not None and not self.generators.own_pg:
+                        self.generators.shutdown()  # colocated engines go with their bundles
+                        self.generators = None
                     self.trainers.shutdown()
                     self.trainers = None
                 if attempt == MAX_TRAINER_ATTEMPTS:
@@ -428,7 +433,7 @@ class Driver:
         return final
 
     def close(self) -> None:
-        for group in (self.trainers, self.generators):
+        for group in (self.generators, self.trainers):  # colocated engines live in the trainers' bundles
             if group is not None:
                 group.shutdown()
 

@@ -93,16 +93,23 @@ def _forward(batch: dict, *, actors: list, kwargs: dict, timeout_s: float) -> di
 
 
 class GeneratorPool:
-    def __init__(self, cfg, timeout_s: float = 600.0):
+    """`generators_max` long-lived Generator actors: in a placement group of their own, or (colocated)
+    actor i in bundle i of the trainers' group, so it shares trainer rank i's node and GPU."""
+
+    def __init__(self, cfg, timeout_s: float = 600.0, share_pg=None):
         r, g = cfg.resources, cfg.generation
         self.cfg, self.n, self.timeout_s = cfg, r.generators_max, timeout_s
-        bundle = {"CPU": r.generator_cpus, **({"GPU": r.generator_gpus} if r.generator_gpus else {}),
-                  **r.generator_resources}
-        self.pg = placement_group([bundle] * self.n, strategy="PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {self.n} generator bundles of {bundle}")
+        self.own_pg = share_pg is None
+        self.pg = share_pg
+        if self.own_pg:
+            bundle = {"CPU": r.generator_cpus, **({"GPU": r.generator_gpus} if r.generator_gpus else {}),
+                      **r.generator_resources}
+            self.pg = placement_group([bundle] * self.n, strategy="PACK")
+            ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
+            if not ready:
+                remove_placement_group(self.pg)
+                raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {self.n} generator bundles "
+                                   f"of {bundle}")
         # A restarted actor comes back empty (stage None) and loads the checkpoint its next batch names.
         self.actors = [
             GeneratorActor.options(
@@ -166,6 +173,8 @@ class GeneratorPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+        if not self.own_pg:
+            return  # the trainers' group: theirs to remove
         try:
             remove_placement_group(self.pg)
         except Exception:  # already gone with a dead cluster; nothing left to free

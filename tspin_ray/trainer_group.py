@@ -85,8 +85,13 @@ class TrainerGroup:
     def __init__(self, cfg: RunConfig, timeout_s: float = 600.0):
         r, t = cfg.resources, cfg.training
         self.cfg, self.n, self.timeout_s = cfg, r.trainers, timeout_s
-        bundle = {"CPU": r.trainer_cpus, **({"GPU": r.trainer_gpus} if r.trainer_gpus else {}),
-                  **r.trainer_resources}
+        bundle = {"CPU": r.trainer_cpus, "GPU": r.trainer_gpus, **r.trainer_resources}
+        if cfg.generation.colocate:  # bundle i also holds generator i: the same node, the same GPU
+            bundle["CPU"] += r.generator_cpus
+            bundle["GPU"] += r.generator_gpus
+            for k, v in r.generator_resources.items():
+                bundle[k] = bundle.get(k, 0) + v
+        bundle = {k: v for k, v in bundle.items() if v}
         self.pg = placement_group([bundle] * self.n, strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
         if not ready:

@@ -92,6 +92,7 @@ CONFIG_CASES = {
     "gpus_not_tensor_parallel": ({"generation": {"backend": "vllm", "tensor_parallel_size": 2},
                                   "resources": {"generator_gpus": 1}}, ["generator_gpus (1)", "tensor_parallel_size (2)"]),
     "broadcast_without_persistent": ({"generation": {"weight_sync": "broadcast"}}, ["needs persistent: true"]),
+    "offload_without_zero": ({"training": {"offload": "optimizer"}}, ["offload", "zero_stage >= 1"]),
 }
 
 

@@ -45,10 +45,12 @@ def test_reference_logprobs_on_the_generator_match_the_trainer(tiny_ckpt, dtype,
     assert diff < tolerance
 
 
-def test_zero3_step_equals_zero0_step_and_exports_full_weights(ray_session, tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "all"])
+def test_zero3_step_equals_zero0_step_and_exports_full_weights(ray_session, tiny_ckpt, tmp_path, offload):
     rows = _rows(tiny_ckpt)
     loss0, fp0 = _group_step(tiny_ckpt, rows, "deepspeed", 1, zero=0, num_gpus=1)
-    loss3, fp3 = _group_step(tiny_ckpt, rows, "deepspeed", 1, zero=3, num_gpus=1, export_to=tmp_path / "z3")
+    loss3, fp3 = _group_step(tiny_ckpt, rows, "deepspeed", 1, zero=3, num_gpus=1, export_to=tmp_path / "z3",
+                             offload=offload)
     assert loss3 == pytest.approx(loss0, rel=1e-4)
     assert fp3 == pytest.approx(fp0, rel=1e-5)
     exported = load_model(tmp_path / "z3")  # the gathered 16/32-bit weights, not ZeRO-3 shards

@@ -46,8 +46,8 @@ def _reference_step(ckpt, rows) -> tuple[float, float]:
 
 
 def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0, num_gpus: float = 0,
-                export_to=None) -> tuple[float, float]:
-    actors = [TrainerActor.options(num_cpus=0.5, num_gpus=num_gpus).remote(r, world, backend, zero)
+                export_to=None, offload: str = "none") -> tuple[float, float]:
+    actors = [TrainerActor.options(num_cpus=0.5, num_gpus=num_gpus).remote(r, world, backend, zero, offload=offload)
               for r in range(world)]
     addr, port = ray.get(actors[0].address.remote())
     ray.get([a.init_group.remote(addr, port) for a in actors])
@@ -71,10 +71,11 @@ def reference(tiny_ckpt):
     return _reference_step(tiny_ckpt, _rows(tiny_ckpt))
 
 
-@pytest.mark.parametrize("backend,world,zero", [("torch", 1, 0), ("deepspeed", 1, 0), ("torch", 2, 0),
-                                                 ("deepspeed", 2, 2)])
-def test_group_step_equals_single_process_step(ray_session, tiny_ckpt, reference, backend, world, zero):
-    loss, fingerprint = _group_step(tiny_ckpt, _rows(tiny_ckpt), backend, world, zero)
+@pytest.mark.parametrize("backend,world,zero,offload", [
+    ("torch", 1, 0, "none"), ("deepspeed", 1, 0, "none"), ("torch", 2, 0, "none"), ("deepspeed", 2, 2, "none"),
+    ("deepspeed", 1, 2, "optimizer")])
+def test_group_step_equals_single_process_step(ray_session, tiny_ckpt, reference, backend, world, zero, offload):
+    loss, fingerprint = _group_step(tiny_ckpt, _rows(tiny_ckpt), backend, world, zero, offload=offload)
     ref_loss, ref_fingerprint = reference
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert fingerprint == pytest.approx(ref_fingerprint, rel=1e-6)

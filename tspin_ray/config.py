@@ -142,12 +142,18 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16"] = _f("fp32", "Training precision.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 = off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (GPU memory saver).")
+    offload: Literal["none", "optimizer", "all"] = _f(
+        "none", "DeepSpeed ZeRO-Offload: optimizer states (stage >= 1) or, with stage 3, parameters too, in CPU RAM.")
     seed: int = _f(0, "Seed of the per-epoch data shuffle.")
 
     def __post_init__(self):
         _positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if self.offload != "none" and (self.backend != "deepspeed" or self.zero_stage == 0
+                                       or (self.offload == "all" and self.zero_stage != 3)):
+            raise ValueError("offload: optimizer needs backend deepspeed and zero_stage >= 1; offload: all "
+                             "needs zero_stage 3")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
         for key, value in self.lr_overrides.items():

@@ -114,6 +114,13 @@ def _column(values: list, like):
     return column
 
 
+def offload_config(offload: str) -> dict:
+    """DeepSpeed `zero_optimization` entries for training.offload (none / optimizer / all)."""
+    cpu = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {"none": {}, "optimizer": {"offload_optimizer": cpu},
+            "all": {"offload_optimizer": cpu, "offload_param": cpu}}[offload]
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
@@ -135,10 +142,10 @@ class Trainer:
     as a Ray actor."""
 
     def __init__(self, rank: int, world_size: int, backend: str, zero_stage: int = 0,
-                 precision: str = "fp32", gradient_checkpointing: bool = False):
+                 precision: str = "fp32", gradient_checkpointing: bool = False, offload: str = "none"):
         self.rank, self.world_size = rank, world_size
         self.backend, self.zero_stage, self.precision = backend, zero_stage, precision
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.offload = gradient_checkpointing, offload
         self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         self.model = self.engine = self.optimizer = self.scheduler = None
         self.loaded_from: str | None = None
@@ -199,7 +206,8 @@ class Trainer:
                 "gradient_accumulation_steps": self.accum,
                 "train_batch_size": global_batch_size,
                 "gradient_clipping": grad_clip,
-                "zero_optimization": {"stage": self.zero_stage},
+                "zero_optimization": {"stage": self.zero_stage, **offload_config(self.offload)},
+                "zero_force_ds_cpu_optimizer": False,  # offloaded states stepped by the torch optimizer
                 "bf16": {"enabled": self.precision == "bf16"},
                 "zero_allow_untested_optimizer": True,
                 "steps_per_print": 2**31 - 1,

@@ -102,7 +102,7 @@ class TrainerGroup:
                 num_cpus=r.trainer_cpus, num_gpus=r.trainer_gpus, resources=r.trainer_resources or None,
                 max_concurrency=2,  # one thread trains, the other answers progress queries
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, self.n, t.backend, t.zero_stage, t.precision, t.gradient_checkpointing)
+            ).remote(i, self.n, t.backend, t.zero_stage, t.precision, t.gradient_checkpointing, t.offload)
             for i in range(self.n)
         ]
         addr, port = self.get(self.actors[0].address.remote(), "trainer rank 0 address")

@@ -33,6 +33,7 @@ BENCHMARKS = {
     "iteration": ("bench.pipeline:run_iteration", "One self-play iteration: wall time, breakdown, overlap"),
     "ray_overhead": ("bench.pipeline:run_ray_overhead", "Ray pipeline vs a single-process loop, same work"),
     "scaling": ("bench.scaling:run", "Generation throughput with 1, 2 and 4 generator actors"),
+    "persistent": ("bench.pipeline:run_persistent", "Long-lived generators + broadcast vs the per-phase pool"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 

@@ -325,3 +325,57 @@ def run_ray_overhead(ctx: Context) -> dict:
             "(OpenMP barriers wait for descheduled threads): compare on a quiet one.",
         ],
     }
+
+
+# ------------------------------------------------------------ long-lived generators
+def run_persistent(ctx: Context) -> dict:
+    """The same run (SFT, y0, N iterations) with the default per-phase generator pool and with long-lived
+    generators + the broadcast weight sync: seconds per iteration, where the per-phase actor start goes."""
+    from tspin_ray.config import from_dict
+    from tspin_ray.driver import Driver, prepare
+    from tspin_ray.metrics import read_rows
+
+    s = ctx.sizes(SIZES)
+    iterations = 3 if ctx.quick else 4
+    ways = {"per-phase pool": {}, "long-lived + broadcast": {"persistent": True, "weight_sync": "broadcast"}}
+    figures = {}
+    for name, gen in ways.items():
+        raw = run_config(s, ctx.work / name.replace(" ", "_"))
+        raw["iterations"] = iterations
+        raw["generation"].update(gen)
+        with ray_session():
+            driver = Driver(prepare(from_dict(raw)), quiet=True)
+            try:
+                t0 = now()
+                driver.run_all()
+                total = now() - t0
+            finally:
+                driver.close()
+        its = [r for r in read_rows(Path(raw["output_dir"]) / "metrics.jsonl")
+               if r.get("phase") == "iteration" and r.get("iteration", -1) >= 0]
+        steady = its[1:]  # iteration 0 of both pays the first engine start
+        figures[name] = {
+            "run_s": total, "iteration_s": [r["timing/iteration"] for r in its],
+            "steady_iteration_s": sum(r["timing/iteration"] for r in steady) / len(steady),
+            "weight_sync_s": sum(r["timing/weight_sync"] for r in steady) / len(steady),
+            "generate_s": sum(r["timing/generate"] for r in steady) / len(steady),
+        }
+    a, b = figures["per-phase pool"], figures["long-lived + broadcast"]
+    return {
+        "comparisons": [
+            compare("seconds per iteration (iterations 1+)", "seconds", "per-phase pool", a["steady_iteration_s"],
+                    "long-lived + broadcast", b["steady_iteration_s"], higher_is_better=False),
+            compare("whole run", "seconds", "per-phase pool", a["run_s"], "long-lived + broadcast", b["run_s"],
+                    higher_is_better=False),
+        ],
+        "config": {**s, "iterations": iterations}, "details": figures,
+        "tables": [{"title": "Per iteration (means over iterations 1+)", "columns":
+                    ["mode", "iteration s", "generate s", "weight sync s", "whole run s"],
+                    "rows": [[n, f["steady_iteration_s"], f["generate_s"], f["weight_sync_s"], f["run_s"]]
+                             for n, f in figures.items()]}],
+        "notes": [f"{iterations} T-SPIN iterations on the `iteration` benchmark's config, 1 generator actor and "
+                  "1 trainer each. Per-phase: every generation and evaluation phase starts a Ray Data actor "
+                  "that loads the committed checkpoint (weight sync = that engine load). Long-lived: the actors "
+                  "start once; pi_{t+1} is broadcast from trainer rank 0 (gloo here, NCCL on GPUs) before its "
+                  "evaluation."],
+    }

@@ -26,7 +26,7 @@ from tspin_ray.driver import Driver, prepare
 pytestmark = pytest.mark.chaos
 
 CHAOS = dict(generation={"batch_size": 16}, data={"task_size": 240, "eval_size": 20}, iterations=2)
-VOLATILE = ("time", "timing/", "tokens_per_s", "seconds")
+VOLATILE = ("time", "timing/", "tokens_per_s", "seconds", "gbps")
 
 
 def _config(tmp_path, name):
@@ -117,10 +117,17 @@ def test_trainer_actor_killed_mid_iteration_restarts_the_iteration(ray_session, 
     _assert_same_run(reference, tmp_path / "run")
 
 
-def test_generator_process_killed_mid_generation(ray_session, reference, tmp_path):
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-phase", "long-lived"])
+def test_generator_process_killed_mid_generation(ray_session, reference, tmp_path, persistent):
+    """SIGKILL a generator process mid-generation: Ray Data redoes the batch on a new actor (per-phase), or
+    Ray restarts the long-lived actor, which reloads the committed checkpoint before retrying its batch."""
     import psutil
 
-    cfg = from_dict(_config(tmp_path, "run"))
+    raw = _config(tmp_path, "run")
+    if persistent:
+        raw["generation"].update(persistent=True, weight_sync="broadcast")
+    cfg = from_dict(raw)
+    marker = "ray::Generator" if persistent else "GenerateStage"
     driver = Driver(prepare(cfg), quiet=True)
     killed = []
 
@@ -129,7 +136,7 @@ def test_generator_process_killed_mid_generation(ray_session, reference, tmp_pat
         while not killed:
             if gen_dir.is_dir() and any(gen_dir.glob("part-*.parquet")):
                 for p in psutil.process_iter(["cmdline"]):
-                    if "GenerateStage" in " ".join(p.info["cmdline"] or []):
+                    if marker in " ".join(p.info["cmdline"] or []):
                         os.kill(p.pid, signal.SIGKILL)
                         killed.append(p.pid)
                         break

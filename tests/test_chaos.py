@@ -60,6 +60,16 @@ def _assert_same_run(a, b):
     assert _stable_metrics(a) == _stable_metrics(b)
 
 
+def _run_with(driver, killer, killed: list) -> None:
+    """Run the driver to the end while `killer` strikes from a thread; it must have struck."""
+    threading.Thread(target=killer, daemon=True).start()
+    try:
+        driver.run_all()
+    finally:
+        driver.close()
+    assert killed
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, through the same CLI path."""
@@ -108,12 +118,7 @@ def test_trainer_actor_killed_mid_iteration_restarts_the_iteration(ray_session, 
                     killed.append(time.time())
             time.sleep(0.2)
 
-    threading.Thread(target=killer, daemon=True).start()
-    try:
-        driver.run_all()
-    finally:
-        driver.close()
-    assert killed
+    _run_with(driver, killer, killed)
     _assert_same_run(reference, tmp_path / "run")
 
 
@@ -142,12 +147,7 @@ def test_generator_process_killed_mid_generation(ray_session, reference, tmp_pat
                         break
             time.sleep(0.05)
 
-    threading.Thread(target=killer, daemon=True).start()
-    try:
-        driver.run_all()
-    finally:
-        driver.close()
-    assert killed
+    _run_with(driver, killer, killed)
     _assert_same_run(reference, tmp_path / "run")
 
 

@@ -126,6 +126,18 @@ def test_claims_follow_the_numbers():
         assert claim["status"] in study.VERDICTS and claim["sentence"].startswith(f"({claim['id']})")
 
 
+def test_claims_per_setting_compare_methods_of_that_setting_only():
+    """Base names and `.lr1e-4` names side by side: each setting's claims read its own methods."""
+    up, down = [[0.5, 0.52], [0.6, 0.62], [0.7, 0.72]], [[0.5, 0.52], [0.4, 0.42], [0.3, 0.32]]
+    s = summary_of({"tspin": up, "tspin_no_history": down, "tspin.lr1e-4": down,
+                    "tspin_no_history.lr1e-4": up}, full=[0.9, 0.92])
+    base, other = by_id(s), {c["id"]: c for c in study_results.claims(s, [], "lr1e-4")}
+    assert base["a"]["status"] == "holds" and other["a"]["status"] == "does not hold"
+    assert base["d"]["status"] == "holds" and other["d"]["status"] == "does not hold"
+    assert other["f"]["status"] == "not measured" and "space.lr1e-4" in other["f"]["sentence"]
+    assert study_results.setting("tspin.lr1e-4") == "lr1e-4" and study_results.setting("tspin") == ""
+
+
 def test_claims_inconclusive_within_one_pooled_std_or_with_one_seed():
     noisy = summary_of({"tspin": [[0.5, 0.7], [0.62, 0.4], [0.6, 0.5]], "spin": [[0.5, 0.7], [0.5, 0.7],
                                                                                 [0.5, 0.6]]}, full=[0.5, 0.7])

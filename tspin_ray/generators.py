@@ -130,7 +130,7 @@ class GeneratorPool:
             return ds.map_batches(
                 _forward, batch_size=batch_size, batch_format="numpy", num_cpus=0.01,
                 fn_kwargs={"actors": self.actors, "kwargs": kwargs, "timeout_s": self.cfg.generation.timeout_s},
-                concurrency=min(blocks, 2 * self.n),  # one batch running and one queued per actor
+                compute=ray.data.TaskPoolStrategy(size=min(blocks, 2 * self.n)),  # 1 running + 1 queued per actor
                 max_retries=max_attempts)
 
     def sync(self, trainers, path) -> dict:

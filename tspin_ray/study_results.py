@@ -198,22 +198,33 @@ def claim_alignment(alignment: list[dict], m: str = "tspin") -> dict:
     return _claim("e", claim, status, sentence, fraction=frac, pairs=len(ok))
 
 
-def claims(summary: dict, alignment: list[dict]) -> list[dict]:
+def setting(method: str) -> str:
+    """A method's hyper-parameter setting: what follows the first '.' of its name ("" for the base
+    names). `tspin.lr1e-4` is T-SPIN in setting `lr1e-4`; claims compare methods of one setting."""
+    return method.partition(".")[2]
+
+
+def claims(summary: dict, alignment: list[dict], suffix: str = "") -> list[dict]:
+    """The claim checks among the methods of one setting (`suffix`: "" or e.g. "lr1e-4")."""
     ms = summary["methods"]
 
+    def name(m):
+        return f"{m}.{suffix}" if suffix else m
+
     def final(m):
-        return _final(summary, m) if m in ms else None
+        return _final(summary, name(m)) if name(m) in ms else None
 
     return [
-        claim_monotonic(summary),
-        claim_spin_peaks(summary, summary["columns"]),
+        claim_monotonic(summary, name("tspin")),
+        claim_spin_peaks(summary, summary["columns"], name("spin")),
         claim_pair("c", "T-SPIN on the annotated fraction beats SFT on 100%", "T-SPIN final", final("tspin"),
-                   "SFT-100%", summary["sft_full"]["exact_match"], ("tspin",)),
+                   "SFT-100%", summary["sft_full"]["exact_match"], (name("tspin"),)),
         claim_pair("d", "Removing T-SPIN's historical term hurts", "T-SPIN final", final("tspin"),
-                   "T-SPIN without history final", final("tspin_no_history"), ("tspin", "tspin_no_history")),
-        claim_alignment(alignment),
+                   "T-SPIN without history final", final("tspin_no_history"),
+                   (name("tspin"), name("tspin_no_history"))),
+        claim_alignment(alignment, name("tspin")),
         claim_pair("f", "SPACE beats SPIN", "SPACE final", final("space"), "SPIN final", final("spin"),
-                   ("space", "spin")),
+                   (name("space"), name("spin"))),
     ]
 
 
@@ -262,6 +273,9 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
               "Computed from the numbers above; a difference within one pooled std over seeds is "
               "inconclusive (and every difference is, with one seed).", ""]
     lines += [f"- {c['sentence']}" for c in results["claims"]]
+    for suffix, found in results.get("claims_by_setting", {}).items():
+        lines += ["", f"Setting `{suffix}` (methods named `<method>.{suffix}`):", ""]
+        lines += [f"- {c['sentence']}" for c in found]
     if results["proto_reused"]:
         lines += ["", "Proto caches shared (y0 sampled once per seed): " + "; ".join(
             f"{k} ← {v}" for k, v in sorted(results["proto_reused"].items())) + "."]
@@ -315,6 +329,8 @@ def write_results(study: Study, command: str) -> Path:
         "alignment": data["alignment"],
         "summary": summary,
         "claims": claims(summary, data["alignment"]),
+        "claims_by_setting": {x: claims(summary, data["alignment"], x)
+                              for x in sorted({setting(m) for m in study.methods} - {""})},
         "proto_reused": {k: v for k, v in all_reused.items() if k in keys},
         "wall_s": wall,
         "timing": data["timing"],

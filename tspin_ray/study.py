@@ -47,6 +47,7 @@ STUDY_OWNED = ("output_dir", "iterations", "seed", "data.fraction", "data.seed",
 METHOD_FORBIDDEN = ("model", "output_dir", "iterations", "seed", "data.fraction", "data.seed", "sft")
 RESERVED_RUNS = ("pi0", "sft_full")
 PI0 = -1  # the metrics.jsonl iteration number of pi_0's evaluation
+EXECUTION_ONLY = ("persistent", "weight_sync", "sync_bucket_mb", "colocate", "timeout_s", "max_attempts")
 VERDICTS = ("holds", "does not hold", "inconclusive", "not measured")
 
 
@@ -288,7 +289,9 @@ def proto_key(cfg: RunConfig) -> str | None:
     if cfg.objective.name != "tspin":
         return None
     d = cfg.to_dict()
-    key = {"model": d["model"], "data": d["data"], "generation": d["generation"], "seed": cfg.seed,
+    # How generators run (per phase or long-lived, how weights reach them) does not change a sample.
+    gen = {k: v for k, v in d["generation"].items() if k not in EXECUTION_ONLY}
+    key = {"model": d["model"], "data": d["data"], "generation": gen, "seed": cfg.seed,
            "samples": cfg.samples_per_prompt, "max_length": cfg.training.max_length}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -128,7 +128,7 @@ class RunDir:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         run = cls(root)
         stored = run.manifest.get("config_hash")
-        if stored and stored != cfg.hash() and not cfg.allow_config_change:
+        if not run.config_matches(cfg) and not cfg.allow_config_change:
             raise UserError(f"{root} holds a run with a different config (hash {stored} != {cfg.hash()}); "
                             f"use a new output_dir or set allow_config_change=true")
         if not stored or stored != cfg.hash():
@@ -141,6 +141,20 @@ class RunDir:
                     shutil.rmtree(root, ignore_errors=True)
                 raise
         return run
+
+    def config_matches(self, cfg) -> bool:
+        """Whether this run was made with `cfg`. A run from an older tspin-ray lacks keys added since:
+        its stored config.yaml read with today's defaults decides (a new key's default keeps old behaviour)."""
+        from tspin_ray.config import from_dict
+
+        stored = self.manifest.get("config_hash")
+        if not stored or stored == cfg.hash():
+            return True
+        try:
+            old = from_dict(yaml.safe_load((self.root / "config.yaml").read_text()))
+        except (OSError, UserError, yaml.YAMLError):
+            return False
+        return old.hash() == cfg.hash()
 
     def save(self) -> None:
         write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())

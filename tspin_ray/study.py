@@ -277,8 +277,7 @@ def check_runs(study: Study) -> None:
 def is_complete(spec: RunSpec, cfg: RunConfig) -> bool:
     """A committed, finished run of exactly this config (a different config is an error, not a skip)."""
     run = RunDir(spec.root)
-    stored = run.manifest.get("config_hash")
-    if stored and stored != cfg.hash():
+    if not run.config_matches(cfg):
         raise UserError(f"{spec.root} holds a run made with a different config (other --iterations or base "
                         f"settings?); choose another --output-dir or remove that directory")
     return run.done("complete")

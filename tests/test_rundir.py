@@ -77,3 +77,28 @@ def test_config_change_is_refused_and_can_be_allowed(tmp_path):
     with pytest.raises(UserError, match="different config"):
         RunDir.open(from_dict(changed))
     RunDir.open(from_dict({**changed, "allow_config_change": True}))
+
+
+def test_run_from_an_older_version_without_a_new_key_resumes(tmp_path):
+    """An older tspin-ray wrote config.yaml without `generation.colocate` (and hashed without it): the same
+    config today, with the key at its default, is the same run; a real change is still refused."""
+    import hashlib
+
+    import yaml
+
+    cfg = from_dict(small_config(tmp_path))
+    run = RunDir.open(cfg)
+    old = cfg.to_dict()
+    del old["generation"]["colocate"]
+    (run.root / "config.yaml").write_text(yaml.safe_dump(old))
+    trimmed = {k: v for k, v in old.items() if k not in ("output_dir", "allow_config_change")}
+    run.manifest["config_hash"] = hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()[:16]
+    run.save()
+    assert run.manifest["config_hash"] != cfg.hash()
+    reopened = RunDir.open(cfg)
+    assert reopened.manifest["config_hash"] == cfg.hash()  # brought up to date
+    (run.root / "config.yaml").write_text(yaml.safe_dump(old))
+    reopened.manifest["config_hash"] = "0" * 16
+    reopened.save()
+    with pytest.raises(UserError, match="different config"):
+        RunDir.open(from_dict(small_config(tmp_path, training={"lr": 0.5})))

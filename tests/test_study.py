@@ -7,6 +7,7 @@ local Ray (1 seed, 1 iteration, 3 methods, tiny sizes; about a minute and a half
 
 from __future__ import annotations
 
+import doctest
 import json
 import math
 import subprocess
@@ -107,6 +108,18 @@ def by_id(summary, alignment=()):
     return {c["id"]: c for c in study_results.claims(summary, list(alignment))}
 
 
+def test_paired_differences_cancel_the_spread_of_pi0():
+    """Seeds' pi_0 at 0.2 / 0.5 / 0.8 (std 0.3); every seed gains exactly 0.05: unpaired the gain is hidden
+    in the spread, paired it is 0.05 ± 0.000 and the claim holds."""
+    assert doctest.testmod(study_results).failed == 0
+    s = summary_of({"tspin": [[0.2, 0.5, 0.8], [0.25, 0.55, 0.85]],
+                    "tspin_no_history": [[0.2, 0.5, 0.8], [0.2, 0.5, 0.8]]}, full=[0.9, 0.9, 0.9])
+    d = by_id(s)["d"]
+    assert d["status"] == "holds" and d["difference"] == pytest.approx(0.05) and d["difference_std"] < 1e-9
+    assert study_results.deltas(s)["tspin"][1]["mean"] == pytest.approx(0.05)
+    assert study_results.deltas(s)["tspin_no_history"][1]["mean"] == pytest.approx(0.0)
+
+
 def test_claims_follow_the_numbers():
     s = summary_of({"tspin": [[0.5, 0.52], [0.6, 0.62], [0.7, 0.72]],
                     "tspin_no_history": [[0.5, 0.52], [0.55, 0.56], [0.5, 0.52]],
@@ -138,7 +151,7 @@ def test_claims_per_setting_compare_methods_of_that_setting_only():
     assert study_results.setting("tspin.lr1e-4") == "lr1e-4" and study_results.setting("tspin") == ""
 
 
-def test_claims_inconclusive_within_one_pooled_std_or_with_one_seed():
+def test_claims_inconclusive_within_one_std_of_the_per_seed_differences_or_with_one_seed():
     noisy = summary_of({"tspin": [[0.5, 0.7], [0.62, 0.4], [0.6, 0.5]], "spin": [[0.5, 0.7], [0.5, 0.7],
                                                                                 [0.5, 0.6]]}, full=[0.5, 0.7])
     c = by_id(noisy)
@@ -177,7 +190,7 @@ def test_smoke_study(ray_session, tmp_path):
     assert all(f"| {m} |" in text for m in SMOKE_METHODS)
     assert all(f"- ({c}) " in text for c in "abcdef")
     assert "--iterations 1 --methods sft_continued tspin tspin_no_history" in text
-    for png in ("results_em.png", "results_nll.png"):
+    for png in ("results_em.png", "results_nll.png", "results_delta.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
     # tspin_no_history sampled no y0 of its own: tspin's shards are linked in, same files

@@ -38,13 +38,25 @@ def _num(v) -> float | None:
 
 
 def stats(values: Sequence[float | None]) -> dict:
-    """Mean and sample std (n-1) over seeds; std is None with fewer than two values."""
+    """Mean and sample std (n-1) over seeds; std is None with fewer than two values. `values` keeps the
+    per-seed numbers in seed order (None where a run is missing) for paired differences."""
     vals = [v for v in values if v is not None]
     if not vals:
-        return {"mean": None, "std": None, "n": 0}
+        return {"mean": None, "std": None, "n": 0, "values": list(values)}
     mean = sum(vals) / len(vals)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-    return {"mean": mean, "std": std, "n": len(vals)}
+    return {"mean": mean, "std": std, "n": len(vals), "values": list(values)}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Stats of the per-seed differences a - b. Every method of a seed starts from the same pi_0, so the
+    seed-to-seed spread of pi_0 (large at this scale) cancels seed by seed instead of blurring every
+    comparison.
+
+    >>> paired(stats([0.2, 0.5, 0.4]), stats([0.1, 0.4, 0.35]))["mean"]   # 0.1, 0.1, 0.05
+    0.08333333333333333
+    """
+    return stats([x - y for x, y in zip(a["values"], b["values"], strict=True) if x is not None and y is not None])
 
 
 def collect(study: Study) -> dict:
@@ -87,16 +99,15 @@ def summarise(study: Study, data: dict) -> dict:
     return {"columns": cols, "methods": summary, "sft_full": full}
 
 
+def deltas(summary: dict, metric: str = "exact_match") -> dict[str, list[dict]]:
+    """Per method and column: the change from the seed's own pi_0 (paired), mean ± std over seeds."""
+    return {m: [paired(st, per[metric][0]) for st in per[metric]] for m, per in summary["methods"].items()}
+
+
 # ------------------------------------------------------------ claim checks
-def pooled(a: dict, b: dict) -> float | None:
-    if a["std"] is None or b["std"] is None:
-        return None
-    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
-
-
 def verdict(diff: float, spread: float | None) -> str:
-    """'holds' when diff > 0 by more than one pooled std, 'does not hold' when < 0 by more, else inconclusive
-    (also with one seed: there is no spread to judge a difference by)."""
+    """'holds' when the mean per-seed difference is > 0 by more than the std of those differences, 'does
+    not hold' when < 0 by more, else inconclusive (also with one seed: no spread to judge it by)."""
     if spread is None or abs(diff) <= spread:
         return "inconclusive"
     return "holds" if diff > 0 else "does not hold"
@@ -110,6 +121,11 @@ def _ms(st: dict, digits: int = 3) -> str:
     if st["mean"] is None:
         return "–"
     return _f(st["mean"], digits) + ("" if st["std"] is None else f" ± {st['std']:.{digits}f}")
+
+
+def _pm(d: dict) -> str:
+    """A paired difference: +mean ± std (n seeds)."""
+    return f"{d['mean']:+.3f}" + ("" if d["std"] is None else f" ± {d['std']:.3f}") + f" (n={d['n']})"
 
 
 def _claim(cid: str, claim: str, status: str, sentence: str, **numbers) -> dict:
@@ -134,17 +150,17 @@ def claim_monotonic(summary: dict, m: str = "tspin") -> dict:
     if m not in summary["methods"] or _missing(*summary["methods"][m]["exact_match"]):
         return _not_measured("a", claim, m)
     seq = summary["methods"][m]["exact_match"]
-    drops = [(i, seq[i]["mean"] - seq[i + 1]["mean"], pooled(seq[i], seq[i + 1])) for i in range(len(seq) - 1)]
-    worst = max(drops, key=lambda d: d[1])
-    if worst[1] <= 0:
-        status = "holds" if worst[2] is not None else "inconclusive"
-    else:  # a real drop must exceed the spread of its two points
-        status = "does not hold" if worst[2] is not None and worst[1] > worst[2] else "inconclusive"
+    steps = [paired(seq[i], seq[i + 1]) for i in range(len(seq) - 1)]  # per-seed drop at each step
+    worst = max(steps, key=lambda d: d["mean"])
+    if worst["mean"] <= 0:
+        status = "holds" if worst["std"] is not None else "inconclusive"
+    else:  # a real drop must exceed the spread of its per-seed drops
+        status = "does not hold" if worst["std"] is not None and worst["mean"] > worst["std"] else "inconclusive"
     path = " → ".join(_f(x["mean"]) for x in seq)
-    sentence = (f"(a) {claim}: mean EM {path}; largest drop {max(0.0, worst[1]):.3f} "
-                f"(pooled std {_f(worst[2])}): **{status}**.")
-    return _claim("a", claim, status, sentence, means=[x["mean"] for x in seq], largest_drop=max(0.0, worst[1]),
-                  pooled_std=worst[2])
+    sentence = (f"(a) {claim}: mean EM {path}; largest mean drop between consecutive iterates "
+                f"{max(0.0, worst['mean']):.3f} (std over seeds {_f(worst['std'])}): **{status}**.")
+    return _claim("a", claim, status, sentence, means=[x["mean"] for x in seq],
+                  largest_drop=max(0.0, worst["mean"]), drop_std=worst["std"])
 
 
 def claim_spin_peaks(summary: dict, cols: list[int], m: str = "spin") -> dict:
@@ -159,27 +175,26 @@ def claim_spin_peaks(summary: dict, cols: list[int], m: str = "spin") -> dict:
         return _claim("b", claim, "inconclusive", f"(b) {claim}: needs at least 2 iterations: **inconclusive**.")
     peak = max(range(len(seq) - 1), key=lambda i: seq[i]["mean"])
     last = seq[-1]
-    diff = seq[peak]["mean"] - last["mean"]  # > 0: the last iterate is below the earlier peak
-    spread = pooled(seq[peak], last)
-    status = verdict(diff, spread)
+    d = paired(seq[peak], last)  # > 0: the last iterate is below the earlier peak
+    status = verdict(d["mean"], d["std"])
     pi0 = summary["methods"][m]["exact_match"][0]["mean"]
     sentence = (f"(b) {claim}: best before the last at iteration {its[peak]} ({_ms(seq[peak])}; pi_0 "
-                f"{_f(pi0)}), last {_ms(last)}, drop {diff:+.3f} (pooled std {_f(spread)}): **{status}**.")
+                f"{_f(pi0)}), last {_ms(last)}, per-seed drop {_pm(d)}: **{status}**.")
     return _claim("b", claim, status, sentence, peak_iteration=its[peak], peak=seq[peak]["mean"],
-                  last=last["mean"], difference=diff, pooled_std=spread, pi0=pi0)
+                  last=last["mean"], difference=d["mean"], difference_std=d["std"], pi0=pi0)
 
 
 def claim_pair(cid: str, claim: str, a_label: str, a: dict | None, b_label: str, b: dict | None,
                needs: tuple[str, ...]) -> dict:
-    """claim: a > b (final mean exact matches), judged by one pooled std."""
+    """claim: a > b (final exact matches), judged on the per-seed differences a - b."""
     if _missing(a, b):
         return _not_measured(cid, claim, *needs)
-    diff = a["mean"] - b["mean"]
-    status = verdict(diff, pooled(a, b))
-    sentence = (f"({cid}) {claim}: {a_label} {_ms(a)} vs {b_label} {_ms(b)}, difference {diff:+.3f} "
-                f"(pooled std {_f(pooled(a, b))}): **{status}**.")
+    d = paired(a, b)
+    status = verdict(d["mean"], d["std"])
+    sentence = (f"({cid}) {claim}: {a_label} {_ms(a)} vs {b_label} {_ms(b)}, per-seed difference {_pm(d)}: "
+                f"**{status}**.")
     return _claim(cid, claim, status, sentence, a=a["mean"], a_std=a["std"], b=b["mean"], b_std=b["std"],
-                  difference=diff, pooled_std=pooled(a, b))
+                  difference=d["mean"], difference_std=d["std"])
 
 
 def claim_alignment(alignment: list[dict], m: str = "tspin") -> dict:
@@ -241,6 +256,16 @@ def metric_table(summary: dict, metric: str, digits: int) -> list[str]:
     return lines
 
 
+def delta_table(per_method: dict[str, list[dict]]) -> list[str]:
+    n = len(next(iter(per_method.values())))
+    lines = ["| method | " + " | ".join(_col(t) for t in range(n - 1)) + " |", "|---|" + "---|" * (n - 1)]
+    for m, cells in per_method.items():
+        lines.append(f"| {m} | " + " | ".join(
+            "–" if c["mean"] is None else f"{c['mean']:+.3f}" + ("" if c["std"] is None else f" ± {c['std']:.3f}")
+            for c in cells[1:]) + " |")
+    return lines
+
+
 def timing_lines(study: Study, timings: dict[str, float], timing: dict) -> list[str]:
     lines = ["| run | " + " | ".join(f"seed {s}" for s in study.seeds) + " |", "|---|" + "---|" * len(study.seeds)]
     for name in [*RESERVED_RUNS, *study.methods]:
@@ -269,9 +294,14 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
               f"NLL {_ms(full['nll'], 4)}.", "", "![exact match](results_em.png)", "",
               "## NLL of the held-out real responses (per token, nats; lower is better)", ""]
     lines += metric_table(summary, "nll", 4)
-    lines += ["", "![NLL](results_nll.png)", "", "## Claim checks", "",
-              "Computed from the numbers above; a difference within one pooled std over seeds is "
-              "inconclusive (and every difference is, with one seed).", ""]
+    lines += ["", "![NLL](results_nll.png)", "", "## Change in exact match from the seed's own pi_0", "",
+              "Every method of a seed starts from the same pi_0, and pi_0 itself varies a lot from seed to seed, "
+              "so comparisons are made seed by seed: each cell is the mean ± std over seeds of (exact match "
+              "after iteration t) - (that seed's pi_0).", ""]
+    lines += delta_table(results["deltas"])
+    lines += ["", "![change from pi_0](results_delta.png)", "", "## Claim checks", "",
+              "Computed from the numbers above, on per-seed (paired) differences: a mean difference within one "
+              "std of those differences is inconclusive (and every difference is, with one seed).", ""]
     lines += [f"- {c['sentence']}" for c in results["claims"]]
     for suffix, found in results.get("claims_by_setting", {}).items():
         lines += ["", f"Setting `{suffix}` (methods named `<method>.{suffix}`):", ""]
@@ -285,30 +315,39 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
 
 
 def plot(study: Study, summary: dict, metric: str, path: Path, title: str, ylabel: str) -> None:
+    series = {m: per[metric] for m, per in summary["methods"].items()}
+    full = summary["sft_full"][metric]
+    ref = (f"SFT on {study.full_fraction:.0%}", full) if full["mean"] is not None else None
+    plot_series(summary["columns"], series, path, title, ylabel, ref)
+
+
+def plot_series(cols: list[int], series: dict[str, list[dict]], path: Path, title: str, ylabel: str,
+                ref: tuple[str, dict] | None = None) -> None:
+    """One line per method (mean over seeds, ±1 std band); `ref` a dashed horizontal line with its band.
+    Methods of one setting share a colour index; a `.setting` suffix draws them dashed."""
     from tspin_ray.report import _figure, _iteration_axis, _save
 
     fig = _figure(8, 4.8)
     ax = fig.add_subplot()
     ax.set_title(title)
-    cols = summary["columns"]
-    palette = [f"C{i}" for i in range(10)]
-    for i, (m, per) in enumerate(summary["methods"].items()):
-        xs = [t for t, st in zip(cols, per[metric], strict=True) if st["mean"] is not None]
-        means = [st["mean"] for st in per[metric] if st["mean"] is not None]
-        color = palette[i % len(palette)]
-        ax.plot(xs, means, marker="o", color=color, label=m)
-        sds = [st["std"] for st in per[metric] if st["mean"] is not None]
+    bases = list(dict.fromkeys(m.partition(".")[0] for m in series))
+    for m, stats_ in series.items():
+        color = f"C{bases.index(m.partition('.')[0]) % 10}"
+        xs = [t for t, st in zip(cols, stats_, strict=True) if st["mean"] is not None]
+        means = [st["mean"] for st in stats_ if st["mean"] is not None]
+        ax.plot(xs, means, marker="o", color=color, label=m, ls="--" if setting(m) else "-")
+        sds = [st["std"] for st in stats_ if st["mean"] is not None]
         if xs and all(sd is not None for sd in sds):
             ax.fill_between(xs, [a - b for a, b in zip(means, sds, strict=True)],
-                            [a + b for a, b in zip(means, sds, strict=True)], color=color, alpha=0.15, lw=0)
-    full = summary["sft_full"][metric]
-    if full["mean"] is not None:
-        ax.axhline(full["mean"], color="black", ls="--", lw=1.2, label=f"SFT on {study.full_fraction:.0%}")
-        if full["std"] is not None:
-            ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.06, lw=0)
+                            [a + b for a, b in zip(means, sds, strict=True)], color=color, alpha=0.1, lw=0)
+    if ref is not None:
+        label, st = ref
+        ax.axhline(st["mean"], color="black", ls=":", lw=1.2, label=label)
+        if st["std"] is not None:
+            ax.axhspan(st["mean"] - st["std"], st["mean"] + st["std"], color="black", alpha=0.06, lw=0)
     _iteration_axis(ax, "after iteration (pi0 = before self-play)")
     ax.set_ylabel(ylabel)
-    fig.legend(loc="outside lower center", ncol=min(4, len(summary["methods"]) + 1), fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncol=min(5, len(series) + 1), fontsize=8, frameon=False)
     _save(fig, path)
 
 
@@ -328,6 +367,7 @@ def write_results(study: Study, command: str) -> Path:
         "sft_full": data["sft_full"],
         "alignment": data["alignment"],
         "summary": summary,
+        "deltas": deltas(summary),
         "claims": claims(summary, data["alignment"]),
         "claims_by_setting": {x: claims(summary, data["alignment"], x)
                               for x in sorted({setting(m) for m in study.methods} - {""})},
@@ -341,6 +381,9 @@ def write_results(study: Study, command: str) -> Path:
          "exact match")
     plot(study, summary, "nll", out / "results_nll.png", "Held-out NLL of the real responses (mean ± std over seeds)",
          "NLL per token (nats)")
+    plot_series(summary["columns"], results["deltas"], out / "results_delta.png",
+                "Exact match minus the seed's own pi_0 (mean ± std over seeds)", "change in exact match",
+                ("no change", {"mean": 0.0, "std": None}))
     md = out / "results.md"
     write_atomic(md, render_markdown(study, results, command).encode())
     return md

@@ -78,7 +78,7 @@ class Generator:
         """The engine's parameters by name, on CPU (tests compare them with the trainer's)."""
         model = getattr(self.stage.engine, "model", None)
         if model is None:
-            raise NotImplementedError("weights() reads HF engines only")
+            raise TypeError("weights() reads HF engines only: a vLLM engine keeps its weights in its workers")
         return {k: v.detach().cpu() for k, v in model.named_parameters()}
 
 

@@ -85,6 +85,8 @@ CONFIG_CASES = {
     "bad_choice": ({"objective": {"name": "dpo"}}, ["objective.name", "tspin"]),
     "min_over_max": ({"resources": {"generators_min": 3, "generators_max": 1}}, ["generators_min"]),
     "batch_not_divisible": ({"training": {"global_batch_size": 30}}, ["global_batch_size", "micro_batch_size"]),
+    "sft_batch_under_group": ({"resources": {"trainers": 2, "trainer_cpus": 0.5}},
+                              ["sft.global_batch_size (32)", "sft.micro_batch_size x resources.trainers (32 x 2)"]),
     "unknown_task": ({"data": {"task": "chess"}}, ["chess", "addition"]),
     "missing_model_path": ({"model": {"path": "/no/such/model"}}, ["/no/such/model"]),
     "impossible_resources": ({"resources": {"trainers": 1, "trainer_cpus": 64}}, ["resources", "CPU"]),

@@ -365,6 +365,11 @@ def test_job_custom_resources_exist_on_the_cluster(path):
 # ---------------------------------------------------------------- the 7B configs
 
 
+def test_7b_configs_cover_every_method_and_layout():
+    assert {p.name for p in ZEPHYR_FILES} >= {f"zephyr-7b-{m}-{n}x8.yaml" for m in ("tspin", "spin", "space")
+                                              for n in (1, 2)}
+
+
 @pytest.mark.parametrize("path", ZEPHYR_FILES, ids=[p.name for p in ZEPHYR_FILES])
 def test_7b_configs_use_the_papers_hyperparameters(path):
     cfg = load_config(path)

@@ -46,12 +46,15 @@ def _reference_step(ckpt, rows) -> tuple[float, float]:
 
 
 def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0, num_gpus: float = 0,
-                export_to=None, offload: str = "none") -> tuple[float, float]:
+                export_to=None, offload: str = "none", loaded=None) -> tuple[float, float]:
+    """One optimizer step of a `world`-rank group on `rows`; `loaded(actors)` runs right after the load."""
     actors = [TrainerActor.options(num_cpus=0.5, num_gpus=num_gpus).remote(r, world, backend, zero, offload=offload)
               for r in range(world)]
     addr, port = ray.get(actors[0].address.remote())
     ray.get([a.init_group.remote(addr, port) for a in actors])
     ray.get([a.load.remote(str(ckpt)) for a in actors])
+    if loaded is not None:
+        loaded(actors)
     ray.get([a.begin.remote(**BEGIN) for a in actors])
     ds = ray.data.from_items(rows)
     its = ds.streaming_split(world, equal=True)
@@ -73,13 +76,31 @@ def reference(tiny_ckpt):
 
 @pytest.mark.parametrize("backend,world,zero,offload", [
     ("torch", 1, 0, "none"), ("deepspeed", 1, 0, "none"), ("torch", 2, 0, "none"), ("deepspeed", 2, 2, "none"),
-    ("deepspeed", 1, 2, "optimizer")])
+    ("deepspeed", 1, 2, "optimizer"), ("deepspeed", 2, 3, "all")])
 def test_group_step_equals_single_process_step(ray_session, tiny_ckpt, reference, backend, world, zero, offload):
     loss, fingerprint = _group_step(tiny_ckpt, _rows(tiny_ckpt), backend, world, zero, offload=offload)
     ref_loss, ref_fingerprint = reference
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert fingerprint == pytest.approx(ref_fingerprint, rel=1e-6)
     assert fingerprint != pytest.approx(_reference_params(tiny_ckpt), rel=1e-9)  # the step changed weights
+
+
+def test_zero3_ranks_load_only_their_shard_and_export_the_full_model(ray_session, tiny_ckpt, reference, tmp_path):
+    """ZeRO-3 loads through zero.Init: right after `load`, before DeepSpeed's initialize, each of 2 ranks
+    holds about half of the parameters (shards are padded to the world size, so at most one element more
+    per parameter). The step equals the single-process one, and rank 0 exports the whole model."""
+    full = sum(p.numel() for p in load_model(tiny_ckpt).parameters())
+    counts = []
+    loss, fingerprint = _group_step(tiny_ckpt, _rows(tiny_ckpt), "deepspeed", 2, 3, export_to=tmp_path / "z3",
+                                    loaded=lambda actors: counts.extend(ray.get([a.param_counts.remote()
+                                                                                 for a in actors])))
+    n_params = len(list(load_model(tiny_ckpt).parameters()))
+    assert [c["full"] for c in counts] == [full, full]
+    assert all(full / 2 <= c["held"] <= full / 2 + n_params for c in counts), (counts, full)
+    assert (loss, fingerprint) == pytest.approx(reference, rel=1e-6)
+    exported = load_model(tmp_path / "z3")
+    assert sum(p.numel() for p in exported.parameters()) == full
+    assert float(sum(p.detach().double().sum() for p in exported.parameters())) == pytest.approx(fingerprint, rel=1e-9)
 
 
 def _reference_params(ckpt) -> float:

@@ -55,11 +55,18 @@ def _run(pool: GeneratorPool, rows, kwargs) -> dict:
     return out
 
 
-@pytest.mark.parametrize("backend,n", [("hf", 2), pytest.param("vllm", 1, marks=pytest.mark.slow)])
-def test_broadcast_from_trainer_ranks_reaches_every_generator(ray_session, tmp_path, tiny_ckpt, backend, n):
+ZERO3 = {"backend": "deepspeed", "zero_stage": 3}
+
+
+@pytest.mark.parametrize("backend,n,training", [
+    ("hf", 2, None), ("hf", 2, ZERO3), pytest.param("vllm", 1, None, marks=pytest.mark.slow)],
+    ids=["hf-torch", "hf-zero3", "vllm-torch"])
+def test_broadcast_from_trainer_ranks_reaches_every_generator(ray_session, tmp_path, tiny_ckpt, backend, n,
+                                                              training):
+    """With ZeRO-3 no rank holds the whole model: every bucket is gathered from both ranks on the way."""
     if backend == "vllm":
         pytest.importorskip("vllm")
-    broadcast_roundtrip(tmp_path, tiny_ckpt, backend, n)
+    broadcast_roundtrip(tmp_path, tiny_ckpt, backend, n, training=training)
 
 
 def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0, training: dict | None = None):

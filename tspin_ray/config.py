@@ -128,7 +128,7 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     backend: Literal["deepspeed", "torch"] = _f("deepspeed", "DeepSpeed engine or plain torch (DDP when N > 1).")
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (3 needs GPUs).")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (3: parameters sharded across trainers from the load on).")
     optimizer: Literal["rmsprop", "adamw", "sgd"] = _f("rmsprop", "The papers use RMSProp.")
     lr: float = _f(5e-7, "Peak learning rate.")
     lr_overrides: dict = _f({}, "Per-iteration peak lr, e.g. {2: 1.0e-7, 3: 1.0e-7} (negative = from the end).")
@@ -269,9 +269,12 @@ class RunConfig:
             raise ValueError("model and data are required")
         if self.iterations < 0:
             raise ValueError("iterations must be >= 0")
-        t = self.training
-        if t.global_batch_size % (t.micro_batch_size * self.resources.trainers):
-            raise ValueError("training.global_batch_size must be a multiple of micro_batch_size * resources.trainers")
+        # Each rank accumulates global / (micro x trainers) micro-batches per step: 0 would never step.
+        for name, t in [("training", self.training)] + ([("sft", self.sft)] if self.needs_sft_stage else []):
+            if t.global_batch_size % (t.micro_batch_size * self.resources.trainers):
+                raise ValueError(f"{name}.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                                 f"{name}.micro_batch_size x resources.trainers "
+                                 f"({t.micro_batch_size} x {self.resources.trainers})")
         g, r = self.generation, self.resources
         if g.backend == "vllm" and r.generator_gpus >= 1 and r.generator_gpus != g.tensor_parallel_size:
             # Ray hides all but the actor's GPUs; vLLM then asks for tensor_parallel_size of them

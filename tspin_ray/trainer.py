@@ -121,6 +121,22 @@ def offload_config(offload: str) -> dict:
             "all": {"offload_optimizer": cpu, "offload_param": cpu}}[offload]
 
 
+def ds_config(zero_stage: int, offload: str, precision: str, micro_batch_size: int = 1,
+              accumulation: int = 1, world_size: int = 1, grad_clip: float = 0.0) -> dict:
+    """The DeepSpeed config of one training phase (and, under ZeRO-3, of the zero.Init model load)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage, **offload_config(offload)},
+        "zero_force_ds_cpu_optimizer": False,  # offloaded states stepped by the torch optimizer
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
@@ -149,6 +165,7 @@ class Trainer:
         self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         self.model = self.engine = self.optimizer = self.scheduler = None
         self.loaded_from: str | None = None
+        self._zero3_hook = None  # transformers' HfDeepSpeedConfig, kept alive (it is held by weakref)
 
     # ------------------------------------------------------------ setup
     def address(self) -> tuple[str, int]:
@@ -174,7 +191,18 @@ class Trainer:
         if self.loaded_from == path and self.model is not None:
             return
         dtype = "bfloat16" if self.precision == "bf16" else "float32"
-        self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+        self.engine = self.model = None  # drop the previous iterate before building the next
+        if self.backend == "deepspeed" and self.zero_stage == 3:
+            # from_pretrained then builds the model inside deepspeed.zero.Init and fills it shard by shard:
+            # each rank holds 1/world of the weights from the start, never the whole model (for a 7B in
+            # bf16 that is 14.5 GB per rank, x8 ranks of host RAM on one node otherwise).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_hook = HfDeepSpeedConfig(
+                ds_config(3, self.offload, self.precision, world_size=self.world_size))
+            self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -201,19 +229,10 @@ class Trainer:
         if self.backend == "deepspeed":
             import deepspeed
 
-            ds_config = {
-                "train_micro_batch_size_per_gpu": micro_batch_size,
-                "gradient_accumulation_steps": self.accum,
-                "train_batch_size": global_batch_size,
-                "gradient_clipping": grad_clip,
-                "zero_optimization": {"stage": self.zero_stage, **offload_config(self.offload)},
-                "zero_force_ds_cpu_optimizer": False,  # offloaded states stepped by the torch optimizer
-                "bf16": {"enabled": self.precision == "bf16"},
-                "zero_allow_untested_optimizer": True,
-                "steps_per_print": 2**31 - 1,
-            }
+            config = ds_config(self.zero_stage, self.offload, self.precision, micro_batch_size, self.accum,
+                               self.world_size, grad_clip)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+                model=module, optimizer=opt, lr_scheduler=sched, config=config)
         else:
             self.optimizer, self.scheduler = opt, sched
             if self.world_size > 1 and not isinstance(module, torch.nn.parallel.DistributedDataParallel):
@@ -359,6 +378,13 @@ class Trainer:
                     sent += send(group, [bucket], lambda _, t=tensors: t, self.device)
         del group, store
         return {"seconds": time.time() - t0, "bytes": sent, "buckets": len(buckets)}
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters this rank holds in memory vs the model's: under ZeRO-3 each rank holds its shard only
+        (a gathered parameter's placeholder has 0 elements outside GatheredParameters)."""
+        params = list(self.model.parameters())
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        return {"held": held, "full": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
 
     def state_fingerprint(self) -> float:
         """Sum of all parameters: a cheap equality check for tests (ZeRO-3 shards gathered first)."""

@@ -28,7 +28,7 @@ from bench.common import REPO, Context, Skip
 
 BENCHMARKS = {
     "generation": ("bench.generation:run", "Generation tokens/s: vLLM vs HF generate"),
-    "trainer": ("bench.training:run", "Trainer tokens/s: DeepSpeed ZeRO-0 / ZeRO-2 vs plain torch"),
+    "trainer": ("bench.training:run", "Trainer tokens/s: DeepSpeed ZeRO-0 / 2 / 3 vs plain torch"),
     "trainer_memory": ("bench.training:run_memory", "Trainer memory at load: ZeRO-3 zero.Init vs ZeRO-2"),
     "weight_sync": ("bench.weights:run", "Weight sync: in-place reload vs a cold engine start; checkpoint I/O"),
     "iteration": ("bench.pipeline:run_iteration", "One self-play iteration: wall time, breakdown, overlap"),

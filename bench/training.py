@@ -1,4 +1,4 @@
-"""Trainer tokens/s: DeepSpeed ZeRO-0 and ZeRO-2 vs plain torch, one rank, the same T-SPIN batches.
+"""Trainer tokens/s: DeepSpeed ZeRO-0, 2 and 3 vs plain torch, one rank, the same T-SPIN batches.
 
     .venv/bin/python -m bench --only trainer [--quick]
 
@@ -31,11 +31,11 @@ from bench.common import (
 
 SIZES = {
     "quick": dict(global_batch=16, micro_batch=8, warmup_steps=1, steps=2, response_chars=(3, 8), model={},
-                  precision="fp32", zero_stages=[0, 2]),
+                  precision="fp32", zero_stages=[0, 2, 3]),
     "full": dict(global_batch=64, micro_batch=16, warmup_steps=2, steps=15, response_chars=(3, 8), model={},
-                 precision="fp32", zero_stages=[0, 2]),
+                 precision="fp32", zero_stages=[0, 2, 3]),
     "gpu": dict(global_batch=64, micro_batch=16, warmup_steps=3, steps=20, response_chars=(32, 128),
-                precision="bf16", zero_stages=[0, 2],
+                precision="bf16", zero_stages=[0, 2, 3],
                 model=dict(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2816,
                            max_position_embeddings=1024)),
 }

@@ -73,14 +73,18 @@ def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
         assert (run / "metrics.jsonl").read_text() == before
 
 
-def test_external_model_path_without_sft(ray_session, tmp_path):
-    """pi_0 given as a checkpoint path (no SFT stage): iteration 0 trains from it directly."""
+@pytest.mark.parametrize("training,trainers", [({}, 1), ({"backend": "deepspeed", "zero_stage": 3}, 2)],
+                         ids=["torch", "zero3"])
+def test_external_model_path_without_sft(ray_session, tmp_path, training, trainers):
+    """pi_0 given as a checkpoint path (no SFT stage): iteration 0 trains from it directly. Under ZeRO-3
+    pi_0 is evaluated on a model that has just been loaded sharded, before any optimizer exists."""
     from tspin_ray.config import TinyModelSpec
     from tspin_ray.modeling import save_tiny
 
     ckpt = save_tiny(tmp_path / "given", TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2,
                                                         intermediate_size=128))
-    raw = small_config(tmp_path, model={"path": str(ckpt)}, iterations=1, objective={"name": "spin"})
+    raw = small_config(tmp_path, model={"path": str(ckpt)}, iterations=1, objective={"name": "spin"},
+                       training=training, resources={"trainers": trainers, "trainer_cpus": 0.5})
     raw["model"] = {"path": str(ckpt)}
     result = train(from_dict(raw), quiet=True)
     run = tmp_path / "run"

@@ -229,6 +229,8 @@ class Trainer:
         if self.backend == "deepspeed":
             import deepspeed
 
+            if self.engine is not None:  # the previous phase's engine: its ZeRO-3 hooks would run beside ours
+                self.engine.destroy()
             config = ds_config(self.zero_stage, self.offload, self.precision, micro_batch_size, self.accum,
                                self.world_size, grad_clip)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -304,21 +306,34 @@ class Trainer:
         """Summed NLL and token count of `responses` on this rank's slice (rank::world) of the rows."""
         from tspin_ray.logprobs import sequence_logprobs
 
+        if self.engine is None and self.backend == "deepspeed" and self.zero_stage == 3:
+            self._zero3_engine()  # a freshly loaded ZeRO-3 model holds placeholders until DeepSpeed wraps it
         model = self.engine.module if hasattr(self.engine, "module") else self.model
         model.eval()
         total, tokens = 0.0, 0
         mine = list(range(self.rank, len(prompts), self.world_size))
-        for s in range(0, len(mine), batch_size):
+        # Every rank runs the same number of forwards: under ZeRO-3 each one gathers parameters collectively,
+        # so a rank with one batch fewer would leave the others waiting. Its extra forward is thrown away.
+        for s in range(0, -(-len(prompts) // self.world_size), batch_size):
             idx = mine[s:s + batch_size]
-            lp = sequence_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], self.pad_id)
-            total -= float(lp.sum())
-            tokens += sum(len(responses[i]) for i in idx)
+            lp = sequence_logprobs(model, [prompts[i] for i in idx or [0]], [responses[i] for i in idx or [0]],
+                                   self.pad_id)
+            if idx:
+                total -= float(lp.sum())
+                tokens += sum(len(responses[i]) for i in idx)
         if self.world_size > 1:
             t = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
             total, tokens = float(t[0]), int(t[1])
         self.model.train()
         return total, tokens
+
+    def _zero3_engine(self) -> None:
+        """DeepSpeed engine without an optimizer: installs the ZeRO-3 gather hooks for forwards only."""
+        import deepspeed
+
+        self.engine = deepspeed.initialize(model=self.model, config=ds_config(
+            3, self.offload, self.precision, world_size=self.world_size))[0]
 
     def export(self, out_dir: str) -> float:
         """Write the current weights as an HF checkpoint (safetensors) from rank 0; returns seconds."""
@@ -346,7 +361,7 @@ class Trainer:
 
     def _gathered(self, params: list):
         """Full tensors of ZeRO-3 shards inside the block (a no-op for every other stage)."""
-        if self.backend == "deepspeed" and self.zero_stage == 3 and self.engine is not None:
+        if any(hasattr(p, "ds_id") for p in params):  # partitioned by zero.Init or DeepSpeed's initialize
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

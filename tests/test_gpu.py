@@ -31,6 +31,22 @@ def test_vllm_gpu_generation_and_reload_match_hf(tiny_ckpt, tiny_ckpt_b):
     assert after == hf_b.generate(prompts, [0] * 4, **GREEDY) and after != before
 
 
+def test_vllm_sleep_frees_gpu_memory_and_wake_restores_the_same_outputs(tiny_ckpt):
+    """Colocated mode: a sleeping engine gives its KV cache (and weights, to host RAM) back to the trainer."""
+    pytest.importorskip("vllm")
+    engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64, gpu_memory_utilization=0.3,
+                         sleep_mode=True)
+    prompts = [encode_prompt(HFEngine(str(tiny_ckpt)).tokenizer, p) for p in PROMPTS]
+    before = engine.generate(prompts, [0] * 4, **GREEDY)
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    freed = torch.cuda.mem_get_info()[0] - free_awake
+    print(f"vLLM sleep freed {freed / 2**30:.2f} GiB")
+    assert freed > 0.1 * 0.3 * torch.cuda.mem_get_info()[1]  # most of its 30% share
+    engine.wake()
+    assert engine.generate(prompts, [0] * 4, **GREEDY) == before
+
+
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-3), ("bfloat16", 0.25)])
 def test_reference_logprobs_on_the_generator_match_the_trainer(tiny_ckpt, dtype, tolerance):
     """SPIN/SPACE take lp_ref from vLLM's prompt_logprobs: compare with the trainer-side forward."""

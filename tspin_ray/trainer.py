@@ -194,8 +194,8 @@ class Trainer:
         self.engine = self.model = None  # drop the previous iterate before building the next
         if self.backend == "deepspeed" and self.zero_stage == 3:
             # from_pretrained then builds the model inside deepspeed.zero.Init and fills it shard by shard:
-            # each rank holds 1/world of the weights from the start, never the whole model (for a 7B in
-            # bf16 that is 14.5 GB per rank, x8 ranks of host RAM on one node otherwise).
+            # each rank holds 1/world of the weights from the start, never the whole model on its device
+            # (a 7B in bf16 would put 14.5 GB on every GPU before DeepSpeed partitions it).
             from transformers.integrations import HfDeepSpeedConfig
 
             self._zero3_hook = HfDeepSpeedConfig(

@@ -103,27 +103,32 @@ def test_zero3_ranks_load_only_their_shard_and_export_the_full_model(ray_session
     assert float(sum(p.detach().double().sum() for p in exported.parameters())) == pytest.approx(fingerprint, rel=1e-9)
 
 
-def test_zero3_nll_right_after_load_with_uneven_rows(ray_session, tiny_ckpt):
+def test_zero3_nll_right_after_load_with_uneven_rows(ray_session, tiny_ckpt, tiny_ckpt_b):
     """Held-out NLL on a freshly loaded ZeRO-3 model (pi_0 given as a path is evaluated before any step):
     3 rows over 2 ranks in batches of 1, so rank 0 has two batches and rank 1 one. The sum equals the
-    single-process sum, and nobody waits forever for a forward the other rank never runs."""
+    single-process sum, and nobody waits forever for a forward the other rank never runs. Loading other
+    weights into the same ranks then replaces the sharded model and its engine."""
     from tspin_ray.logprobs import sequence_logprobs
 
     rows = _rows(tiny_ckpt)[:3]
     prompts, responses = [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows]
     with torch.no_grad():
-        want = -float(sequence_logprobs(load_model(tiny_ckpt), prompts, responses, 0).sum())
+        want = [-float(sequence_logprobs(load_model(c), prompts, responses, 0).sum()) for c in (tiny_ckpt, tiny_ckpt_b)]
     actors = [TrainerActor.options(num_cpus=0.5).remote(r, 2, "deepspeed", 3) for r in range(2)]
+    got = []
     try:
         addr, port = ray.get(actors[0].address.remote())
         ray.get([a.init_group.remote(addr, port) for a in actors])
-        ray.get([a.load.remote(str(tiny_ckpt)) for a in actors])
-        got = ray.get([a.nll.remote(prompts, responses, 1) for a in actors], timeout=120)
+        for ckpt in (tiny_ckpt, tiny_ckpt_b):
+            ray.get([a.load.remote(str(ckpt)) for a in actors])
+            got.append(ray.get([a.nll.remote(prompts, responses, 1) for a in actors], timeout=120))
     finally:
         for a in actors:
             ray.kill(a)
-    assert got[0] == got[1]  # all-reduced
-    assert got[0][0] == pytest.approx(want, rel=1e-5) and got[0][1] == sum(map(len, responses))
+    for (rank0, rank1), nll in zip(got, want, strict=True):
+        assert rank0 == rank1  # all-reduced
+        assert rank0[0] == pytest.approx(nll, rel=1e-5) and rank0[1] == sum(map(len, responses))
+    assert want[0] != pytest.approx(want[1], rel=1e-3)  # two different models
 
 
 def _reference_params(ckpt) -> float:

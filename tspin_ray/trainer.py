@@ -191,6 +191,8 @@ class Trainer:
         if self.loaded_from == path and self.model is not None:
             return
         dtype = "bfloat16" if self.precision == "bf16" else "float32"
+        if hasattr(self.engine, "destroy"):  # a DeepSpeed engine: unhook it so its memory can go
+            self.engine.destroy()
         self.engine = self.model = None  # drop the previous iterate before building the next
         if self.backend == "deepspeed" and self.zero_stage == 3:
             # from_pretrained then builds the model inside deepspeed.zero.Init and fills it shard by shard:
@@ -229,7 +231,7 @@ class Trainer:
         if self.backend == "deepspeed":
             import deepspeed
 
-            if self.engine is not None:  # the previous phase's engine: its ZeRO-3 hooks would run beside ours
+            if hasattr(self.engine, "destroy"):  # the previous phase's engine: its ZeRO-3 hooks would run beside ours
                 self.engine.destroy()
             config = ds_config(self.zero_stage, self.offload, self.precision, micro_batch_size, self.accum,
                                self.world_size, grad_clip)

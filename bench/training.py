@@ -115,14 +115,12 @@ def in_process(path: str, s: dict, warmup, timed) -> dict:
 def in_actor(path: str, s: dict, backend: str, zero: int, cpus: float, warmup, timed) -> dict:
     import ray
 
-    from tspin_ray.trainer import TrainerActor
+    from tspin_ray.trainer import start_trainers
 
-    actor = TrainerActor.options(num_cpus=cpus, num_gpus=1 if gpu_count() else None).remote(
-        0, 1, backend, zero, s["precision"])
+    t0 = now()
+    [actor] = start_trainers(1, backend, zero, options={"num_cpus": cpus, "num_gpus": 1 if gpu_count() else None},
+                             precision=s["precision"])
     try:
-        t0 = now()
-        addr, port = ray.get(actor.address.remote())
-        ray.get(actor.init_group.remote(addr, port))
         ray.get(actor.load.remote(path))
         ray.get(actor.begin.remote(**BEGIN, total_steps=len(warmup) + len(timed), micro_batch_size=s["micro_batch"],
                                    global_batch_size=s["global_batch"]))
@@ -239,14 +237,11 @@ def load_memory(path: str, ranks: int, zero: int) -> dict:
     """Peak memory each of `ranks` DeepSpeed trainer actors adds while loading `path` (before any step)."""
     import ray
 
-    from tspin_ray.trainer import TrainerActor
+    from tspin_ray.trainer import start_trainers
 
-    actors = [TrainerActor.options(num_cpus=1 if ray_cpus() >= ranks else 0.5,
-                                   num_gpus=1 if gpu_count() else None).remote(r, ranks, "deepspeed", zero)
-              for r in range(ranks)]
+    actors = start_trainers(ranks, "deepspeed", zero, options={"num_cpus": 1 if ray_cpus() >= ranks else 0.5,
+                                                                "num_gpus": 1 if gpu_count() else None})
     try:
-        addr, port = ray.get(actors[0].address.remote())
-        ray.get([a.init_group.remote(addr, port) for a in actors])
         before = ray.get([a.__ray_call__.remote(_memory_mb) for a in actors])
         t0 = now()
         ray.get([a.load.remote(path) for a in actors])

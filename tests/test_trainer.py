@@ -12,7 +12,7 @@ import torch
 from tspin_ray.formatting import encode_prompt, encode_response
 from tspin_ray.modeling import load_model, load_tokenizer
 from tspin_ray.objectives import tspin
-from tspin_ray.trainer import TrainerActor, batch_logprobs
+from tspin_ray.trainer import batch_logprobs, start_trainers
 
 BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-2,
              weight_decay=0.0, schedule="constant", warmup_ratio=0.0, total_steps=1, micro_batch_size=4,
@@ -48,10 +48,7 @@ def _reference_step(ckpt, rows) -> tuple[float, float]:
 def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0, num_gpus: float = 0,
                 export_to=None, offload: str = "none", loaded=None) -> tuple[float, float]:
     """One optimizer step of a `world`-rank group on `rows`; `loaded(actors)` runs right after the load."""
-    actors = [TrainerActor.options(num_cpus=0.5, num_gpus=num_gpus).remote(r, world, backend, zero, offload=offload)
-              for r in range(world)]
-    addr, port = ray.get(actors[0].address.remote())
-    ray.get([a.init_group.remote(addr, port) for a in actors])
+    actors = start_trainers(world, backend, zero, options={"num_cpus": 0.5, "num_gpus": num_gpus}, offload=offload)
     ray.get([a.load.remote(str(ckpt)) for a in actors])
     if loaded is not None:
         loaded(actors)
@@ -114,11 +111,9 @@ def test_zero3_nll_right_after_load_with_uneven_rows(ray_session, tiny_ckpt, tin
     prompts, responses = [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows]
     with torch.no_grad():
         want = [-float(sequence_logprobs(load_model(c), prompts, responses, 0).sum()) for c in (tiny_ckpt, tiny_ckpt_b)]
-    actors = [TrainerActor.options(num_cpus=0.5).remote(r, 2, "deepspeed", 3) for r in range(2)]
+    actors = start_trainers(2, "deepspeed", 3, options={"num_cpus": 0.5})
     got = []
     try:
-        addr, port = ray.get(actors[0].address.remote())
-        ray.get([a.init_group.remote(addr, port) for a in actors])
         for ckpt in (tiny_ckpt, tiny_ckpt_b):
             ray.get([a.load.remote(str(ckpt)) for a in actors])
             got.append(ray.get([a.nll.remote(prompts, responses, 1) for a in actors], timeout=120))

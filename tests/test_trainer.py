@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import ray
 import torch
@@ -46,7 +48,8 @@ def _reference_step(ckpt, rows) -> tuple[float, float]:
 
 
 def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0, num_gpus: float = 0,
-                export_to=None, offload: str = "none", loaded=None) -> tuple[float, float]:
+                export_to=None, offload: str = "none", loaded=None, shard_bytes: int | None = None
+                ) -> tuple[float, float]:
     """One optimizer step of a `world`-rank group on `rows`; `loaded(actors)` runs right after the load."""
     actors = start_trainers(world, backend, zero, options={"num_cpus": 0.5, "num_gpus": num_gpus}, offload=offload)
     ray.get([a.load.remote(str(ckpt)) for a in actors])
@@ -58,7 +61,7 @@ def _group_step(ckpt, rows, backend: str, world: int, zero: int = 0, num_gpus: f
     records = ray.get([a.train_epoch.remote(it) for a, it in zip(actors, its, strict=True)])
     fingerprints = ray.get([a.state_fingerprint.remote() for a in actors])
     if export_to is not None:
-        ray.get([a.export.remote(str(export_to)) for a in actors])
+        ray.get([a.export.remote(str(export_to), *([shard_bytes] if shard_bytes else [])) for a in actors])
     for a in actors:
         ray.kill(a)
     assert len(records[0]) == 1 and all(len(r) == 1 for r in records)  # one optimizer step on every rank
@@ -85,12 +88,15 @@ def test_group_step_equals_single_process_step(ray_session, tiny_ckpt, reference
 def test_zero3_ranks_load_only_their_shard_and_export_the_full_model(ray_session, tiny_ckpt, reference, tmp_path):
     """ZeRO-3 loads through zero.Init: right after `load`, before DeepSpeed's initialize, each of 2 ranks
     holds about half of the parameters (shards are padded to the world size, so at most one element more
-    per parameter). The step equals the single-process one, and rank 0 exports the whole model."""
+    per parameter). The step equals the single-process one, and rank 0 exports the whole model one
+    safetensors shard at a time: 359 kB of fp32 weights in files of at most 100 kB, with the index and
+    config `save_pretrained` writes."""
     full = sum(p.numel() for p in load_model(tiny_ckpt).parameters())
     counts = []
     loss, fingerprint = _group_step(tiny_ckpt, _rows(tiny_ckpt), "deepspeed", 2, 3, export_to=tmp_path / "z3",
                                     loaded=lambda actors: counts.extend(ray.get([a.param_counts.remote()
-                                                                                 for a in actors])))
+                                                                                 for a in actors])),
+                                    shard_bytes=100_000)
     n_params = len(list(load_model(tiny_ckpt).parameters()))
     assert [c["full"] for c in counts] == [full, full]
     assert all(full / 2 <= c["held"] <= full / 2 + n_params for c in counts), (counts, full)
@@ -98,6 +104,18 @@ def test_zero3_ranks_load_only_their_shard_and_export_the_full_model(ray_session
     exported = load_model(tmp_path / "z3")
     assert sum(p.numel() for p in exported.parameters()) == full
     assert float(sum(p.detach().double().sum() for p in exported.parameters())) == pytest.approx(fingerprint, rel=1e-9)
+    shards = sorted(f.name for f in (tmp_path / "z3").glob("*.safetensors"))
+    n = len(shards)
+    assert n >= 4 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert all((tmp_path / "z3" / f).stat().st_size <= 100_000 + 4096 for f in shards)  # + the JSON header
+    index = json.loads((tmp_path / "z3" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 4 * full
+    assert sorted(index["weight_map"]) == sorted(n for n, _ in exported.named_parameters())
+    config = {k: v for k, v in json.loads((tmp_path / "z3" / "config.json").read_text()).items()
+              if k != "transformers_version"}
+    assert config == {k: v for k, v in json.loads((tiny_ckpt / "config.json").read_text()).items()
+                      if k != "transformers_version"}
+    assert (tmp_path / "z3" / "generation_config.json").exists() and (tmp_path / "z3" / "tokenizer.json").exists()
 
 
 def test_zero3_nll_right_after_load_with_uneven_rows(ray_session, tiny_ckpt, tiny_ckpt_b):

@@ -12,6 +12,7 @@ process group, the model and the tokenizer are set up once instead of once per i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -22,6 +23,9 @@ import ray
 import torch
 
 from tspin_ray.objectives import get_objective
+
+# Largest safetensors file of an export: what rank 0 holds in host memory at once under ZeRO-3.
+EXPORT_SHARD_BYTES = 2 * 2**30
 
 
 def to_list(x: Any) -> Any:
@@ -337,29 +341,52 @@ class Trainer:
         self.engine = deepspeed.initialize(model=self.model, config=ds_config(
             3, self.offload, self.precision, world_size=self.world_size))[0]
 
-    def export(self, out_dir: str) -> float:
+    def export(self, out_dir: str, shard_bytes: int = EXPORT_SHARD_BYTES) -> float:
         """Write the current weights as an HF checkpoint (safetensors) from rank 0; returns seconds."""
         t0 = time.time()
-        state = None
         if self.backend == "deepspeed" and self.zero_stage == 3:
-            import deepspeed
-
-            # Gather one parameter at a time so rank 0 never holds two full copies (GPU path).
-            state = {}
-            for name, param in self.engine.module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if self.rank == 0:
-                        state[name] = param.detach().to("cpu", copy=True)
+            self._export_zero3(out_dir, shard_bytes)
+        elif self.rank == 0:  # every rank holds the whole model: transformers writes it as it is
+            self.model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=shard_bytes)
         if self.rank == 0:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            module = self.model
-            module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
         if self.world_size > 1:
             torch.distributed.barrier()
         return time.time() - t0
+
+    def _export_zero3(self, out_dir: str, shard_bytes: int) -> None:
+        """Gather and write one safetensors shard at a time (all ranks gather, rank 0 writes), so rank 0
+        never holds more than one shard of a model that no rank holds whole: a 7B in bf16 is 14.5 GB, the
+        default shard 2 GiB. Same files as `save_pretrained`: shards, index, config, generation config."""
+        from safetensors.torch import save_file
+
+        from tspin_ray.weight_sync import plan_buckets
+
+        shards = plan_buckets(self.weight_specs(), shard_bytes)
+        params = dict(self.model.named_parameters())
+        n = len(shards)
+        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        if self.rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+        for shard, file in zip(shards, files, strict=True):
+            tensors = [params[s.name] for s in shard]
+            with self._gathered(tensors):
+                if self.rank == 0:
+                    save_file({s.name: t.detach().to("cpu").contiguous() for s, t in zip(shard, tensors, strict=True)},
+                              os.path.join(out_dir, file), metadata={"format": "pt"})
+            weight_map.update({s.name: file for s in shard})
+        if self.rank != 0:
+            return
+        if n > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for shard in shards for s in shard)},
+                     "weight_map": weight_map}
+            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        self.model.config.dtype = str(next(iter(params.values())).dtype).split(".")[1]  # as save_pretrained does
+        self.model.config.save_pretrained(out_dir)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(out_dir)
 
     def _gathered(self, params: list):
         """Full tensors of ZeRO-3 shards inside the block (a no-op for every other stage)."""

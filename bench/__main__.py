@@ -28,6 +28,7 @@ from bench.common import REPO, Context, Skip
 
 BENCHMARKS = {
     "generation": ("bench.generation:run", "Generation tokens/s: vLLM vs HF generate"),
+    "logprob_parity": ("bench.generation:run_parity", "Reference log-probs: vLLM prompt_logprobs vs the trainer forward"),
     "trainer": ("bench.training:run", "Trainer tokens/s: DeepSpeed ZeRO-0 / 2 / 3 vs plain torch"),
     "trainer_memory": ("bench.training:run_memory", "Trainer memory at load: ZeRO-3 zero.Init vs ZeRO-2"),
     "weight_sync": ("bench.weights:run", "Weight sync: in-place reload vs a cold engine start; checkpoint I/O"),

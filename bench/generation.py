@@ -137,3 +137,64 @@ def _spec_text(model: dict) -> str:
 
 def _jsonable(result: dict) -> dict:
     return {"load_s": result["load_s"], "by_batch": {str(b): v for b, v in result["by_batch"].items()}}
+
+
+# ------------------------------------------------------------ reference log-probs: vLLM vs the trainer forward
+PARITY_SIZES = {
+    "quick": dict(prompts=32, max_new_tokens=16, model={}),
+    "full": dict(prompts=64, max_new_tokens=48, model=dict(hidden_size=768, num_layers=8, num_heads=12,
+                                                           intermediate_size=2048, max_position_embeddings=512)),
+    "gpu": dict(prompts=256, max_new_tokens=128, model=dict(hidden_size=1024, num_layers=16, num_heads=16,
+                                                            intermediate_size=2816, max_position_embeddings=1024)),
+}
+
+
+def parity(path: str, prompts: list[list[int]], dtype: str, max_new_tokens: int) -> dict:
+    """Sequence log-probs of vLLM samples, scored by vLLM (prompt_logprobs) and by the trainer's forward
+    (`sequence_logprobs`, which HFEngine.score runs), both in `dtype`."""
+    from tspin_ray.engines import make_engine
+
+    kwargs = dict(dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.5} if _cuda() else {}))
+    vllm = make_engine("vllm", path, **kwargs)
+    responses = vllm.generate(prompts, list(range(len(prompts))), max_new_tokens=max_new_tokens, temperature=1.0,
+                              top_p=1.0)
+    got = vllm.score(prompts, responses)
+    del vllm
+    free_gpu()
+    want = make_engine("hf", path, **kwargs).score(prompts, responses)
+    gaps = [abs(a - b) for a, b in zip(got, want, strict=True)]
+    return {"max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps), "mean_abs_lp": sum(map(abs, want)) / len(want),
+            "mean_tokens": sum(map(len, responses)) / len(responses), "sequences": len(responses)}
+
+
+def run_parity(ctx: Context) -> dict:
+    from tspin_ray.modeling import load_tokenizer
+
+    missing = vllm_missing()
+    if missing:
+        from bench.common import Skip
+
+        raise Skip(missing)
+    s = ctx.sizes(PARITY_SIZES)
+    path = make_checkpoint(ctx.work / "model", **s["model"])
+    prompts = encoded_prompts(load_tokenizer(path), task_examples(s["prompts"]))
+    figures = {dtype: parity(str(path), prompts, dtype, s["max_new_tokens"]) for dtype in ("float32", "bfloat16")}
+    comparisons = [compare(dtype, "nats per sequence (ratio: relative gap)", "mean |lp| (trainer forward)",
+                           f["mean_abs_lp"], "max |lp_vLLM - lp_trainer|", f["max_gap"], higher_is_better=False)
+                   for dtype, f in figures.items()]
+    notes = [f"Random-weight tiny Llama ({_spec_text(s['model'])}), {s['prompts']} `addition` prompts, one vLLM "
+             f"sample each at temperature 1 (up to {s['max_new_tokens']} tokens), scored by vLLM's prompt_logprobs "
+             f"(SPIN/SPACE's lp_ref on the generator) and by the trainer's forward, both in the same dtype.",
+             "What a gap costs: SPIN's logit is beta x ((lp(y) - lp_ref(y)) - (lp(y') - lp_ref(y'))), so a gap of d "
+             "nats in lp_ref moves it by at most 2 x beta x d (beta = 0.1 in the papers)."]
+    rows = [[dtype, f["max_gap"], f["mean_gap"], f["mean_abs_lp"], f["mean_tokens"], f["sequences"]]
+            for dtype, f in figures.items()]
+    return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures, "headline": "bfloat16",
+            "tables": [{"title": "Per dtype", "columns": ["dtype", "max gap", "mean gap", "mean |lp|",
+                                                          "tokens/sequence", "sequences"], "rows": rows}]}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

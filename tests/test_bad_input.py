@@ -93,6 +93,8 @@ CONFIG_CASES = {
     "impossible_gpus": ({"resources": {"trainer_gpus": 2}}, ["resources", "GPU"]),
     "gpus_not_tensor_parallel": ({"generation": {"backend": "vllm", "tensor_parallel_size": 2},
                                   "resources": {"generator_gpus": 1}}, ["generator_gpus (1)", "tensor_parallel_size (2)"]),
+    "tensor_parallel_hf": ({"generation": {"tensor_parallel_size": 2}},
+                           ["generation.tensor_parallel_size (2)", "needs backend: vllm"]),
     "broadcast_without_persistent": ({"generation": {"weight_sync": "broadcast"}}, ["needs persistent: true"]),
     "offload_without_zero": ({"training": {"offload": "optimizer"}}, ["offload", "zero_stage >= 1"]),
 }

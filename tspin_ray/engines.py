@@ -165,8 +165,11 @@ class VLLMEngine:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_mode
-            if tensor_parallel_size > 1:  # TP workers as processes on this actor's GPUs, never Ray actors
-                kwargs["distributed_executor_backend"] = "mp"
+        if tensor_parallel_size > 1:  # TP workers as processes on this actor's GPUs (or cores), never Ray actors
+            kwargs["distributed_executor_backend"] = "mp"
+            if not torch.cuda.is_available():  # vLLM-CPU pins each TP worker's threads to cores of its own
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                      cpu_thread_binds(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
         self.llm = LLM(**kwargs)
 
     def _prompts(self, prompts):
@@ -213,6 +216,22 @@ class VLLMEngine:
         n = self.llm.collective_rpc("tspin_receive_weights", args=(host, port, rank, world_size, plain, timeout_s))
         self.llm.reset_prefix_cache()
         return n[0]
+
+
+def cpu_thread_binds(cores: list[int], tensor_parallel_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `tensor_parallel_size` vLLM-CPU workers: the cores this process may
+    use, split into contiguous groups, one per worker ('|' between workers). With fewer cores than workers
+    they share round robin (vLLM-CPU otherwise asks for a NUMA node per worker and refuses to start).
+
+    >>> cpu_thread_binds([0, 1, 2, 3, 4, 5, 6, 7], 2)
+    '0,1,2,3|4,5,6,7'
+    >>> cpu_thread_binds([0, 1], 2), cpu_thread_binds([3], 2)
+    ('0|1', '3|3')
+    """
+    n = max(1, len(cores) // tensor_parallel_size)
+    if len(cores) < tensor_parallel_size:
+        return "|".join(str(cores[i % len(cores)]) for i in range(tensor_parallel_size))
+    return "|".join(",".join(map(str, cores[i * n:(i + 1) * n])) for i in range(tensor_parallel_size))
 
 
 ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}

@@ -347,6 +347,9 @@ class Trainer:
         if self.backend == "deepspeed" and self.zero_stage == 3:
             self._export_zero3(out_dir, shard_bytes)
         elif self.rank == 0:  # every rank holds the whole model: transformers writes it as it is
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # its "Writing model shards" bar would reach the driver's output
             self.model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=shard_bytes)
         if self.rank == 0:
             self.tokenizer.save_pretrained(out_dir)

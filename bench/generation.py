@@ -149,12 +149,12 @@ PARITY_SIZES = {
 }
 
 
-def parity(path: str, prompts: list[list[int]], dtype: str, max_new_tokens: int) -> dict:
+def parity(path: str, prompts: list[list[int]], dtype: str, max_new_tokens: int, gpu: bool) -> dict:
     """Sequence log-probs of vLLM samples, scored by vLLM (prompt_logprobs) and by the trainer's forward
     (`sequence_logprobs`, which HFEngine.score runs), both in `dtype`."""
     from tspin_ray.engines import make_engine
 
-    kwargs = dict(dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.5} if _cuda() else {}))
+    kwargs = dict(dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.5} if gpu else {}))
     vllm = make_engine("vllm", path, **kwargs)
     responses = vllm.generate(prompts, list(range(len(prompts))), max_new_tokens=max_new_tokens, temperature=1.0,
                               top_p=1.0)
@@ -178,7 +178,7 @@ def run_parity(ctx: Context) -> dict:
     s = ctx.sizes(PARITY_SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
     prompts = encoded_prompts(load_tokenizer(path), task_examples(s["prompts"]))
-    figures = {dtype: parity(str(path), prompts, dtype, s["max_new_tokens"]) for dtype in ("float32", "bfloat16")}
+    figures = {dtype: parity(str(path), prompts, dtype, s["max_new_tokens"], ctx.gpu) for dtype in ("float32", "bfloat16")}
     comparisons = [compare(dtype, "nats per sequence (ratio: relative gap)", "mean |lp| (trainer forward)",
                            f["mean_abs_lp"], "max |lp_vLLM - lp_trainer|", f["max_gap"], higher_is_better=False)
                    for dtype, f in figures.items()]
@@ -193,8 +193,3 @@ def run_parity(ctx: Context) -> dict:
             "tables": [{"title": "Per dtype", "columns": ["dtype", "max gap", "mean gap", "mean |lp|",
                                                           "tokens/sequence", "sequences"], "rows": rows}]}
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

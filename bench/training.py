@@ -218,14 +218,18 @@ MEMORY_SIZES = {
 }
 
 
+def _anon_mb() -> float:
+    """Anonymous memory this process holds now (RssAnon): its own allocations, not page cache."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:")) / 1024
+
+
 def _memory_mb(trainer) -> dict:  # __ray_call__: runs inside the actor on its Trainer
     import resource
 
     import torch
 
-    out = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    with open("/proc/self/status") as f:  # anonymous memory now: what the process itself holds, not page cache
-        out["anon_mb"] = next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:")) / 1024
+    out = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mb": _anon_mb()}
     if torch.cuda.is_available():
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if trainer.model is not None:
@@ -239,15 +243,11 @@ def _export_peak(trainer, out_dir: str, shard_bytes: int) -> dict:  # __ray_call
 
     import torch
 
-    def anon_mb() -> float:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:")) / 1024
-
-    start, peak, done = anon_mb(), [0.0], threading.Event()
+    start, peak, done = _anon_mb(), [0.0], threading.Event()
 
     def sample():
         while not done.wait(0.002):
-            peak[0] = max(peak[0], anon_mb())
+            peak[0] = max(peak[0], _anon_mb())
 
     thread = threading.Thread(target=sample, daemon=True)
     if torch.cuda.is_available():
@@ -257,7 +257,7 @@ def _export_peak(trainer, out_dir: str, shard_bytes: int) -> dict:  # __ray_call
     seconds = trainer.export(out_dir, shard_bytes)
     done.set()
     thread.join()
-    out = {"rank": trainer.rank, "host_mb": max(peak[0], anon_mb()) - start, "seconds": seconds}
+    out = {"rank": trainer.rank, "host_mb": max(peak[0], _anon_mb()) - start, "seconds": seconds}
     if torch.cuda.is_available():
         out["gpu_mb"] = (torch.cuda.max_memory_allocated() - gpu_start) / 2**20
     return out

@@ -18,7 +18,7 @@ import torch
 
 from tspin_ray import tasks as task_lib
 from tspin_ray.config import TinyModelSpec
-from tspin_ray.formatting import decode_response, encode_prompt, encode_response
+from tspin_ray.formatting import chat_format
 from tspin_ray.logprobs import response_lengths, sequence_logprobs
 from tspin_ray.modeling import build_tiny_model, build_tokenizer
 
@@ -26,19 +26,20 @@ from tspin_ray.modeling import build_tiny_model, build_tokenizer
 def greedy_exact_match(model, tokenizer, rows: list[dict], batch_size: int = 200) -> float:
     """Greedy decoding with left padding; fraction of exact matches."""
     model.eval()
+    fmt = chat_format(tokenizer)
     max_new = max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows) + 2
     hits = 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
-            ids = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
+            ids = [fmt.prompt_ids(r["prompt"]) for r in chunk]
             width = max(map(len, ids))
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
             out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             for r, gen in zip(chunk, out[:, width:].tolist(), strict=True):
-                hits += task_lib.exact_match(decode_response(tokenizer, gen), r["response"])
+                hits += task_lib.exact_match(fmt.decode(gen), r["response"])
     model.train()
     return hits / len(rows)
 
@@ -46,8 +47,9 @@ def greedy_exact_match(model, tokenizer, rows: list[dict], batch_size: int = 200
 def sft(model, tokenizer, rows: list[dict], epochs: int, lr: float, batch_size: int, warmup_ratio: float,
         seed: int) -> int:
     """AdamW, linear warmup then cosine decay, token-mean NLL on response tokens. Returns steps taken."""
-    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
-    responses = [encode_response(tokenizer, r["response"]) for r in rows]
+    fmt = chat_format(tokenizer)
+    prompts = [fmt.prompt_ids(r["prompt"]) for r in rows]
+    responses = [fmt.response_ids(r["prompt"], r["response"]) for r in rows]
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     total = epochs * steps_per_epoch
     warmup = int(warmup_ratio * total)

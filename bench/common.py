@@ -121,10 +121,9 @@ def task_examples(n: int, seed: int = 0) -> list[dict]:
     return TASKS["addition"].make(n, seed)
 
 
-def encoded_prompts(tokenizer, examples: list[dict]) -> list[list[int]]:
-    from tspin_ray.formatting import encode_prompt
-
-    return [encode_prompt(tokenizer, e["prompt"]) for e in examples]
+def encoded_prompts(fmt, examples: list[dict]) -> list[list[int]]:
+    """Rendered prompt ids under a checkpoint's ChatFormat (modeling.load_format)."""
+    return [fmt.prompt_ids(e["prompt"]) for e in examples]
 
 
 # ------------------------------------------------------------ Ray

@@ -84,12 +84,11 @@ def vllm_missing() -> str | None:
 def run(ctx: Context) -> dict:
     import torch
 
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import load_format
 
     s = ctx.sizes(SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
-    tokenizer = load_tokenizer(path)
-    prompts = encoded_prompts(tokenizer, task_examples(max(s["batch_sizes"])))
+    prompts = encoded_prompts(load_format(path), task_examples(max(s["batch_sizes"])))
     hf = measure("hf", str(path), prompts, s)
     missing = vllm_missing()
     vllm, vllm_error = None, missing
@@ -168,7 +167,7 @@ def parity(path: str, prompts: list[list[int]], dtype: str, max_new_tokens: int,
 
 
 def run_parity(ctx: Context) -> dict:
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import load_format
 
     missing = vllm_missing()
     if missing:
@@ -177,7 +176,7 @@ def run_parity(ctx: Context) -> dict:
         raise Skip(missing)
     s = ctx.sizes(PARITY_SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
-    prompts = encoded_prompts(load_tokenizer(path), task_examples(s["prompts"]))
+    prompts = encoded_prompts(load_format(path), task_examples(s["prompts"]))
     figures = {dtype: parity(str(path), prompts, dtype, s["max_new_tokens"], ctx.gpu) for dtype in ("float32", "bfloat16")}
     comparisons = [compare(dtype, "nats per sequence (ratio: relative gap)", "mean |lp| (trainer forward)",
                            f["mean_abs_lp"], "max |lp_vLLM - lp_trainer|", f["max_gap"], higher_is_better=False)

@@ -184,19 +184,18 @@ def overhead_inputs(ctx: Context, s: dict):
     """Config, pi_t, and the iteration's rows with a fixed y0 per prompt (no generation needed for it)."""
     from tspin_ray.config import from_dict
     from tspin_ray.driver import example_rows, prepare
-    from tspin_ray.formatting import encode_response
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import load_format
 
     cfg = from_dict(run_config(s, ctx.work / "unused"))
     prep = prepare(cfg)
     path = make_checkpoint(ctx.work / "pi", **s["model"])
-    tok = load_tokenizer(path)
+    fmt = load_format(path)
     k = cfg.samples_per_prompt
-    proto = {e.prompt_id: [encode_response(tok, e.response[::-1])] * k for e in prep.train}
+    proto = {e.prompt_id: [fmt.response_ids(e.prompt, e.response[::-1])] * k for e in prep.train}
     return cfg, path, example_rows(prep.train, 0, proto)
 
 
-def generate_batch(engine, tokenizer, chunk: list[dict], kw: dict) -> dict[str, list]:
+def generate_batch(engine, fmt, chunk: list[dict], kw: dict) -> dict[str, list]:
     """GenerateStage.__call__ without Ray and without reference scoring: the same encoding, seeds, engine
     call, decoding and Parquet shard. (GenerateStage itself asks ray.get_runtime_context() for its name,
     which starts a whole local Ray when it runs outside one.)"""
@@ -204,20 +203,22 @@ def generate_batch(engine, tokenizer, chunk: list[dict], kw: dict) -> dict[str, 
 
     import pyarrow as pa
 
-    from tspin_ray.formatting import decode_response, encode_prompt, encode_response
+    from tspin_ray.formatting import response_budget
     from tspin_ray.pipeline import sample_seed, write_shard
 
     k, ids = kw["samples"], [r["prompt_id"] for r in chunk]
-    prompt_ids = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
-    real_ids = [encode_response(tokenizer, r["response"], max_tokens=max(1, min(
-        kw["max_response_tokens"], kw["max_length"] - len(p)))) for r, p in zip(chunk, prompt_ids, strict=True)]
+    prompt_ids = [fmt.prompt_ids(r["prompt"], r["system"]) for r in chunk]
+    budget = [response_budget(len(p), kw["max_response_tokens"], kw["max_length"]) for p in prompt_ids]
+    real_ids = [fmt.response_ids(r["prompt"], r["response"], r["system"], max_tokens=n)
+                for r, n in zip(chunk, budget, strict=True)]
     outs = engine.generate([p for p in prompt_ids for _ in range(k)],
                            [sample_seed(kw["seed"], kw["iteration"], i, s) for i in ids for s in range(k)],
                            max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"])
-    generated = [[list(outs[i * k + s]) or [tokenizer.eos_token_id] for s in range(k)] for i in range(len(chunk))]
+    generated = [[fmt.cut(outs[i * k + s])[:budget[i]] or [fmt.end_of_turn] for s in range(k)]
+                 for i in range(len(chunk))]
     out = {"prompt_id": ids, "source_iteration": [r["source_iteration"] for r in chunk], "prompt_ids": prompt_ids,
            "real_ids": real_ids, "generated_ids": generated,
-           "generated": [[decode_response(tokenizer, g) for g in gs] for gs in generated],
+           "generated": [[fmt.decode(g) for g in gs] for gs in generated],
            "proto_ids": [json.loads(r["proto_json"]) if r["proto_json"] else [] for r in chunk],
            "gen_tokens": [sum(len(g) for g in gs) for gs in generated]}
     write_shard(pa.Table.from_pydict(out), Path(kw["out_dir"]), [f"{r['source_iteration']}:{r['prompt_id']}"
@@ -230,18 +231,18 @@ def single_process(cfg, path, rows: list[dict], out_dir) -> dict:
     import torch
 
     from tspin_ray.engines import make_engine
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import load_format
     from tspin_ray.trainer import Trainer
 
     tr, batch = cfg.training, cfg.generation.batch_size
     kw = stage_kwargs(cfg, path, out_dir)
     t0 = now()
     engine = make_engine(kw["backend"], kw["model_path"], seed=kw["seed"], **kw["engine_kwargs"])
-    tokenizer = load_tokenizer(path)
+    fmt = load_format(path)
     loaded = now()
     generated, first = [], None
     for i in range(0, len(rows), batch):
-        out = generate_batch(engine, tokenizer, rows[i:i + batch], kw)
+        out = generate_batch(engine, fmt, rows[i:i + batch], kw)
         generated += [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
         first = first if first is not None else now() - t0
     gen_done = now()

@@ -35,7 +35,7 @@ SIZES = {
 
 def rows_for(n: int) -> list[dict]:
     return [{"prompt_id": e["id"], "prompt": e["prompt"], "response": e["response"], "source_iteration": 0,
-             "proto_json": "", "given_json": ""} for e in task_examples(n)]
+             "system": "", "proto_json": "", "given_json": ""} for e in task_examples(n)]
 
 
 def stage_kwargs(path, s: dict) -> dict:

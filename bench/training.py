@@ -45,19 +45,17 @@ BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="a
              weight_decay=0.0, schedule="constant", warmup_ratio=0.0, grad_clip=1.0)
 
 
-def triplet_rows(tokenizer, n: int, response_chars: tuple[int, int], seed: int = 0) -> list[dict]:
+def triplet_rows(fmt, n: int, response_chars: tuple[int, int], seed: int = 0) -> list[dict]:
     """n T-SPIN rows (prompt, y, one y', one y0) on `addition` prompts; y' and y0 are random digit strings
     of a generator-like length, so every variant trains on exactly the same tokens."""
-    from tspin_ray.formatting import encode_prompt, encode_response
-
     rng = random.Random(seed)
 
-    def noise() -> list[int]:
+    def noise(prompt: str) -> list[int]:
         text = "".join(rng.choice("0123456789") for _ in range(rng.randint(*response_chars)))
-        return encode_response(tokenizer, text)
+        return fmt.response_ids(prompt, text)
 
-    return [{"prompt_ids": encode_prompt(tokenizer, e["prompt"]), "real_ids": encode_response(tokenizer, e["response"]),
-             "generated_ids": [noise()], "proto_ids": [noise()]} for e in task_examples(n, seed)]
+    return [{"prompt_ids": fmt.prompt_ids(e["prompt"]), "real_ids": fmt.response_ids(e["prompt"], e["response"]),
+             "generated_ids": [noise(e["prompt"])], "proto_ids": [noise(e["prompt"])]} for e in task_examples(n, seed)]
 
 
 def step_batches(rows: list[dict], global_batch: int, micro_batch: int) -> list[list[dict]]:
@@ -157,12 +155,12 @@ def gpu_peak() -> float | None:
 def run(ctx: Context) -> dict:
     import torch
 
-    from tspin_ray.modeling import load_tokenizer
+    from tspin_ray.modeling import load_format
 
     s = ctx.sizes(SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
     params = param_count(path)
-    steps = step_batches(triplet_rows(load_tokenizer(path), (s["warmup_steps"] + s["steps"]) * s["global_batch"],
+    steps = step_batches(triplet_rows(load_format(path), (s["warmup_steps"] + s["steps"]) * s["global_batch"],
                                       tuple(s["response_chars"])), s["global_batch"], s["micro_batch"])
     warmup, timed = steps[:s["warmup_steps"]], steps[s["warmup_steps"]:]
     tokens = sum(tokens_in(st) for st in timed)

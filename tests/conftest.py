@@ -89,3 +89,23 @@ def tiny_ckpt_b(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_b") / "pi"
     save_tiny(out, TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=1))
     return out
+
+
+FAMILY_SPEC = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="session")
+def family_ckpt(tmp_path_factory):
+    """family name, seed -> a tiny checkpoint shaped like that family (tspin_ray/families.py), built once."""
+    from tspin_ray.config import TinyModelSpec
+    from tspin_ray.modeling import save_tiny
+
+    root, made = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str, seed: int = 0) -> Path:
+        if (family, seed) not in made:
+            made[family, seed] = save_tiny(root / f"{family}-{seed}", TinyModelSpec(family=family, seed=seed,
+                                                                                     **FAMILY_SPEC))
+        return made[family, seed]
+
+    return get

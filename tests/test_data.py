@@ -95,7 +95,7 @@ def test_bad_row_is_skipped_and_counted(tmp_path, case, bad, line, kw, reason, f
 def test_token_counter_is_used_and_named(tmp_path):
     path = write(tmp_path / "d.jsonl", [good(0), json.dumps({"prompt": "a b c d", "response": "r"}).encode()])
     with pytest.raises(UserError, match=r"d.jsonl:2: prompt: 4 tokens > max_prompt_tokens 3"):
-        read_examples(path, cfg_for(path, max_prompt_tokens=3), count_tokens=lambda s: len(s.split()))
+        read_examples(path, cfg_for(path, max_prompt_tokens=3), count_tokens=lambda prompt, system: len(prompt.split()))
 
 
 def test_bom_crlf_and_blank_lines_are_accepted(tmp_path):
@@ -205,13 +205,45 @@ def test_parquet_happy_path_and_bad_row(tmp_path):
         [{"role": "user", "content": "q2"}, {"role": "user", "content": "q2b"}, {"role": "assistant", "content": "a2"}],
     ]}), path)
     examples, report = read_examples(path, cfg_for(path, messages_column="messages", id_column="uid"))
-    assert examples == [Example("10", "q0", "a0"), Example("11", "q1", "a1"), Example("12", "q2", "a2")]
+    # the system turn stays with its prompt (rendered before it by the chat template)
+    assert examples == [Example("10", "q0", "a0", "s"), Example("11", "q1", "a1"), Example("12", "q2", "a2")]
     assert (report.source, report.rows) == (str(path), 3)
     pq.write_table(pa.table({"prompt": ["a", None], "response": ["b", "c"]}), path)
     with pytest.raises(UserError, match=rf"^{path}:row 2: prompt: is null$"):
         read_examples(path, cfg_for(path))
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match="not a readable Parquet file"):
+        read_examples(path, cfg_for(path))
+
+
+ULTRACHAT = [  # the papers' dataset: prompt, prompt_id and the whole conversation, no response column
+    {"prompt": "How do I sort letters?", "prompt_id": "a1f3", "messages": [
+        {"role": "user", "content": "How do I sort letters?"}, {"role": "assistant", "content": "Alphabetically."},
+        {"role": "user", "content": "And numbers?"}, {"role": "assistant", "content": "By value."}]},
+    {"prompt": "What is 2+2?", "prompt_id": "b7c9", "messages": [
+        {"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"}]},
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_ultrachat_rows_load_with_no_column_keys(tmp_path, fmt):
+    import datasets
+
+    path = tmp_path / {"jsonl": "u.jsonl", "parquet": "u.parquet", "hf": "u"}[fmt]
+    ds = datasets.Dataset.from_list(ULTRACHAT)
+    {"jsonl": lambda: path.write_text("".join(json.dumps(r) + "\n" for r in ULTRACHAT)),
+     "parquet": lambda: ds.to_parquet(str(path)), "hf": lambda: ds.save_to_disk(str(path))}[fmt]()
+    examples, _ = read_examples(path, cfg_for(path))
+    # First turn only (as the papers), prompt_id as the id, the system turn kept with the prompt.
+    assert examples == [Example("a1f3", "How do I sort letters?", "Alphabetically."),
+                        Example("b7c9", "What is 2+2?", "4", "Answer with a number.")]
+
+
+def test_rows_with_neither_layout_name_the_keys_to_set(tmp_path):
+    path = write(tmp_path / "d.jsonl", [json.dumps({"question": "q", "answer": "a"}).encode()])
+    with pytest.raises(UserError, match=r"d.jsonl:1: prompt: missing \(the row has: question, answer\); set "
+                                        r"data.prompt_column and data.response_column, or data.messages_column"):
         read_examples(path, cfg_for(path))
 
 

@@ -92,7 +92,7 @@ def child(case: str, out_path: str) -> None:
         ckpt = work / "pi"
         save_tiny(ckpt, TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=0))
         rows = [{"prompt_id": f"p{i}", "prompt": f"{i}+{i}=", "response": str(2 * i), "source_iteration": 0,
-                 "proto_json": "", "given_json": ""} for i in range(PROMPTS)]
+                 "system": "", "proto_json": "", "given_json": ""} for i in range(PROMPTS)]
         kwargs = dict(model_path=str(ckpt), backend="hf", engine_kwargs={}, iteration=0, seed=7, samples=1,
                       max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0, max_response_tokens=16,
                       max_length=48, score_ref=False, out_dir=str(work / "gen"))

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tspin_ray.engines import HFEngine, make_engine
-from tspin_ray.formatting import encode_prompt
 from tspin_ray.logprobs import sequence_logprobs
 from tspin_ray.modeling import load_model
 
@@ -18,7 +17,7 @@ SAMPLING = dict(max_new_tokens=6, temperature=1.0, top_p=1.0)
 
 
 def _ids(engine) -> list[list[int]]:
-    return [encode_prompt(engine.tokenizer, p) for p in PROMPTS]
+    return [engine.format.prompt_ids(p) for p in PROMPTS]
 
 
 def test_hf_sample_depends_on_its_seed_only(tiny_ckpt):
@@ -37,13 +36,14 @@ def test_hf_greedy_and_eos_cut(tiny_ckpt):
     out = engine.generate(_ids(engine), [0] * 4, max_new_tokens=6, temperature=0.0, top_p=1.0)
     for row in out:
         assert 1 <= len(row) <= 6
-        assert engine.eos_id not in row[:-1]  # nothing kept after the first EOS
+        assert not set(engine.stop_ids) & set(row[:-1])  # nothing kept after the first end of turn
 
 
 def test_hf_score_matches_sequence_logprobs(tiny_ckpt):
     engine = HFEngine(str(tiny_ckpt))
     prompts = _ids(engine)
-    responses = [[5, 6, engine.eos_id], [7, engine.eos_id], [8, 9, 10, 11], [engine.eos_id]]
+    eos = engine.format.end_of_turn
+    responses = [[5, 6, eos], [7, eos], [8, 9, 10, 11], [eos]]
     model = load_model(tiny_ckpt)
     with torch.no_grad():
         want = sequence_logprobs(model, prompts, responses, engine.pad_id).tolist()

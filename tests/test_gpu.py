@@ -11,7 +11,6 @@ import torch
 from tests.test_engines import reference_logprob_gap
 from tests.test_trainer import _group_step, _rows
 from tspin_ray.engines import HFEngine, make_engine
-from tspin_ray.formatting import encode_prompt
 from tspin_ray.modeling import load_model
 
 pytestmark = [pytest.mark.gpu,
@@ -25,7 +24,7 @@ def test_vllm_gpu_generation_and_reload_match_hf(tiny_ckpt, tiny_ckpt_b):
     pytest.importorskip("vllm")
     engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64, gpu_memory_utilization=0.3)
     hf_b = HFEngine(str(tiny_ckpt_b))
-    prompts = [encode_prompt(hf_b.tokenizer, p) for p in PROMPTS]
+    prompts = [hf_b.format.prompt_ids(p) for p in PROMPTS]
     before = engine.generate(prompts, [0] * 4, **GREEDY)
     engine.reload(str(tiny_ckpt_b))
     after = engine.generate(prompts, [0] * 4, **GREEDY)
@@ -37,7 +36,7 @@ def test_vllm_sleep_frees_gpu_memory_and_wake_restores_the_same_outputs(tiny_ckp
     pytest.importorskip("vllm")
     engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64, gpu_memory_utilization=0.3,
                          sleep_mode=True)
-    prompts = [encode_prompt(HFEngine(str(tiny_ckpt)).tokenizer, p) for p in PROMPTS]
+    prompts = [HFEngine(str(tiny_ckpt)).format.prompt_ids(p) for p in PROMPTS]
     before = engine.generate(prompts, [0] * 4, **GREEDY)
     free_awake = torch.cuda.mem_get_info()[0]
     engine.sleep()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tspin_ray.config import TinyModelSpec
-from tspin_ray.formatting import encode_prompt, encode_response
+from tspin_ray.formatting import chat_format
 from tspin_ray.logprobs import pad_batch, response_lengths, sequence_logprobs
 from tspin_ray.modeling import build_tiny_model, build_tokenizer
 
@@ -29,8 +29,9 @@ def model(tok):
 @pytest.fixture(scope="module")
 def batch(tok):
     pairs = [("1+2=", "3"), ("347+589=", "936"), ("sort:d,a,c=", "a,c,d"), ("9*9=", "81")]
-    prompts = [encode_prompt(tok, p) for p, _ in pairs]
-    responses = [encode_response(tok, r) for _, r in pairs]
+    fmt = chat_format(tok)
+    prompts = [fmt.prompt_ids(p) for p, _ in pairs]
+    responses = [fmt.response_ids(p, r) for p, r in pairs]
     responses[0] = responses[0][:-1]  # one response without EOS (cut by max_new_tokens)
     return prompts, responses
 
@@ -71,7 +72,8 @@ def test_result_does_not_depend_on_batch_neighbours(model, tok, batch):
 def test_prompt_tokens_are_conditioned_on_but_not_scored(model, tok):
     # Chain rule: log p(x[1:] + y | x[0]) = log p(x[1:] | x[0]) + log p(y | x). Holds only if exactly the
     # response positions are summed, whatever the prompt/response split.
-    x, y = encode_prompt(tok, "12+34="), encode_response(tok, "46")
+    fmt = chat_format(tok)
+    x, y = fmt.prompt_ids("12+34="), fmt.response_ids("12+34=", "46")
     with torch.no_grad():
         whole, head, tail = sequence_logprobs(model, [x[:1], x[:1], x], [x[1:] + y, x[1:], y], tok.pad_token_id)
     assert torch.allclose(whole, head + tail, atol=1e-4)

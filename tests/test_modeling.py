@@ -14,13 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tspin_ray.config import TinyModelSpec
 from tspin_ray.errors import UserError
-from tspin_ray.formatting import (
-    PLAIN_TEMPLATE,
-    decode_response,
-    encode_prompt,
-    encode_response,
-    format_prompt,
-)
+from tspin_ray.formatting import PLAIN_TEMPLATE, chat_format
 from tspin_ray.modeling import (
     CHARSET,
     build_tiny_model,
@@ -63,15 +57,17 @@ def test_every_character_is_one_token_and_round_trips():
 
 
 def test_formatting_prompt_response_and_decode():
-    tok = build_tokenizer()
-    assert format_prompt(tok, "12+34=") == "<|user|>12+34=<|assistant|>"
-    assert tok.decode(encode_prompt(tok, "12+34=")) == "<|user|>12+34=<|assistant|>"
-    ids = encode_response(tok, "46")
+    fmt = chat_format(build_tokenizer())
+    tok = fmt.tokenizer
+    assert fmt.render("12+34=") == "<|user|>12+34=<|assistant|>"
+    assert tok.decode(fmt.prompt_ids("12+34=")) == "<|user|>12+34=<|assistant|>"
+    ids = fmt.response_ids("12+34=", "46")
     assert ids[-1] == tok.eos_token_id and len(ids) == 3
-    assert encode_response(tok, "4600", max_tokens=3) == ids[:2] + tok("0", add_special_tokens=False)["input_ids"]
-    assert decode_response(tok, ids + tok("99", add_special_tokens=False)["input_ids"] + [tok.pad_token_id]) == "46"
+    assert fmt.response_ids("12+34=", "4600", max_tokens=3) == ids[:2] + tok("0", add_special_tokens=False)["input_ids"]
+    assert fmt.decode(ids + tok("99", add_special_tokens=False)["input_ids"] + [tok.pad_token_id]) == "46"
+    assert (fmt.stop_ids, fmt.pad_id, fmt.bos_id) == ((tok.eos_token_id,), tok.pad_token_id, None)
     tok.chat_template = None
-    assert format_prompt(tok, "hi") == PLAIN_TEMPLATE.format(prompt="hi")
+    assert chat_format(tok).render("hi") == PLAIN_TEMPLATE.format(prompt="hi")
 
 
 def test_tiny_model_is_deterministic_in_seed():
@@ -88,14 +84,14 @@ def test_save_tiny_loads_with_auto_classes_and_safe_loaders(tiny_dir):
     gen = json.loads((tiny_dir / "generation_config.json").read_text())
     tok = AutoTokenizer.from_pretrained(tiny_dir, local_files_only=True)
     assert (gen["eos_token_id"], gen["pad_token_id"]) == (tok.eos_token_id, tok.pad_token_id)
-    assert format_prompt(tok, "1+2=") == "<|user|>1+2=<|assistant|>"
+    assert chat_format(tok).render("1+2=") == "<|user|>1+2=<|assistant|>"
     auto = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True)
     model = load_model(tiny_dir)
     expected = build_tiny_model(SPEC, build_tokenizer())
     for name, tensor in expected.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
         assert torch.equal(auto.state_dict()[name], tensor), name
-    assert load_tokenizer(tiny_dir).decode(encode_prompt(tok, "1+2=")) == "<|user|>1+2=<|assistant|>"
+    assert load_tokenizer(tiny_dir).decode(chat_format(tok).prompt_ids("1+2=")) == "<|user|>1+2=<|assistant|>"
 
 
 def test_loaders_give_one_line_user_errors(tmp_path, tiny_dir):
@@ -113,8 +109,8 @@ def test_loaders_give_one_line_user_errors(tmp_path, tiny_dir):
 def test_vllm_loads_tiny_and_agrees_with_hf(tiny_dir):
     """In a subprocess: the vLLM CPU engine binds threads and would slow the rest of the suite."""
     pytest.importorskip("vllm")
-    tok = build_tokenizer()
-    prompts = [encode_prompt(tok, "12+34=") + encode_response(tok, "46"), encode_prompt(tok, "sort:c,a=")]
+    fmt = chat_format(build_tokenizer())
+    prompts = [fmt.prompt_ids("12+34=") + fmt.response_ids("12+34=", "46"), fmt.prompt_ids("sort:c,a=")]
     script = textwrap.dedent(f"""
         import json
         from vllm import LLM, SamplingParams

@@ -19,8 +19,8 @@ from tspin_ray.pipeline import (
 
 
 def _rows(n: int, t: int = 0) -> list[dict]:
-    return [{"prompt_id": f"p{i}", "prompt": f"{i}+{i}=", "response": str(2 * i), "source_iteration": t,
-             "proto_json": "", "given_json": ""} for i in range(n)]
+    return [{"prompt_id": f"p{i}", "prompt": f"{i}+{i}=", "response": str(2 * i), "system": "",
+             "source_iteration": t, "proto_json": "", "given_json": ""} for i in range(n)]
 
 
 def _kwargs(ckpt, out_dir, samples=2, score_ref=False, iteration=0):
@@ -87,3 +87,21 @@ def test_check_complete_reports_missing_and_duplicates(ray_session, tiny_ckpt, t
 
     with pytest.raises(RuntimeError, match="0 rows missing, 5 duplicated"):
         check_complete(pa.concat_tables([table, table]), [(0, f"p{i}") for i in range(5)], 2, "iteration 0")
+
+
+def test_a_failed_phase_names_the_root_cause_in_one_line(ray_session):
+    """Ray wraps a worker's exception (RayTaskError, UserCodeException, a traceback); the user's one line
+    carries the innermost exception's type and first line instead of a cut-off wrapper."""
+    import ray
+
+    from tspin_ray.driver import consume
+    from tspin_ray.errors import RunFailed
+
+    def engine_that_breaks(batch):  # defined here: Ray's workers cannot import the test module
+        raise RuntimeError("CPU Generator does not use offset\nat sampler.py:42")
+
+    ds = ray.data.range(8).map_batches(engine_that_breaks, batch_size=4, max_retries=0)
+    with pytest.raises(RunFailed) as err:
+        consume(ds.iter_batches(batch_size=None), lambda b: None, timeout=120, what="proto")
+    assert str(err.value) == ("proto failed (each batch tried generation.max_attempts times): "
+                              "RuntimeError: CPU Generator does not use offset")

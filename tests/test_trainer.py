@@ -11,8 +11,7 @@ import pytest
 import ray
 import torch
 
-from tspin_ray.formatting import encode_prompt, encode_response
-from tspin_ray.modeling import load_model, load_tokenizer
+from tspin_ray.modeling import load_format, load_model
 from tspin_ray.objectives import tspin
 from tspin_ray.trainer import batch_logprobs, start_trainers
 
@@ -22,15 +21,16 @@ BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="a
 
 
 def _rows(ckpt) -> list[dict]:
-    tok = load_tokenizer(ckpt)
+    fmt = load_format(ckpt)
     rows = []
     for i in range(8):
         a, b = 10 + 7 * i, 3 + 11 * i
+        x = f"{a}+{b}="
         rows.append({
-            "prompt_ids": encode_prompt(tok, f"{a}+{b}="),
-            "real_ids": encode_response(tok, str(a + b)),
-            "generated_ids": [encode_response(tok, str(a + b + i + 1))],
-            "proto_ids": [encode_response(tok, str(a * 2))],
+            "prompt_ids": fmt.prompt_ids(x),
+            "real_ids": fmt.response_ids(x, str(a + b)),
+            "generated_ids": [fmt.response_ids(x, str(a + b + i + 1))],
+            "proto_ids": [fmt.response_ids(x, str(a * 2))],
         })
     return rows
 

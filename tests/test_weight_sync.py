@@ -124,9 +124,7 @@ def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0,
 
 
 def _prompt_ids(driver, rows):
-    from tspin_ray.formatting import encode_prompt
-
-    return [encode_prompt(driver.prep.tokenizer, r["prompt"]) for r in rows]
+    return [driver.prep.format.prompt_ids(r["prompt"]) for r in rows]
 
 
 def test_persistent_and_colocated_runs_equal_the_per_phase_run(ray_session, tmp_path):

@@ -43,11 +43,11 @@ def cmd_train(args) -> int:
 def cmd_validate_data(args) -> int:
     from tspin_ray.config import load_config
     from tspin_ray.data import format_report, load_splits
-    from tspin_ray.modeling import build_tokenizer, load_tokenizer
+    from tspin_ray.modeling import load_format, tiny_format
 
     cfg = load_config(args.config, args.overrides)
-    tok = load_tokenizer(cfg.model.path) if cfg.model.path else build_tokenizer()
-    splits = load_splits(cfg.data, count_tokens=lambda s: len(tok(s)["input_ids"]))
+    fmt = load_format(cfg.model.path, cfg.model.trust_remote_code) if cfg.model.path else tiny_format(cfg.model.tiny)
+    splits = load_splits(cfg.data, count_tokens=lambda prompt, system: len(fmt.prompt_ids(prompt, system)))
     print(format_report(splits))
     return 0
 

@@ -34,6 +34,10 @@ def _f(default: Any, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class TinyModelSpec:
+    family: Literal["char", "zephyr", "llama3", "qwen2"] = _f(
+        "char", "Model family the tiny checkpoint is shaped like (tspin_ray/families.py): char (character "
+                "tokenizer, fastest), zephyr (Mistral, SentencePiece-style BPE, no pad), llama3 (tied, GQA, "
+                "byte-level BPE, <|eot_id|>), qwen2 (tied, GQA, ChatML).")
     hidden_size: int = _f(128, "Model width. head_dim = hidden_size / num_heads must be >= 32 for vLLM-CPU.")
     num_layers: int = _f(4, "Decoder layers.")
     num_heads: int = _f(4, "Attention heads.")

@@ -29,7 +29,7 @@ from tspin_ray.errors import UserError
 
 MAX_PROBLEMS = 10  # problems kept in a DataReport; the counts cover the rest
 _BOM = b"\xef\xbb\xbf"
-TokenCounter = Callable[[str], int]  # text -> tokens, e.g. lambda s: len(tok(s).input_ids)
+TokenCounter = Callable[[str, str], int]  # (prompt, system) -> tokens of the rendered prompt
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -38,6 +38,7 @@ class Example:
     prompt_id: str
     prompt: str
     response: str
+    system: str = ""  # a system turn of chat data, rendered before the prompt by the chat template
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,22 @@ class _Columns:
     response: str
     messages: str | None
     id: str | None
+    auto: bool = False  # messages/id not configured: taken from UltraChat's layout when the data has it
 
     @property
     def needed(self) -> list[str]:
         cols = [self.messages] if self.messages else [self.prompt, self.response]
         return cols + ([self.id] if self.id else [])
+
+    def resolve(self, names: Iterable[str]) -> _Columns:
+        """UltraChat rows (prompt, prompt_id, messages) need no keys set: `messages` when prompt and response
+        are not both there, `prompt_id` as the id when there is one."""
+        if not self.auto:
+            return self
+        names = set(names)
+        both = self.prompt in names and self.response in names
+        messages = self.messages or ("messages" if not both and "messages" in names else None)
+        return _Columns(self.prompt, self.response, messages, self.id or ("prompt_id" if "prompt_id" in names else None))
 
 
 def _kind(value: Any) -> str:
@@ -100,30 +112,40 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _from_messages(turns: Any, field: str) -> tuple[str, str]:
-    """First user turn = prompt, first assistant turn after it = response (how SPIN reads UltraChat)."""
+def _from_messages(turns: Any, field: str) -> tuple[str, str, str]:
+    """First user turn = prompt, first assistant turn after it = response (how SPIN reads UltraChat); a
+    system turn before the prompt stays with it."""
     if not isinstance(turns, list | tuple):
         raise _BadRow("wrong_type", field, f"expected a list of {{role, content}} turns, got {_kind(turns)}")
-    prompt = None
+    prompt, system = None, ""
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
             raise _BadRow("wrong_type", f"{field}[{i}]", f"expected {{role, content}}, got {str(turn)[:40]!r}")
-        if prompt is None and turn["role"] == "user":
+        if prompt is None and turn["role"] == "system":
+            system = _text(turn.get("content"), f"{field}[{i}].content")
+        elif prompt is None and turn["role"] == "user":
             prompt = _text(turn.get("content"), f"{field}[{i}].content")
         elif prompt is not None and turn["role"] == "assistant":
-            return prompt, _text(turn.get("content"), f"{field}[{i}].content")
+            return prompt, _text(turn.get("content"), f"{field}[{i}].content"), system
     if prompt is None:
         raise _BadRow("no_user_turn", field, "no user turn")
     raise _BadRow("no_assistant_turn", field, "no assistant turn after the first user turn")
 
 
 def _example(record: dict, cols: _Columns, cfg: DataConfig, count_tokens: TokenCounter | None) -> Example:
+    cols, system = cols.resolve(k for k, v in record.items() if v is not None), ""
     if cols.messages:
         pfield = rfield = cols.messages
-        prompt, response = _from_messages(_get(record, cols.messages), cols.messages)
+        prompt, response, system = _from_messages(_get(record, cols.messages), cols.messages)
     else:
         pfield, rfield = cols.prompt, cols.response
-        prompt, response = _text(_get(record, pfield), pfield), _text(_get(record, rfield), rfield)
+        try:
+            prompt, response = _text(_get(record, pfield), pfield), _text(_get(record, rfield), rfield)
+        except _BadRow as bad:
+            if bad.reason != "missing_field" or (pfield in record and rfield in record):
+                raise
+            raise _BadRow(bad.reason, bad.field, f"{bad}; set data.prompt_column and data.response_column, "
+                                                 "or data.messages_column for chat rows") from None
     if not prompt.strip():
         raise _BadRow("empty_prompt", pfield, "empty or whitespace only")
     if not response.strip():
@@ -138,11 +160,11 @@ def _example(record: dict, cols: _Columns, cfg: DataConfig, count_tokens: TokenC
     else:
         # A hash of the text, not the row number: stable when the file is reordered, across runs and machines.
         prompt_id = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-    n = count_tokens(prompt) if count_tokens else len(prompt)
+    n = count_tokens(prompt, system) if count_tokens else len(prompt)
     if n > cfg.max_prompt_tokens:
         unit = "tokens" if count_tokens else "characters (no tokenizer given)"
         raise _BadRow("prompt_too_long", pfield, f"{n} {unit} > max_prompt_tokens {cfg.max_prompt_tokens}")
-    return Example(prompt_id, prompt, response)
+    return Example(prompt_id, prompt, response, system)
 
 
 def _collect(source: str, rows: Iterable[tuple[int, dict | _BadRow]], cols: _Columns, cfg: DataConfig,
@@ -214,12 +236,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | _BadRow]]:
             "not_object", "row", f"expected a JSON object, got {_kind(record)}")
 
 
-def _require(source: Path, names: list[str], cols: _Columns) -> None:
-    """A column absent from the whole file is one file-level error, not one error per row."""
+def _require(source: Path, names: list[str], cols: _Columns) -> _Columns:
+    """The columns this file is read by; a column absent from the whole file is one file-level error,
+    not one error per row."""
+    cols = cols.resolve(names)
     for col in cols.needed:
         if col not in names:
             raise UserError(f"{source}: no column {col!r} (columns: {', '.join(map(str, names))}); "
                             "set data.prompt_column / response_column / messages_column / id_column")
+    return cols
 
 
 def _csv_rows(path: Path, cols: _Columns) -> Iterator[tuple[int, dict | _BadRow]]:
@@ -240,7 +265,7 @@ def _csv_rows(path: Path, cols: _Columns) -> Iterator[tuple[int, dict | _BadRow]
             return
         if 1 in bad_lines:
             raise UserError(f"{path}:1: header: {bad_lines[1]}")
-        _require(path, header, cols)
+        cols = _require(path, header, cols)
         start = reader.line_num + 1
         for record in reader:
             first, start = start, reader.line_num + 1
@@ -276,7 +301,7 @@ def _parquet_rows(path: Path, cols: _Columns) -> Iterator[tuple[int, dict | _Bad
         pf = pq.ParquetFile(path)
     except pa.ArrowException as e:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
-    _require(path, pf.schema_arrow.names, cols)
+    cols = _require(path, pf.schema_arrow.names, cols)
     return _arrow_rows(path, pf.iter_batches(batch_size=4096, columns=cols.needed))
 
 
@@ -291,7 +316,7 @@ def _hf_rows(path: Path, cols: _Columns, split: str) -> Iterator[tuple[int, dict
         if split not in ds:
             raise UserError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set data.split")
         ds = ds[split]
-    _require(path, ds.column_names, cols)
+    cols = _require(path, ds.column_names, cols)
     return _arrow_rows(path, ds.select_columns(cols.needed).with_format("arrow").iter(batch_size=4096))
 
 
@@ -318,7 +343,8 @@ def read_examples(path: str | os.PathLike, cfg: DataConfig,
     """Read and validate one file or HF dataset directory; raises UserError per `cfg.on_bad_rows`."""
     p = Path(path)
     fmt = _detect(p, cfg.format)
-    cols = _Columns(cfg.prompt_column, cfg.response_column, cfg.messages_column, cfg.id_column)
+    cols = _Columns(cfg.prompt_column, cfg.response_column, cfg.messages_column, cfg.id_column,
+                    auto=True)
     readers = {"jsonl": lambda: _jsonl_rows(p), "csv": lambda: _csv_rows(p, cols),
                "parquet": lambda: _parquet_rows(p, cols), "hf": lambda: _hf_rows(p, cols, cfg.split)}
     try:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -36,29 +37,36 @@ class Prepared:
     cfg: RunConfig
     train: list
     eval: list
-    tokenizer: object
+    format: object  # formatting.ChatFormat of the policy's tokenizer
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Check every input before any work or any write: model path, data, objective needs, resources."""
     from tspin_ray.data import load_splits
-    from tspin_ray.modeling import build_tokenizer, check_checkpoint, load_tokenizer
+    from tspin_ray.modeling import check_checkpoint, load_format, max_positions, tiny_format
 
     if cfg.model.path is not None:
         check_checkpoint(cfg.model.path)
-        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        fmt = load_format(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        positions = max_positions(cfg.model.path)
     else:
-        tokenizer = build_tokenizer()
+        fmt, positions = tiny_format(cfg.model.tiny), cfg.model.tiny.max_position_embeddings
     if cfg.generation.backend == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise UserError("generation.backend is vllm but vllm is not installed "
                             "(pip install -e .[cpu] or .[gpu], or set generation.backend=hf)") from None
-    splits = load_splits(cfg.data, count_tokens=lambda s: len(tokenizer(s)["input_ids"]))
+        if positions is not None and cfg.training.max_length >= positions:
+            # vLLM scores prompt + response as a prompt, which must be shorter than its max_model_len.
+            raise UserError(f"training.max_length ({cfg.training.max_length}) must be below the model's "
+                            f"max_position_embeddings ({positions}) for the vllm backend")
+    splits = load_splits(cfg.data, count_tokens=lambda prompt, system: len(fmt.prompt_ids(prompt, system)))
     if not splits.train:
         raise UserError(f"no training rows left after data.fraction={cfg.data.fraction} / data.limit")
-    return Prepared(cfg, splits.train, splits.eval, tokenizer)
+    for e in splits.train + splits.eval:  # y in context for every row, before any work (one-line refusal)
+        fmt.response_ids(e.prompt, e.response, e.system)
+    return Prepared(cfg, splits.train, splits.eval, fmt)
 
 
 def shuffled(rows, seed: int):
@@ -98,14 +106,43 @@ def consume(batches, on_batch, timeout: float, what: str) -> None:
         if kind == "done":
             return
         if kind == "error":
-            text = " ".join(str(value).split())
-            cause = (text.split(". ")[0] if text else type(value).__name__)[:300]
-            raise RunFailed(f"{what} failed (each batch tried generation.max_attempts times): {cause}") from value
+            raise RunFailed(f"{what} failed (each batch tried generation.max_attempts times): "
+                            f"{root_cause(value)}") from value
         on_batch(value)
 
 
+# The line Python prints for an exception: "RuntimeError: msg", "ray.exceptions.X: msg", "RayTaskError(E): msg".
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?:\([\w.]*\))?: (\S.*)$")
+
+
+def root_cause(error: BaseException) -> str:
+    """'Type: first line' of the innermost exception behind Ray's wrappers, so a one-line failure names
+    what went wrong. A worker's exception reaches the driver as text inside RayTaskError/UserCodeException
+    (its traceback, root cause first, as Python prints chains), so the text is read before the objects.
+
+    >>> root_cause(ValueError("outer\\ndetail"))
+    'ValueError: outer'
+    >>> root_cause(RuntimeError("ray::MapBatches(f)\\nKeyError: 'x'\\n\\nThe above exception ...\\nray.exceptions.UserCodeException: UDF failed"))
+    "KeyError: 'x'"
+    """
+    for line in str(error).splitlines():
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m:
+            return f"{m.group(1)}: {m.group(2)[:300]}"
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
 def example_rows(examples, t: int, proto: dict | None = None) -> list[dict]:
-    return [{"prompt_id": e.prompt_id, "prompt": e.prompt, "response": e.response, "source_iteration": t,
+    return [{"prompt_id": e.prompt_id, "prompt": e.prompt, "response": e.response, "system": e.system,
+             "source_iteration": t,
              "proto_json": json.dumps(proto[e.prompt_id]) if proto else "", "given_json": ""}
             for e in examples]
 
@@ -135,7 +172,8 @@ class Driver:
                     engine_kwargs=dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code,
                                        gpu_memory_utilization=c.generation.gpu_memory_utilization,
                                        tensor_parallel_size=c.generation.tensor_parallel_size,
-                                       max_model_len=c.training.max_length, sleep_mode=c.generation.colocate))
+                                       # +1: vLLM scores a prompt only when it is shorter than max_model_len
+                                       max_model_len=c.training.max_length + 1, sleep_mode=c.generation.colocate))
 
     def generate(self, rows: list[dict], stage_kwargs: dict):
         r, g = self.cfg.resources, self.cfg.generation
@@ -208,14 +246,14 @@ class Driver:
         return run.checkpoint(0)
 
     def sft_rows(self, examples) -> list[dict]:
-        from tspin_ray.formatting import encode_prompt, encode_response
+        from tspin_ray.formatting import response_budget
 
-        tok, c = self.prep.tokenizer, self.cfg
+        fmt, c = self.prep.format, self.cfg
         out = []
         for e in examples:
-            p = encode_prompt(tok, e.prompt)
-            out.append({"prompt_ids": p, "real_ids": encode_response(
-                tok, e.response, max_tokens=max(1, min(c.data.max_response_tokens, c.training.max_length - len(p))))})
+            p = fmt.prompt_ids(e.prompt, e.system)
+            n = response_budget(len(p), c.data.max_response_tokens, c.training.max_length)
+            out.append({"prompt_ids": p, "real_ids": fmt.response_ids(e.prompt, e.response, e.system, max_tokens=n)})
         return out
 
     def trainer_group(self, path: Path | None = None) -> TrainerGroup:

@@ -70,14 +70,15 @@ class HFEngine:
 
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                  max_batch: int = 256, **_):
-        from tspin_ray.modeling import load_model, load_tokenizer
+        from tspin_ray.modeling import load_format, load_model
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype, self.trust_remote_code, self.max_batch = dtype, trust_remote_code, max_batch
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.format = load_format(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = self.format.tokenizer
         self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.format.pad_id
+        self.stop_ids = list(self.format.stop_ids)  # every end-of-turn id the model declares
 
     @torch.no_grad()
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
@@ -101,10 +102,9 @@ class HFEngine:
             gen = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
                 max_new_tokens=max_new_tokens, logits_processor=processors, pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None,
+                eos_token_id=self.stop_ids, temperature=None, top_p=None, top_k=None,
             )[:, width:].tolist()
-            for row in gen:
-                out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+            out.extend(self.format.cut(row) for row in gen)
         return out
 
     @torch.no_grad()
@@ -165,12 +165,20 @@ class VLLMEngine:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_mode
+        else:
+            # vLLM-CPU cannot sample a seeded request whose prompt was prefilled in chunks ("CPU Generator
+            # does not use offset"): past its 4096-token prefill budget (~200 short prompts) it would chunk.
+            # Whole prompts only; a prompt that does not fit waits for the next step.
+            kwargs["enable_chunked_prefill"] = False
         if tensor_parallel_size > 1:  # TP workers as processes on this actor's GPUs (or cores), never Ray actors
             kwargs["distributed_executor_backend"] = "mp"
             if not torch.cuda.is_available():  # vLLM-CPU pins each TP worker's threads to cores of its own
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                                       cpu_thread_binds(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
         self.llm = LLM(**kwargs)
+        from tspin_ray.modeling import load_format
+
+        self.format = load_format(path, trust_remote_code=trust_remote_code)
 
     def _prompts(self, prompts):
         from vllm.inputs import TokensPrompt
@@ -180,10 +188,12 @@ class VLLMEngine:
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
         from vllm import SamplingParams
 
+        # vLLM stops at generation_config's EOS ids by itself; the template's end of turn may not be one.
+        stop = list(self.format.stop_ids)
         params = [SamplingParams(n=1, seed=int(s) % (2**31), temperature=temperature, top_p=top_p,
-                                 max_tokens=max_new_tokens, detokenize=False) for s in seeds]
+                                 max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False) for s in seeds]
         outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return [self.format.cut(o.outputs[0].token_ids) for o in outs]
 
     def score(self, prompts, responses):
         from vllm import SamplingParams
@@ -200,6 +210,7 @@ class VLLMEngine:
 
     def reload(self, path: str) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.llm.collective_rpc("tspin_tie_embeddings")  # tied models: the head follows the new embedding
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def sleep(self) -> None:

@@ -86,19 +86,26 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) ->
     return LlamaForCausalLM(config)
 
 
-def save_tiny(out_dir: str | Path, spec: TinyModelSpec) -> Path:
-    """Build the tokenizer and model and save both (safetensors) plus generation_config.json in out_dir."""
+def save_tiny(out_dir: str | Path, spec: TinyModelSpec, weights: bool = True) -> Path:
+    """Build the tokenizer and model and save both (safetensors) plus generation_config.json in out_dir
+    (`weights=False`: the tokenizer and generation config only)."""
+    if spec.family != "char":
+        from tspin_ray.families import save_family
+
+        return save_family(out_dir, spec, weights=weights)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.model_max_length = spec.max_position_embeddings  # so truncation defaults match the model
+    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
     model = build_tiny_model(spec, tokenizer)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(out, safe_serialization=True)
+    model.generation_config = generation
+    if weights:
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.config.save_pretrained(out)
+        generation.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -127,6 +134,38 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{p}: cannot load its tokenizer ({first})") from None
+
+
+def load_format(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's ChatFormat: its tokenizer plus the EOS ids its generation config declares."""
+    import json
+
+    from tspin_ray.formatting import chat_format
+
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    eos = None
+    for name in ("generation_config.json", "config.json"):  # vLLM and transformers read them in this order
+        f = Path(path) / name
+        if eos is None and f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+    return chat_format(tokenizer, eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def max_positions(path: str | Path) -> int | None:
+    """The longest sequence a checkpoint's config accepts (max_position_embeddings), if it says."""
+    import json
+
+    value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    return value if isinstance(value, int) else None
+
+
+def tiny_format(spec: TinyModelSpec):
+    """The ChatFormat a tiny checkpoint of `spec` will have, as AutoTokenizer will load it from disk."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tspin-tokenizer-") as tmp:
+        save_tiny(tmp, spec, weights=False)
+        return load_format(tmp)
 
 
 def load_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:

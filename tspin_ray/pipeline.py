@@ -59,12 +59,12 @@ class GenerateStage:
 
     def __init__(self, *, model_path: str, backend: str, engine_kwargs: dict, **phase):
         from tspin_ray.engines import make_engine
-        from tspin_ray.modeling import load_tokenizer
+        from tspin_ray.modeling import load_format
 
         t0 = time.time()
         self.engine = make_engine(backend, model_path, seed=phase["seed"], **engine_kwargs)
         self.load_seconds = time.time() - t0
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code=engine_kwargs.get("trust_remote_code", False))
+        self.format = load_format(model_path, trust_remote_code=engine_kwargs.get("trust_remote_code", False))
         node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
         self.name = f"{node}:{os.getpid()}"  # which actor made a row
         self.set_phase(**phase)
@@ -79,13 +79,17 @@ class GenerateStage:
         self.score_ref, self.out_dir = score_ref, Path(out_dir) if out_dir else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from tspin_ray.formatting import decode_response, encode_prompt, encode_response
+        from tspin_ray.formatting import response_budget
+
+        fmt = self.format
         ids = [str(x) for x in batch["prompt_id"]]
         crash_if("engine", ids)  # chaos tests: a prompt that always kills its engine
         source = [int(x) for x in batch["source_iteration"]]
-        prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch["prompt"]]
-        real_ids = [encode_response(self.tokenizer, r, max_tokens=max(1, min(
-            self.max_response_tokens, self.max_length - len(p)))) for r, p in zip(batch["response"], prompt_ids, strict=False)]
+        texts = list(zip(batch["prompt"], batch["response"], batch["system"], strict=True))
+        prompt_ids = [fmt.prompt_ids(str(p), str(s)) for p, _, s in texts]
+        # One truncation rule for y, y' and y0 (formatting.response_budget): prompt + response <= max_length.
+        budget = [response_budget(len(p), self.max_response_tokens, self.max_length) for p in prompt_ids]
+        real_ids = [fmt.response_ids(str(p), str(r), str(s), max_tokens=n) for (p, r, s), n in zip(texts, budget, strict=True)]
         given = [json.loads(g) if g else [] for g in batch["given_json"]]
         k = self.samples
         # Rows with given responses (SPIN's mixed-in previous pairs) are only re-scored under pi_t.
@@ -94,8 +98,8 @@ class GenerateStage:
                                     [sample_seed(self.seed, self.iteration, ids[i], s) for i, s in todo],
                                     **self.sampling) if todo else []
         generated = [list(g) for g in given]
-        for (i, _), o in zip(todo, outs, strict=True):
-            generated[i].append(list(o) or [self.tokenizer.eos_token_id])  # an empty sample still needs a token
+        for (i, _), o in zip(todo, outs, strict=True):  # an empty sample still needs a token: the end of turn
+            generated[i].append(fmt.cut(o)[:budget[i]] or [fmt.end_of_turn])
         ref_real = [float("nan")] * len(ids)
         ref_gen = [[float("nan")] * k for _ in ids]
         if self.score_ref:
@@ -107,7 +111,7 @@ class GenerateStage:
         out = {
             "prompt_id": ids, "source_iteration": source, "prompt_ids": prompt_ids, "real_ids": real_ids,
             "generated_ids": generated,
-            "generated": [[decode_response(self.tokenizer, g) for g in gs] for gs in generated],
+            "generated": [[fmt.decode(g) for g in gs] for gs in generated],
             "proto_ids": proto, "ref_real": ref_real, "ref_generated": ref_gen,
             "gen_tokens": [sum(len(g) for g in gs) for gs in generated],
             "gen_done": [time.time()] * len(ids), "engine_load_s": [self.load_seconds] * len(ids),
@@ -121,7 +125,7 @@ class GenerateStage:
 def generation_dataset(rows: list[dict], *, stage_kwargs: dict, batch_size: int, min_actors: int,
                        max_actors: int, num_cpus: float, num_gpus: float, resources: dict,
                        max_attempts: int) -> ray.data.Dataset:
-    """Lazy dataset of triplet rows generated from `rows` (prompt_id, prompt, response, source_iteration,
+    """Lazy dataset of triplet rows generated from `rows` (prompt_id, prompt, response, system, source_iteration,
     proto_json / given_json: JSON lists of token-id lists, "" when absent — JSON keeps the Arrow schema of
     every block the same whether or not a row has them). Nothing runs until a consumer pulls from it."""
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))

@@ -45,7 +45,10 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str,
 
     prompts, real = to_list(batch["prompt_ids"]), to_list(batch["real_ids"])
     b = len(prompts)
-    lengths = torch.tensor([len(r) for r in real], dtype=torch.float32)
+    # Everything that meets the policy's log-probs is made on their device (a CPU tensor next to CUDA
+    # log-probs raises at the first step; tests run this on the meta device).
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(r) for r in real], dtype=torch.float32, device=device)
     if objective == "sft":
         return {"policy_real": sequence_logprobs(model, prompts, real, pad_id), "real_lengths": lengths}
     gen = to_list(batch["generated_ids"])
@@ -69,9 +72,9 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str,
     if objective == "tspin":
         out["policy_proto"] = lp[b + b * k:].reshape(-1)
     if objective in ("spin", "space"):
-        ref_real = torch.tensor(np.asarray(batch["ref_real"], dtype=np.float64), dtype=torch.float32)
+        ref_real = torch.tensor(np.asarray(batch["ref_real"], dtype=np.float64), dtype=torch.float32, device=device)
         ref_gen = torch.tensor(np.asarray(to_list(batch["ref_generated"]), dtype=np.float64),
-                               dtype=torch.float32).view(b, k)
+                               dtype=torch.float32, device=device).view(b, k)
         if objective == "space":
             out.update(ref_real=ref_real, ref_generated=ref_gen)
         else:
@@ -190,7 +193,7 @@ class Trainer:
 
     def load(self, path: str, trust_remote_code: bool = False) -> None:
         """Load the policy to train from an HF checkpoint (pi_t at the start of iteration t)."""
-        from tspin_ray.modeling import load_model, load_tokenizer
+        from tspin_ray.modeling import load_format, load_model
 
         if self.loaded_from == path and self.model is not None:
             return
@@ -211,8 +214,8 @@ class Trainer:
             self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        self.pad_id = self.tokenizer.pad_token_id
+        fmt = load_format(path, trust_remote_code=trust_remote_code)
+        self.tokenizer, self.pad_id = fmt.tokenizer, fmt.pad_id  # a pad id even when the tokenizer has none
         self.engine = None
         self.loaded_from = path
 

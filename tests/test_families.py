@@ -11,7 +11,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tspin_ray.engines import HFEngine, make_engine
@@ -215,3 +214,49 @@ def test_loss_path_builds_every_tensor_on_the_policy_device(family_ckpt, objecti
     assert {t.device.type for t in inputs.values()} == {"meta"}
     losses, metrics = get_objective(objective)(**inputs, **params)
     assert losses.device.type == "meta" and losses.shape == (2 if objective in ("sft", "space") else 2 * k,)
+
+
+@pytest.mark.parametrize("backend,family", [("vllm", "llama3"), ("vllm", "qwen2"), ("hf", "qwen2")])
+def test_tied_models_after_a_broadcast_equal_a_fresh_engine(ray_session, tmp_path, family_ckpt, backend, family):
+    """A long-lived generator serving pi_a receives pi_b by broadcast from a trainer rank (only the
+    embedding travels: a tied head is not a parameter of its own). Its reference log-probs and greedy
+    samples, without any reload, equal an engine loaded from pi_b."""
+
+    from tests.conftest import small_config
+    from tspin_ray.config import from_dict
+    from tspin_ray.driver import Driver, example_rows, prepare
+    from tspin_ray.generators import GeneratorPool
+    from tspin_ray.trainer_group import TrainerGroup
+
+    if backend == "vllm":
+        pytest.importorskip("vllm")
+    a, b = family_ckpt(family, 0), family_ckpt(family, 1)
+    raw = small_config(tmp_path, generation={"persistent": True, "weight_sync": "broadcast", "backend": backend},
+                       resources={"trainer_cpus": 0.5, "generator_cpus": 0.5}, training={"max_length": 112})
+    raw["model"] = {"path": str(a)}
+    driver = Driver(prepare(from_dict(raw)), quiet=True)
+    trainers, pool = TrainerGroup(driver.cfg), GeneratorPool(driver.cfg)
+    try:
+        rows = example_rows(driver.prep.eval[:8], 0)
+
+        def run(path):
+            kwargs = driver.stage_kwargs(path, 0, samples=1, temperature=0.0, max_new_tokens=6, score_ref=True,
+                                         out_dir=None)
+            out = next(iter(pool.dataset(rows, kwargs, batch_size=8, max_attempts=1).iter_batches(
+                batch_size=None, batch_format="numpy")))
+            return out, [list(g[0]) for g in out["generated_ids"]]
+
+        run(a)  # the engine starts on pi_a
+        trainers.load(b)
+        sync = pool.sync(trainers, b)
+        assert "error" not in sync and sync["receivers"] == 1
+        out, greedy = run(b)
+        assert list(out["engine_load_s"]) == [0.0] * 8  # served as broadcast, not reloaded
+        fresh = HFEngine(str(b))
+        prompts, real = [list(p) for p in out["prompt_ids"]], [list(r) for r in out["real_ids"]]
+        assert list(out["ref_real"]) == pytest.approx(fresh.score(prompts, real), abs=1e-4)
+        assert greedy == [fresh.format.cut(g) for g in fresh.generate(prompts, [0] * 8, max_new_tokens=6,
+                                                                         temperature=0.0, top_p=1.0)]
+    finally:
+        trainers.shutdown()
+        pool.shutdown()

@@ -107,9 +107,13 @@ DEFAULT = [  # one run per family, each on a different path
 
 @pytest.mark.parametrize("family,objective,engine,zero,sync", DEFAULT, ids=["-".join(map(str, c)) for c in DEFAULT])
 def test_one_run_per_family(ray_session, tmp_path, family, objective, engine, zero, sync):
-    if engine == "vllm":
+    run_and_check(tmp_path, family, objective, engine, zero, sync)
+
+
+def run_and_check(tmp_path, *case) -> None:
+    if case[2] == "vllm":
         pytest.importorskip("vllm")
-    raw = family_config(tmp_path, family, objective, engine, zero, sync)
+    raw = family_config(tmp_path, *case)
     assert train(from_dict(raw), quiet=True)["iterations"] == 2
     check_run(tmp_path / "run", raw)
 
@@ -121,8 +125,4 @@ MATRIX = [c for c in itertools.product(["char", "zephyr", "llama3", "qwen2"], ["
 @pytest.mark.slow
 @pytest.mark.parametrize("family,objective,engine,zero,sync", MATRIX, ids=["-".join(map(str, c)) for c in MATRIX])
 def test_family_matrix(ray_session, tmp_path, family, objective, engine, zero, sync):
-    if engine == "vllm":
-        pytest.importorskip("vllm")
-    raw = family_config(tmp_path, family, objective, engine, zero, sync)
-    assert train(from_dict(raw), quiet=True)["iterations"] == 2
-    check_run(tmp_path / "run", raw)
+    run_and_check(tmp_path, family, objective, engine, zero, sync)

@@ -53,7 +53,8 @@ class TinyModelSpec:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = _f(None, "HF checkpoint directory of the initial policy (or of the base for the SFT stage).")
-    tiny: TinyModelSpec | None = _f(None, "Build a tiny random Llama + character tokenizer locally instead of `path`.")
+    tiny: TinyModelSpec | None = _f(None, "Build a tiny random checkpoint locally instead of `path` (shaped like "
+                                          "tiny.family: char, zephyr, llama3 or qwen2).")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "Weights dtype for generation and training.")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the checkpoint. Off: only built-in classes.")
 
@@ -70,16 +71,20 @@ class DataConfig:
     format: Literal["auto", "jsonl", "parquet", "csv", "hf"] = _f("auto", "File format; auto = by extension.")
     prompt_column: str = _f("prompt", "Column holding the prompt.")
     response_column: str = _f("response", "Column holding the annotated response y.")
-    messages_column: str | None = _f(None, "Chat column: first user turn = prompt, first assistant turn = y.")
-    id_column: str | None = _f(None, "Column with a stable example id; default: a hash of the prompt.")
+    messages_column: str | None = _f(None, "Chat column: first user turn = prompt (a system turn before it stays "
+                                           "with it), first assistant turn = y. Unset: `messages` is used when "
+                                           "the rows lack prompt_column or response_column (UltraChat's layout).")
+    id_column: str | None = _f(None, "Column with a stable example id; default: `prompt_id` when the rows have "
+                                     "it, else a hash of the prompt.")
     split: str = _f("train", "Split to read from a saved HF DatasetDict.")
     eval_path: str | None = _f(None, "Held-out file for evaluation; default: `eval_size` rows held out.")
     eval_size: int = _f(200, "Rows held out for evaluation when `eval_path` is not set.")
     fraction: float = _f(1.0, "Fraction of the (remaining) training rows used, e.g. 0.25.")
     limit: int | None = _f(None, "Cap on training rows after `fraction`.")
     seed: int = _f(0, "Seed for the hold-out and subsampling shuffle.")
-    max_prompt_tokens: int = _f(512, "Longer prompts are bad rows.")
-    max_response_tokens: int = _f(512, "Longer annotated responses are truncated for training.")
+    max_prompt_tokens: int = _f(512, "Longer prompts (tokens of the prompt as the chat template renders it, "
+                                     "system turn included) are bad rows.")
+    max_response_tokens: int = _f(512, "Longer responses (y, y', y0) are cut for training; see training.max_length.")
     on_bad_rows: Literal["error", "skip"] = _f("error", "error: stop at the first bad row; skip: count and skip.")
     max_bad_fraction: float = _f(0.1, "With `skip`, fail when more than this fraction of rows is bad.")
 
@@ -143,7 +148,9 @@ class TrainingConfig:
     epochs: int = _f(2, "Epochs over each iteration's triplets.")
     global_batch_size: int = _f(64, "Examples per optimizer step across all trainers.")
     micro_batch_size: int = _f(8, "Examples per forward on one trainer; accumulation fills the global batch.")
-    max_length: int = _f(1024, "Prompt + response tokens; longer responses are truncated.")
+    max_length: int = _f(1024, "Prompt + response tokens: every response keeps at most min(max_response_tokens, "
+                               "max_length - prompt tokens), at least 1 (a cut one loses its end of turn); "
+                               "prompts are never cut.")
     precision: Literal["fp32", "bf16"] = _f("fp32", "Training precision.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 = off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (GPU memory saver).")

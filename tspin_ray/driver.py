@@ -326,8 +326,8 @@ class Driver:
                     global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
         t0 = time.time()
         records: list[dict] = []
-        todo = [] if obj.name == "sft" else [
-            r for r in rows if (r["source_iteration"], r["prompt_id"]) not in done_keys(read_shards(gen_dir))]
+        have = set() if obj.name == "sft" else done_keys(read_shards(gen_dir))  # read once, not once per row
+        todo = [] if obj.name == "sft" else [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
         if todo and (len(todo) < len(rows) or c.generation.colocate):
             # Resumed mid-generation, or colocated engines that must sleep before training: finish the
             # shards first, then train on all of them in input order, exactly as a streamed run would.

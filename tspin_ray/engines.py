@@ -41,6 +41,9 @@ class Engine(Protocol):
     sync_ranks: int
     """Processes of this engine that join a weight broadcast (weight_sync.py)."""
 
+    format: object
+    """The checkpoint's formatting.ChatFormat (its stop ids end every sample)."""
+
     def receive_weights(self, host: str, port: int, rank: int, world_size: int, buckets: list,
                         timeout_s: float) -> int:
         """Join the broadcast group at ranks rank..rank+sync_ranks-1 and load what trainer rank 0 sends."""

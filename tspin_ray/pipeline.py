@@ -59,12 +59,11 @@ class GenerateStage:
 
     def __init__(self, *, model_path: str, backend: str, engine_kwargs: dict, **phase):
         from tspin_ray.engines import make_engine
-        from tspin_ray.modeling import load_format
 
         t0 = time.time()
         self.engine = make_engine(backend, model_path, seed=phase["seed"], **engine_kwargs)
         self.load_seconds = time.time() - t0
-        self.format = load_format(model_path, trust_remote_code=engine_kwargs.get("trust_remote_code", False))
+        self.format = self.engine.format  # the checkpoint's ChatFormat, loaded once by the engine
         node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
         self.name = f"{node}:{os.getpid()}"  # which actor made a row
         self.set_phase(**phase)

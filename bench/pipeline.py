@@ -207,10 +207,10 @@ def generate_batch(engine, fmt, chunk: list[dict], kw: dict) -> dict[str, list]:
     from tspin_ray.pipeline import sample_seed, write_shard
 
     k, ids = kw["samples"], [r["prompt_id"] for r in chunk]
-    prompt_ids = [fmt.prompt_ids(r["prompt"], r["system"]) for r in chunk]
+    pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw["max_response_tokens"], kw["max_length"])
+             for r in chunk]
+    prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
     budget = [response_budget(len(p), kw["max_response_tokens"], kw["max_length"]) for p in prompt_ids]
-    real_ids = [fmt.response_ids(r["prompt"], r["response"], r["system"], max_tokens=n)
-                for r, n in zip(chunk, budget, strict=True)]
     outs = engine.generate([p for p in prompt_ids for _ in range(k)],
                            [sample_seed(kw["seed"], kw["iteration"], i, s) for i in ids for s in range(k)],
                            max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"])

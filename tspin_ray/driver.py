@@ -246,14 +246,11 @@ class Driver:
         return run.checkpoint(0)
 
     def sft_rows(self, examples) -> list[dict]:
-        from tspin_ray.formatting import response_budget
-
         fmt, c = self.prep.format, self.cfg
         out = []
         for e in examples:
-            p = fmt.prompt_ids(e.prompt, e.system)
-            n = response_budget(len(p), c.data.max_response_tokens, c.training.max_length)
-            out.append({"prompt_ids": p, "real_ids": fmt.response_ids(e.prompt, e.response, e.system, max_tokens=n)})
+            p, y = fmt.example_ids(e.prompt, e.response, e.system, c.data.max_response_tokens, c.training.max_length)
+            out.append({"prompt_ids": p, "real_ids": y})
         return out
 
     def trainer_group(self, path: Path | None = None) -> TrainerGroup:

@@ -74,7 +74,16 @@ class ChatFormat:
 
     def response_ids(self, prompt: str, response: str, system: str = "", max_tokens: int | None = None) -> list[int]:
         """y's ids as the model sees them after the prompt, end of turn included; cut to `max_tokens`."""
+        return self._tail(self.prompt_ids(prompt, system), prompt, response, system, max_tokens)
+
+    def example_ids(self, prompt: str, response: str, system: str, max_response_tokens: int,
+                    max_length: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, y ids) of one training row, y cut by `response_budget`; the prompt rendered once."""
         head = self.prompt_ids(prompt, system)
+        budget = response_budget(len(head), max_response_tokens, max_length)
+        return head, self._tail(head, prompt, response, system, budget)
+
+    def _tail(self, head: list[int], prompt: str, response: str, system: str, max_tokens: int | None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):  # plain layout: the answer follows as written
             tail = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
         else:

@@ -84,11 +84,11 @@ class GenerateStage:
         ids = [str(x) for x in batch["prompt_id"]]
         crash_if("engine", ids)  # chaos tests: a prompt that always kills its engine
         source = [int(x) for x in batch["source_iteration"]]
-        texts = list(zip(batch["prompt"], batch["response"], batch["system"], strict=True))
-        prompt_ids = [fmt.prompt_ids(str(p), str(s)) for p, _, s in texts]
+        pairs = [fmt.example_ids(str(p), str(r), str(s), self.max_response_tokens, self.max_length)
+                 for p, r, s in zip(batch["prompt"], batch["response"], batch["system"], strict=True)]
+        prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
         # One truncation rule for y, y' and y0 (formatting.response_budget): prompt + response <= max_length.
         budget = [response_budget(len(p), self.max_response_tokens, self.max_length) for p in prompt_ids]
-        real_ids = [fmt.response_ids(str(p), str(r), str(s), max_tokens=n) for (p, r, s), n in zip(texts, budget, strict=True)]
         given = [json.loads(g) if g else [] for g in batch["given_json"]]
         k = self.samples
         # Rows with given responses (SPIN's mixed-in previous pairs) are only re-scored under pi_t.

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "ray_overhead": ("bench.pipeline:run_ray_overhead", "Ray pipeline vs a single-process loop, same work"),
     "scaling": ("bench.scaling:run", "Generation throughput with 1, 2 and 4 generator actors"),
     "persistent": ("bench.pipeline:run_persistent", "Long-lived generators + broadcast vs the per-phase pool"),
+    "resume": ("bench.resume:run", "Resume with 90% of a generation on disk: start to the first new batch"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 

@@ -66,21 +66,20 @@ def begin_kwargs(cfg, n_rows: int, t: int = 0) -> dict:
                 grad_clip=tr.grad_clip)
 
 
-def stage_kwargs(cfg, model_path, out_dir) -> dict:
-    """GenerateStage arguments exactly as the Driver builds them for iteration 0 (Driver.stage_kwargs)."""
-    from tspin_ray.driver import Driver
+def gen_phase(cfg, model_path, out_dir):
+    """The GenPhase exactly as the Driver builds it for iteration 0 (Driver.plan)."""
+    from tspin_ray.phases import phase_for
 
     g = cfg.generation
-    return Driver.stage_kwargs(SimpleNamespace(cfg=cfg), model_path, 0, samples=cfg.samples_per_prompt,
-                               temperature=g.temperature, max_new_tokens=g.max_new_tokens, score_ref=False,
-                               out_dir=out_dir)
+    return phase_for(cfg, model_path, 0, samples=cfg.samples_per_prompt, temperature=g.temperature,
+                     max_new_tokens=g.max_new_tokens, score_ref=False, out_dir=out_dir)
 
 
-def generation(cfg, rows: list[dict], kwargs: dict):
+def generation(cfg, rows, phase):
     """The lazy generation dataset exactly as Driver.generate builds it."""
     from tspin_ray.driver import Driver
 
-    return Driver.generate(SimpleNamespace(cfg=cfg), rows, kwargs)
+    return Driver.generate(SimpleNamespace(cfg=cfg), rows, phase)
 
 
 # ------------------------------------------------------------ iteration
@@ -97,24 +96,24 @@ def apart(driver, work) -> dict:
     """Generation alone and training alone, on the iteration's own inputs (pi_0, prompts, seeds, y0)."""
     import ray
 
-    from tspin_ray.driver import example_rows, in_row_order
+    from tspin_ray.phases import in_row_order, prompt_rows
     from tspin_ray.pipeline import read_shards
 
     cfg = driver.cfg
     pi0 = driver.run.checkpoint(0)
-    rows = example_rows(driver.prep.train, 0, driver.proto_cache(pi0))  # y0: read back from the run's cache
+    rows = prompt_rows(driver.prep.train, 0, driver.proto_cache(pi0))  # y0: read back from the run's cache
     gen_dir = work / "generation-alone"
     t0 = now()
-    out = generation(cfg, rows, stage_kwargs(cfg, pi0, gen_dir)).take_all()
+    out = generation(cfg, rows, gen_phase(cfg, pi0, gen_dir)).take_all()
     gen_s = now() - t0
     table = in_row_order(read_shards(gen_dir), rows)
     group = driver.trainer_group(pi0)  # back to pi_0 (the group holds pi_1 after the iteration)
-    group.begin(**begin_kwargs(cfg, len(rows)))
+    group.begin(**begin_kwargs(cfg, rows.num_rows))
     t0 = now()
     records = group.train_stream(ray.data.from_arrow(table))
     train_s = now() - t0
     return {"generation_s": gen_s, "generation_tokens": sum(int(r["gen_tokens"]) for r in out),
-            "training_s": train_s, "training_steps": len(records), "rows": len(rows)}
+            "training_s": train_s, "training_steps": len(records), "rows": rows.num_rows}
 
 
 def run_iteration(ctx: Context) -> dict:
@@ -183,8 +182,9 @@ class ListShard:
 def overhead_inputs(ctx: Context, s: dict):
     """Config, pi_t, and the iteration's rows with a fixed y0 per prompt (no generation needed for it)."""
     from tspin_ray.config import from_dict
-    from tspin_ray.driver import example_rows, prepare
+    from tspin_ray.driver import prepare
     from tspin_ray.modeling import load_format
+    from tspin_ray.phases import prompt_rows
 
     cfg = from_dict(run_config(s, ctx.work / "unused"))
     prep = prepare(cfg)
@@ -192,41 +192,39 @@ def overhead_inputs(ctx: Context, s: dict):
     fmt = load_format(path)
     k = cfg.samples_per_prompt
     proto = {e.prompt_id: [fmt.response_ids(e.prompt, e.response[::-1])] * k for e in prep.train}
-    return cfg, path, example_rows(prep.train, 0, proto)
+    return cfg, path, prompt_rows(prep.train, 0, proto)
 
 
 def generate_batch(engine, fmt, chunk: list[dict], kw: dict) -> dict[str, list]:
     """GenerateStage.__call__ without Ray and without reference scoring: the same encoding, seeds, engine
     call, decoding and Parquet shard. (GenerateStage itself asks ray.get_runtime_context() for its name,
     which starts a whole local Ray when it runs outside one.)"""
-    import json
-
     import pyarrow as pa
 
     from tspin_ray.formatting import response_budget
     from tspin_ray.pipeline import sample_seed, write_shard
 
-    k, ids = kw["samples"], [r["prompt_id"] for r in chunk]
-    pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw["max_response_tokens"], kw["max_length"])
+    k, ids = kw.samples, [r["prompt_id"] for r in chunk]
+    pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw.max_response_tokens, kw.max_length)
              for r in chunk]
     prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
-    budget = [response_budget(len(p), kw["max_response_tokens"], kw["max_length"]) for p in prompt_ids]
+    budget = [response_budget(len(p), kw.max_response_tokens, kw.max_length) for p in prompt_ids]
     outs = engine.generate([p for p in prompt_ids for _ in range(k)],
-                           [sample_seed(kw["seed"], kw["iteration"], i, s) for i in ids for s in range(k)],
-                           max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"])
+                           [sample_seed(kw.seed, kw.iteration, i, s) for i in ids for s in range(k)],
+                           max_new_tokens=kw.max_new_tokens, temperature=kw.temperature, top_p=kw.top_p)
     generated = [[fmt.cut(outs[i * k + s])[:budget[i]] or [fmt.end_of_turn] for s in range(k)]
                  for i in range(len(chunk))]
     out = {"prompt_id": ids, "source_iteration": [r["source_iteration"] for r in chunk], "prompt_ids": prompt_ids,
            "real_ids": real_ids, "generated_ids": generated,
            "generated": [[fmt.decode(g) for g in gs] for gs in generated],
-           "proto_ids": [json.loads(r["proto_json"]) if r["proto_json"] else [] for r in chunk],
+           "proto_ids": [r["proto_ids"] for r in chunk],
            "gen_tokens": [sum(len(g) for g in gs) for gs in generated]}
-    write_shard(pa.Table.from_pydict(out), Path(kw["out_dir"]), [f"{r['source_iteration']}:{r['prompt_id']}"
+    write_shard(pa.Table.from_pydict(out), Path(kw.out_dir), [f"{r['source_iteration']}:{r['prompt_id']}"
                                                                   for r in chunk])
     return out
 
 
-def single_process(cfg, path, rows: list[dict], out_dir) -> dict:
+def single_process(cfg, path, rows, out_dir) -> dict:
     """The same work with no Ray: one engine generating batch after batch, then Trainer in-process."""
     import torch
 
@@ -235,20 +233,21 @@ def single_process(cfg, path, rows: list[dict], out_dir) -> dict:
     from tspin_ray.trainer import Trainer
 
     tr, batch = cfg.training, cfg.generation.batch_size
-    kw = stage_kwargs(cfg, path, out_dir)
+    kw = gen_phase(cfg, path, out_dir)
     t0 = now()
-    engine = make_engine(kw["backend"], kw["model_path"], seed=kw["seed"], **kw["engine_kwargs"])
+    engine = make_engine(kw.engine.backend, kw.model_path, seed=kw.seed, **kw.engine.kwargs())
     fmt = load_format(path)
     loaded = now()
     generated, first = [], None
-    for i in range(0, len(rows), batch):
-        out = generate_batch(engine, fmt, rows[i:i + batch], kw)
+    plain = rows.to_pylist()
+    for i in range(0, len(plain), batch):
+        out = generate_batch(engine, fmt, plain[i:i + batch], kw)
         generated += [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
         first = first if first is not None else now() - t0
     gen_done = now()
     trainer = Trainer(0, 1, tr.backend, tr.zero_stage, tr.precision)
     trainer.load(str(path))
-    trainer.begin(**begin_kwargs(cfg, len(rows)))
+    trainer.begin(**begin_kwargs(cfg, rows.num_rows))
     train_start = now()
     records = trainer.train_epoch(ListShard(generated))
     end = now()
@@ -258,7 +257,7 @@ def single_process(cfg, path, rows: list[dict], out_dir) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def ray_pipeline(cfg, path, rows: list[dict], out_dir) -> dict:
+def ray_pipeline(cfg, path, rows, out_dir) -> dict:
     """The same work as Driver.iteration's streamed epoch: generation_dataset -> TrainerGroup.train_stream."""
     import numpy as np
 
@@ -269,9 +268,9 @@ def ray_pipeline(cfg, path, rows: list[dict], out_dir) -> dict:
     group = TrainerGroup(cfg)
     try:
         group.load(path)
-        group.begin(**begin_kwargs(cfg, len(rows)))
+        group.begin(**begin_kwargs(cfg, rows.num_rows))
         stream_start, stream_wall = now(), time.time()
-        records = group.train_stream(generation(cfg, rows, stage_kwargs(cfg, path, out_dir)))
+        records = group.train_stream(generation(cfg, rows, gen_phase(cfg, path, out_dir)))
         end = now()
     finally:
         group.shutdown()
@@ -312,7 +311,7 @@ def run_ray_overhead(ctx: Context) -> dict:
             "path", "total s", "engine load s", "generation s", "trainer setup s", "training / stream s",
             "generated tokens", "steps", "torch threads"], "rows": rows_table}],
         "notes": [
-            f"{len(rows)} prompts, generation batch {cfg.generation.batch_size}, max_new_tokens "
+            f"{rows.num_rows} prompts, generation batch {cfg.generation.batch_size}, max_new_tokens "
             f"{cfg.generation.max_new_tokens}, T-SPIN on a torch trainer, global batch {cfg.training.global_batch_size}; "
             "pi_t is the random tiny model, so responses run longer than after SFT (see the iteration benchmark).",
             f"Ray's costs: ray.init {ray_start_s:.1f} s (once per job), the trainer actor's process start and "

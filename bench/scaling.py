@@ -33,24 +33,27 @@ SIZES = {
 }
 
 
-def rows_for(n: int) -> list[dict]:
-    return [{"prompt_id": e["id"], "prompt": e["prompt"], "response": e["response"], "source_iteration": 0,
-             "system": "", "proto_json": "", "given_json": ""} for e in task_examples(n)]
+def rows_for(n: int):
+    from tspin_ray.data import Example
+    from tspin_ray.phases import prompt_rows
+
+    return prompt_rows([Example(e["id"], e["prompt"], e["response"]) for e in task_examples(n)], 0)
 
 
-def stage_kwargs(path, s: dict) -> dict:
-    return dict(model_path=str(path), backend="hf", engine_kwargs={}, iteration=0, seed=0, samples=1,
-                max_new_tokens=s["max_new_tokens"], temperature=1.0, top_p=1.0, max_response_tokens=64,
-                max_length=256, score_ref=False, out_dir=None)
+def gen_phase(path, s: dict):
+    from tspin_ray.phases import GenPhase
+
+    return GenPhase(model_path=str(path), iteration=0, seed=0, samples=1, max_new_tokens=s["max_new_tokens"],
+                    temperature=1.0, top_p=1.0, max_response_tokens=64, max_length=256)
 
 
-def pool_throughput(rows, kwargs: dict, batch: int, actors: int, cpus: float) -> dict:
+def pool_throughput(rows, kwargs, batch: int, actors: int, cpus: float) -> dict:
     """Wall-clock tokens/s (actor start included) and steady tokens/s (once every actor has delivered)."""
     from tspin_ray.pipeline import generation_dataset
 
     gpus = gpu_count()
     t0, t0_wall = now(), time.time()  # gen_done stamps are time.time()
-    out = generation_dataset(rows, stage_kwargs=kwargs, batch_size=batch, min_actors=actors, max_actors=actors,
+    out = generation_dataset(rows, kwargs, batch_size=batch, min_actors=actors, max_actors=actors,
                              num_cpus=cpus, num_gpus=min(1.0, gpus / actors) if gpus else 0, resources={},
                              max_attempts=2).take_all()
     wall = now() - t0
@@ -75,7 +78,7 @@ def pool_throughput(rows, kwargs: dict, batch: int, actors: int, cpus: float) ->
 def run(ctx: Context) -> dict:
     s = ctx.sizes(SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
-    rows, kwargs = rows_for(s["prompts"]), stage_kwargs(path, s)
+    rows, kwargs = rows_for(s["prompts"]), gen_phase(path, s)
     figures = {}
     with ray_session() as ray_start_s:
         threads = {1: actor_threads(1), 2: actor_threads(2)}

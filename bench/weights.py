@@ -145,8 +145,9 @@ def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
     import ray
 
     from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, example_rows, prepare
+    from tspin_ray.driver import Driver, prepare
     from tspin_ray.generators import GeneratorPool
+    from tspin_ray.phases import prompt_rows
     from tspin_ray.trainer_group import TrainerGroup
 
     raw = {"model": {"path": str(path)}, "data": {"task": "addition", "task_size": 40, "eval_size": 8},
@@ -155,12 +156,11 @@ def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
            "resources": {"trainers": 1, "trainer_cpus": 1, "trainer_gpus": gpus, "generators_max": 1,
                          "generator_cpus": 1, "generator_gpus": gpus}, "output_dir": str(out_dir / "run")}
     driver = Driver(prepare(from_dict(raw)), quiet=True)
-    kwargs = driver.stage_kwargs(path, "eval", samples=1, temperature=0.0, max_new_tokens=1, score_ref=False,
-                                 out_dir=None)
+    phase = driver.phase(path, "eval", samples=1, temperature=0.0, max_new_tokens=1)
     trainers, pool = TrainerGroup(driver.cfg), GeneratorPool(driver.cfg)
     try:
         trainers.load(path)
-        pool.dataset(example_rows(driver.prep.eval[:1], 0), kwargs, 1, 1).take_all()  # start the engine
+        pool.dataset(prompt_rows(driver.prep.eval[:1], 0), phase, 1, 1).take_all()  # start the engine
         pool.sync(trainers, path)  # warm-up: the first group in a process pays imports and gloo setup
         syncs, checkpoints, whole = [], [], []
         for _ in range(s["repeats"]):  # each kind back to back: an export between syncs churns the page cache

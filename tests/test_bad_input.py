@@ -97,6 +97,12 @@ CONFIG_CASES = {
                            ["generation.tensor_parallel_size (2)", "needs backend: vllm"]),
     "broadcast_without_persistent": ({"generation": {"weight_sync": "broadcast"}}, ["needs persistent: true"]),
     "offload_without_zero": ({"training": {"offload": "optimizer"}}, ["offload", "zero_stage >= 1"]),
+    "mix_previous_with_tspin": ({"objective": {"mix_previous": True}},
+                                ["objective", "mix_previous: true works with name: spin only, not tspin"]),
+    # Keys that were never read (they changed the config hash and nothing else) are gone.
+    "removed_training_seed": ({"training": {"seed": 3}}, ["training.seed"]),
+    "removed_sft_fraction": ({"sft": {"fraction": 0.5}}, ["sft.fraction"]),
+    "zero_stall_timeout": ({"training": {"stall_timeout_s": 0}}, ["stall_timeout_s", "> 0"]),
 }
 
 
@@ -191,6 +197,20 @@ def test_disk_full_leaves_nothing_behind(ray_session, tmp_path, capsys, monkeypa
     cfg.write_text(yaml.safe_dump(_raw(tmp_path)))
     _expect_one_line_error(capsys, ["train", "--config", str(cfg)], ["No space left on device"])
     assert not (tmp_path / "run").exists()
+
+
+def test_raised_limits_resume_the_same_run(ray_session, tmp_path):
+    """A phase that hit a limit names its key; raising that key (or the retry count) must resume the run,
+    not be refused as a different config: limits never change what a run computes."""
+    from tspin_ray.config import from_dict
+    from tspin_ray.rundir import RunDir
+
+    RunDir.open(from_dict(_raw(tmp_path)))
+    raised = from_dict(_raw(tmp_path, generation={"timeout_s": 7200, "max_attempts": 5},
+                            training={"stall_timeout_s": 9000, "load_timeout_s": 9000, "export_timeout_s": 9000}))
+    assert raised.hash() == from_dict(_raw(tmp_path)).hash()
+    assert RunDir.open(raised).config_matches(raised)
+    assert from_dict(_raw(tmp_path, training={"lr": 0.5})).hash() != raised.hash()
 
 
 def test_changed_config_is_refused_on_resume(ray_session, tmp_path, capsys):

@@ -193,8 +193,8 @@ OBJECTIVES = [("sft", {}), ("spin", {"beta": 0.1}), ("tspin", {"alpha": 1.0, "be
 def test_loss_path_builds_every_tensor_on_the_policy_device(family_ckpt, objective, params):
     """The policy on PyTorch's meta device: a tensor made on the CPU next to its log-probs raises exactly
     as a CPU tensor next to CUDA log-probs would at the first GPU step."""
+    from tspin_ray.batches import batch_logprobs
     from tspin_ray.objectives import get_objective
-    from tspin_ray.trainer import batch_logprobs
 
     path = family_ckpt("llama3")
     fmt = load_format(path)
@@ -224,8 +224,9 @@ def test_tied_models_after_a_broadcast_equal_a_fresh_engine(ray_session, tmp_pat
 
     from tests.conftest import small_config
     from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, example_rows, prepare
+    from tspin_ray.driver import Driver, prepare
     from tspin_ray.generators import GeneratorPool
+    from tspin_ray.phases import prompt_rows
     from tspin_ray.trainer_group import TrainerGroup
 
     if backend == "vllm":
@@ -237,12 +238,11 @@ def test_tied_models_after_a_broadcast_equal_a_fresh_engine(ray_session, tmp_pat
     driver = Driver(prepare(from_dict(raw)), quiet=True)
     trainers, pool = TrainerGroup(driver.cfg), GeneratorPool(driver.cfg)
     try:
-        rows = example_rows(driver.prep.eval[:8], 0)
+        rows = prompt_rows(driver.prep.eval[:8], 0)
 
         def run(path):
-            kwargs = driver.stage_kwargs(path, 0, samples=1, temperature=0.0, max_new_tokens=6, score_ref=True,
-                                         out_dir=None)
-            out = next(iter(pool.dataset(rows, kwargs, batch_size=8, max_attempts=1).iter_batches(
+            phase = driver.phase(path, 0, samples=1, temperature=0.0, max_new_tokens=6, score_ref=True)
+            out = next(iter(pool.dataset(rows, phase, batch_size=8, max_attempts=1).iter_batches(
                 batch_size=None, batch_format="numpy")))
             return out, [list(g[0]) for g in out["generated_ids"]]
 

@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
+import pyarrow as pa
 import pytest
 
+from tspin_ray.phases import GenPhase, prompt_rows
 from tspin_ray.pipeline import (
     check_complete,
     done_keys,
@@ -18,20 +20,21 @@ from tspin_ray.pipeline import (
 )
 
 
-def _rows(n: int, t: int = 0) -> list[dict]:
-    return [{"prompt_id": f"p{i}", "prompt": f"{i}+{i}=", "response": str(2 * i), "system": "",
-             "source_iteration": t, "proto_json": "", "given_json": ""} for i in range(n)]
+def _rows(n: int, t: int = 0, given: dict | None = None) -> pa.Table:
+    from tspin_ray.data import Example
+
+    return prompt_rows([Example(f"p{i}", f"{i}+{i}=", str(2 * i)) for i in range(n)], t, given=given)
 
 
-def _kwargs(ckpt, out_dir, samples=2, score_ref=False, iteration=0):
-    return dict(model_path=str(ckpt), backend="hf", engine_kwargs={}, iteration=iteration, seed=7,
-                samples=samples, max_new_tokens=5, temperature=1.0, top_p=1.0, max_response_tokens=16,
-                max_length=48, score_ref=score_ref, out_dir=str(out_dir) if out_dir else None)
+def _kwargs(ckpt, out_dir, samples=2, score_ref=False, iteration=0) -> GenPhase:
+    return GenPhase(model_path=str(ckpt), iteration=iteration, seed=7, samples=samples, max_new_tokens=5,
+                    temperature=1.0, top_p=1.0, max_response_tokens=16, max_length=48, score_ref=score_ref,
+                    out_dir=str(out_dir) if out_dir else None, checkpoint="c0ffee")
 
 
-def _run(rows, kwargs, batch_size=8, max_actors=2):
-    ds = generation_dataset(rows, stage_kwargs=kwargs, batch_size=batch_size, min_actors=1,
-                            max_actors=max_actors, num_cpus=0.5, num_gpus=0, resources={}, max_attempts=2)
+def _run(rows, phase, batch_size=8, max_actors=2):
+    ds = generation_dataset(rows, phase, batch_size=batch_size, min_actors=1, max_actors=max_actors,
+                            num_cpus=0.5, num_gpus=0, resources={}, max_attempts=2)
     return ds.take_all()
 
 
@@ -44,11 +47,13 @@ def test_sample_seed_is_a_function_of_its_key():
 def test_batches_cover_every_prompt_and_sample_once(ray_session, tiny_ckpt, tmp_path):
     rows = _rows(37)  # not a multiple of the batch size
     out = _run(rows, _kwargs(tiny_ckpt, tmp_path / "gen"))
-    assert sorted(r["prompt_id"] for r in out) == sorted(r["prompt_id"] for r in rows)
+    assert sorted(r["prompt_id"] for r in out) == sorted(rows.column("prompt_id").to_pylist())
     assert all(len(r["generated_ids"]) == 2 and len(r["generated"]) == 2 for r in out)
     table = read_shards(tmp_path / "gen")
     assert table.num_rows == 37 and len(list((tmp_path / "gen").glob("part-*.parquet"))) == 5
-    check_complete(table, [(0, r["prompt_id"]) for r in rows], 2, "test")
+    check_complete(table, [(0, p) for p in rows.column("prompt_id").to_pylist()], 2, "test")
+    # Every row names the weights that made it (and, when scoring, the engine that scored it).
+    assert set(table.column("checkpoint").to_pylist()) == {"c0ffee"} and set(table.column("scorer").to_pylist()) == {""}
 
 
 def test_redone_batches_overwrite_their_shard_and_reproduce_samples(ray_session, tiny_ckpt, tmp_path):
@@ -61,7 +66,7 @@ def test_redone_batches_overwrite_their_shard_and_reproduce_samples(ray_session,
     assert done_keys(read_shards(tmp_path)) == {(0, f"p{i}") for i in range(20)}
     # Batch composition does not change a sample: one prompt per batch gives the same responses.
     single = {r["prompt_id"]: [list(g) for g in r["generated_ids"]]
-              for r in _run(rows[:6], _kwargs(tiny_ckpt, None), batch_size=1)}
+              for r in _run(rows.slice(0, 6), _kwargs(tiny_ckpt, None), batch_size=1)}
     assert single == {k: first[k] for k in single}
     # Another iteration samples differently.
     other = {r["prompt_id"]: [list(g) for g in r["generated_ids"]]
@@ -70,12 +75,13 @@ def test_redone_batches_overwrite_their_shard_and_reproduce_samples(ray_session,
 
 
 def test_reference_scores_and_given_responses(ray_session, tiny_ckpt):
-    rows = _rows(4)
-    rows[0]["given_json"] = json.dumps([[5, 6, 2], [7, 2]])  # a mixed-in previous pair: scored, not sampled
-    out = {r["prompt_id"]: r for r in _run(rows, _kwargs(tiny_ckpt, None, score_ref=True))}
+    given = pa.concat_tables([_rows(1, given={"p0": [[5, 6, 2], [7, 2]]}), _rows(4).slice(1)])
+    # p0: a mixed-in previous pair, scored, not sampled
+    out = {r["prompt_id"]: r for r in _run(given, _kwargs(tiny_ckpt, None, score_ref=True))}
     assert [list(g) for g in out["p0"]["generated_ids"]] == [[5, 6, 2], [7, 2]]
     for r in out.values():
         assert r["ref_real"] < 0 and all(x < 0 for x in r["ref_generated"])
+        assert r["scorer"] == "hf:float32"
 
 
 def test_check_complete_reports_missing_and_duplicates(ray_session, tiny_ckpt, tmp_path):
@@ -94,7 +100,7 @@ def test_a_failed_phase_names_the_root_cause_in_one_line(ray_session):
     carries the innermost exception's type and first line instead of a cut-off wrapper."""
     import ray
 
-    from tspin_ray.driver import consume
+    from tspin_ray.deadlines import consume
     from tspin_ray.errors import RunFailed
 
     def engine_that_breaks(batch):  # defined here: Ray's workers cannot import the test module
@@ -105,3 +111,52 @@ def test_a_failed_phase_names_the_root_cause_in_one_line(ray_session):
         consume(ds.iter_batches(batch_size=None), lambda b: None, timeout=120, what="proto")
     assert str(err.value) == ("proto failed (each batch tried generation.max_attempts times): "
                               "RuntimeError: CPU Generator does not use offset")
+
+
+def test_derived_seeds_never_collide_across_iterations_and_epochs():
+    """seed*1000 + t*10 + epoch gave iteration 0 epoch 10 the permutation of iteration 1 epoch 0 (SFT's
+    30 epochs reused the iterations' ones); a hash of the whole tuple does not."""
+    from tspin_ray.pipeline import derive_seed
+
+    keys = [(s, "train", t, e) for s in (0, 1) for t in range(5) for e in range(30)]
+    keys += [(s, "sft", e) for s in (0, 1) for e in range(30)]
+    assert len({derive_seed(*k) for k in keys}) == len(keys)
+    assert derive_seed(0, 1, "p1", 0) == sample_seed(0, 1, "p1", 0)  # sample seeds are unchanged
+
+
+def test_shards_of_other_weights_are_set_aside_and_regenerated(ray_session, tmp_path):
+    """A shard records the checkpoint that generated it (and the engine that scored it). Shards of other
+    weights (a fallback to an older checkpoint, allow_config_change) go to stale/, their rows are
+    generated again, and the manifest says why; shards written before rows recorded it are kept."""
+    from tests.conftest import small_config
+    from tspin_ray.config import from_dict
+    from tspin_ray.driver import Driver, prepare
+    from tspin_ray.pipeline import shard_name, write_shard
+
+    driver = Driver(prepare(from_dict(small_config(tmp_path))), quiet=True)
+    rows = prompt_rows(driver.prep.train[:8], 0)
+    out = tmp_path / "gen"
+
+    def shard(start: int, n: int, **origin) -> str:
+        part = rows.slice(start, n).select(["prompt_id", "source_iteration"])
+        for key, value in origin.items():
+            part = part.append_column(key, pa.array([value] * n, pa.string()))
+        keys = [f"0:{p}" for p in part.column("prompt_id").to_pylist()]
+        write_shard(part, out, keys)
+        return shard_name(keys)
+
+    shard(0, 2, checkpoint="new", scorer="hf:float32")
+    old = shard(2, 2, checkpoint="old", scorer="hf:float32")
+    shard(4, 2)  # an older tspin-ray's shard: no checkpoint column
+    rescored = shard(6, 2, checkpoint="new", scorer="vllm:bfloat16")
+    phase = driver.phase(tmp_path / "pi", 0, samples=1, temperature=1.0, max_new_tokens=4, score_ref=True,
+                         out_dir=out, checkpoint="new")
+    todo = driver.missing(rows, phase, "gen_0")
+    ids = rows.column("prompt_id").to_pylist()
+    assert todo.column("prompt_id").to_pylist() == ids[2:4] + ids[6:8]
+    assert sorted(f.name for f in (out / "stale").iterdir()) == sorted([old, rescored])
+    entry = driver.run.entry("stale_gen_0")
+    assert entry["files"] == sorted([old, rescored]) and entry["reason"].endswith("not new/hf:float32: regenerated")
+    assert driver.missing(rows, phase, "gen_0").num_rows == 4  # nothing more moves; still to generate
+    # Without reference scoring (T-SPIN) the scorer does not matter, only the weights.
+    assert driver.missing(rows, dataclasses.replace(phase, score_ref=False), "gen_0").num_rows == 4

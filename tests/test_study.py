@@ -162,6 +162,7 @@ def test_claims_inconclusive_within_one_std_of_the_per_seed_differences_or_with_
 
 
 # ------------------------------------------------------------ the smoke study (real runs)
+@pytest.mark.slow  # 145 s here: real runs of every method; the study's logic is tested above without runs
 def test_smoke_study(ray_session, tmp_path):
     raw = study_raw(tmp_path)
     cfg_path = write_config(tmp_path / "study.yaml", raw)

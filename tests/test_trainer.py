@@ -11,9 +11,10 @@ import pytest
 import ray
 import torch
 
+from tspin_ray.batches import batch_logprobs
 from tspin_ray.modeling import load_format, load_model
 from tspin_ray.objectives import tspin
-from tspin_ray.trainer import batch_logprobs, start_trainers
+from tspin_ray.trainer import start_trainers
 
 BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-2,
              weight_decay=0.0, schedule="constant", warmup_ratio=0.0, total_steps=1, micro_batch_size=4,
@@ -153,7 +154,7 @@ def test_length_sorted_micro_batches_keep_rows_and_cut_padding():
     regrouped as 1,2,2,3 | 6,7,8,9 they pad to 3 and 9: (3 + 9) x 4 = 48."""
     import numpy as np
 
-    from tspin_ray.trainer import _row_length, length_sorted
+    from tspin_ray.batches import _row_length, length_sorted
 
     def batch(lengths, ids):
         real = np.empty(len(lengths), dtype=object)
@@ -174,3 +175,105 @@ def test_length_sorted_micro_batches_keep_rows_and_cut_padding():
     assert [int(r) for r in out[1]["row"]] == [6, 4, 2, 0]
     assert out[0]["row"].dtype == given[0]["row"].dtype and out[0]["real_ids"].dtype == object
     assert length_sorted(given[:1]) == given[:1]  # one micro-batch: nothing to regroup
+
+
+def _one_rank(ckpt, backend: str, zero: int = 0):
+    (actor,) = start_trainers(1, backend, zero, options={"num_cpus": 0.5})
+    ray.get(actor.load.remote(str(ckpt)))
+    return actor
+
+
+def _epoch(actor, rows) -> list[dict]:
+    return ray.get(actor.train_epoch.remote(ray.data.from_items(rows).streaming_split(1, equal=True)[0]))
+
+
+@pytest.mark.parametrize("backend,zero", [("torch", 0), ("deepspeed", 0), ("deepspeed", 2)])
+def test_logged_lr_is_the_lr_each_step_used(ray_session, tiny_ckpt, backend, zero):
+    """Linear schedule, 1 warmup step of 2: the first step runs at lr 0, the second at the peak 1e-2
+    (transformers' schedule). DeepSpeed steps its scheduler inside engine.step, so reading the lr after
+    the step logged the next step's lr: [1e-2, 0] instead of [0, 1e-2]."""
+    actor = _one_rank(tiny_ckpt, backend, zero)
+    try:
+        ray.get(actor.begin.remote(**{**BEGIN, "schedule": "linear", "warmup_ratio": 0.5, "total_steps": 2,
+                                      "global_batch_size": 4, "micro_batch_size": 4}))
+        assert [r["lr"] for r in _epoch(actor, _rows(tiny_ckpt))] == [0.0, 1e-2]
+    finally:
+        ray.kill(actor)
+
+
+def test_a_partial_micro_batch_does_not_move_steps_between_epochs(ray_session, tiny_ckpt):
+    """14 rows, micro-batch 4, global batch 8: one full step per epoch, as the schedule (14 // 8 = 1 step
+    per epoch, 2 in all) was sized. A trailing micro-batch of 2 used to count as the second half of a
+    step: epoch 0 took both steps (the second on 6 rows) and epoch 1 none."""
+    rows = _rows(tiny_ckpt) + _rows(tiny_ckpt)[:6]
+    actor = _one_rank(tiny_ckpt, "torch")
+    try:
+        ray.get(actor.begin.remote(**{**BEGIN, "total_steps": 2, "global_batch_size": 8, "micro_batch_size": 4}))
+        epochs = [_epoch(actor, rows), _epoch(actor, rows)]
+        assert [[r["rows"] for r in e] for e in epochs] == [[8], [8]]
+    finally:
+        ray.kill(actor)
+
+
+@pytest.mark.parametrize("backend,zero", [("torch", 0), ("deepspeed", 2)])
+def test_the_previous_optimizer_is_freed_before_the_next_is_built(ray_session, tiny_ckpt, backend, zero):
+    """`begin` of iteration t+1 must not hold iteration t's optimizer (a 7B's Adam states are 56 GB in
+    fp32) while it builds the next one: by the time the new optimizer is made, the old one and its
+    scheduler are garbage."""
+    begin = {**BEGIN, "global_batch_size": 4, "micro_batch_size": 4}
+
+    def probe(self):  # runs inside the trainer actor
+        import gc
+        import weakref
+
+        import tspin_ray.trainer as tr
+
+        old = [weakref.ref(self.optimizer), weakref.ref(self.scheduler)]
+        make, seen = tr.make_optimizer, []
+
+        def spy(*args, **kwargs):
+            gc.collect()
+            seen.append([ref() is None for ref in old])
+            return make(*args, **kwargs)
+
+        tr.make_optimizer = spy
+        try:
+            self.begin(**begin)
+        finally:
+            tr.make_optimizer = make
+        return seen
+
+    actor = _one_rank(tiny_ckpt, backend, zero)
+    try:
+        ray.get(actor.begin.remote(**begin))
+        _epoch(actor, _rows(tiny_ckpt)[:4])
+        assert ray.get(actor.__ray_call__.remote(probe)) == [[True, True]]
+    finally:
+        ray.kill(actor)
+
+
+def test_a_stalled_stream_fails_on_the_watchdog_with_its_key(ray_session, tiny_ckpt, tmp_path):
+    """No micro-batch and no step for training.stall_timeout_s: the phase fails in one line naming the
+    phase and the key, instead of waiting out a whole-epoch deadline."""
+    from tests.conftest import small_config
+    from tspin_ray.config import from_dict
+    from tspin_ray.errors import RunFailed
+    from tspin_ray.trainer_group import TrainerGroup
+
+    def stuck(batch):  # a producer that stopped (a hung engine, a lost node)
+        import time
+
+        time.sleep(120)
+        return batch
+
+    group = TrainerGroup(from_dict(small_config(tmp_path, training={"stall_timeout_s": 3})))
+    try:
+        group.load(tiny_ckpt)
+        group.begin(**BEGIN)
+        ds = ray.data.from_items(_rows(tiny_ckpt)).map_batches(stuck, batch_size=8)
+        with pytest.raises(RunFailed) as err:
+            group.train_stream(ds, what="iteration 1 epoch 0")
+        assert str(err.value) == ("iteration 1 epoch 0: no micro-batch arrived and no step completed for 3s "
+                                  "(training.stall_timeout_s)")
+    finally:
+        group.shutdown()

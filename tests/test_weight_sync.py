@@ -16,11 +16,12 @@ from tests.conftest import small_config
 from tests.test_trainer import BEGIN, _rows
 from tspin_ray import weight_sync
 from tspin_ray.config import from_dict
-from tspin_ray.driver import Driver, example_rows, prepare, train
+from tspin_ray.driver import Driver, prepare, train
 from tspin_ray.engines import HFEngine
 from tspin_ray.errors import UserError
 from tspin_ray.generators import GeneratorPool
 from tspin_ray.modeling import load_model
+from tspin_ray.phases import prompt_rows
 from tspin_ray.pipeline import read_shards
 from tspin_ray.trainer_group import TrainerGroup
 from tspin_ray.weight_sync import ParamSpec, plan_buckets
@@ -41,15 +42,14 @@ def test_bucket_plan_doctests_and_invariants():
                                                                          ["p3", "p4", "p5", "p6"]]
 
 
-def _kwargs(driver: Driver, path, iteration="eval") -> dict:
-    return driver.stage_kwargs(path, iteration, samples=1, temperature=0.0, max_new_tokens=6, score_ref=False,
-                               out_dir=None)
+def _kwargs(driver: Driver, path, iteration="eval"):
+    return driver.phase(path, iteration, samples=1, temperature=0.0, max_new_tokens=6)
 
 
-def _run(pool: GeneratorPool, rows, kwargs) -> dict:
+def _run(pool: GeneratorPool, rows, phase) -> dict:
     out = {"prompt_id": [], "generated_ids": [], "engine_load_s": [], "generator": []}
-    for b in pool.dataset(rows, kwargs, batch_size=8, max_attempts=2).iter_batches(batch_size=None,
-                                                                                    batch_format="numpy"):
+    for b in pool.dataset(prompt_rows(rows, 0), phase, batch_size=8, max_attempts=2).iter_batches(
+            batch_size=None, batch_format="numpy"):
         for k in out:
             out[k] += list(b[k])
     return out
@@ -90,7 +90,7 @@ def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0,
         trainers.load(ckpt)
         trainers.begin(**{**BEGIN, "global_batch_size": 8, "micro_batch_size": 4})
         trainers.train_stream(ray.data.from_items(_rows(ckpt)))
-        rows = example_rows(driver.prep.eval[:16], 0)
+        rows = driver.prep.eval[:16]
         before = _run(pool, rows, _kwargs(driver, ckpt))  # starts the engines on pi_0
         assert len(set(before["generator"])) == n  # two batches, round robin: one per actor
 
@@ -111,7 +111,7 @@ def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0,
         ref = HFEngine(str(stepped)).generate(_prompt_ids(driver, rows), [0] * len(rows), max_new_tokens=6,
                                               temperature=0.0, top_p=1.0)
         by_id = dict(zip(after["prompt_id"], after["generated_ids"], strict=True))
-        assert [list(by_id[r["prompt_id"]][0]) for r in rows] == ref
+        assert [list(by_id[r.prompt_id][0]) for r in rows] == ref
 
         again = _run(pool, rows, _kwargs(driver, ckpt))  # a batch naming other weights reloads them
         assert max(again["engine_load_s"]) > 0
@@ -124,7 +124,7 @@ def broadcast_roundtrip(tmp_path, ckpt, backend: str, n: int, gpus: float = 0.0,
 
 
 def _prompt_ids(driver, rows):
-    return [driver.prep.format.prompt_ids(r["prompt"]) for r in rows]
+    return [driver.prep.format.prompt_ids(r.prompt) for r in rows]
 
 
 def test_persistent_and_colocated_runs_equal_the_per_phase_run(ray_session, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import signal
 import sys
 import threading
@@ -77,19 +78,18 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from pathlib import Path
 
-    from tspin_ray.driver import example_rows
     from tspin_ray.modeling import check_checkpoint
+    from tspin_ray.phases import prompt_rows
     from tspin_ray.rundir import write_atomic
 
     check_checkpoint(args.checkpoint)
     driver = _driver(args)
     g = driver.cfg.generation
-    kwargs = driver.stage_kwargs(Path(args.checkpoint), "generate", samples=g.samples_per_prompt,
-                                 temperature=g.temperature, max_new_tokens=g.max_new_tokens, score_ref=False,
-                                 out_dir=None)
+    phase = driver.phase(Path(args.checkpoint), "generate", samples=g.samples_per_prompt,
+                         temperature=g.temperature, max_new_tokens=g.max_new_tokens)
     prompts = {e.prompt_id: e.prompt for e in driver.prep.train}
     lines = []
-    for b in driver.generate(example_rows(driver.prep.train, 0), kwargs).iter_rows():
+    for b in driver.generate(prompt_rows(driver.prep.train, 0), phase).iter_rows():
         lines.append(json.dumps({"prompt_id": b["prompt_id"], "prompt": prompts[b["prompt_id"]],
                                  "generated": list(b["generated"])}))
     write_atomic(Path(args.out), ("\n".join(lines) + "\n").encode())
@@ -165,6 +165,9 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # tspin-ray enforces and names its own length limits (data.max_prompt_tokens, training.max_length); the
+    # tokenizer's "longer than the specified maximum sequence length" warning would only precede them.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     try:

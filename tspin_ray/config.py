@@ -156,10 +156,15 @@ class TrainingConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (GPU memory saver).")
     offload: Literal["none", "optimizer", "all"] = _f(
         "none", "DeepSpeed ZeRO-Offload: optimizer states (stage >= 1) or, with stage 3, parameters too, in CPU RAM.")
-    seed: int = _f(0, "Seed of the per-epoch data shuffle.")
+    stall_timeout_s: float = _f(1800.0, "Watchdog of a training phase: fail when no micro-batch arrives and no "
+                                        "step completes for this long (the epoch itself may take hours).")
+    load_timeout_s: float = _f(3600.0, "Longest trainer checkpoint load or optimizer setup (a 70B from network "
+                                       "storage at 100 MB/s takes ~25 min).")
+    export_timeout_s: float = _f(3600.0, "Longest checkpoint export (ZeRO-3 gathers and writes 2 GiB shards).")
 
     def __post_init__(self):
-        _positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length")
+        _positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length", "stall_timeout_s",
+                  "load_timeout_s", "export_timeout_s")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
         if self.offload != "none" and (self.backend != "deepspeed" or self.zero_stage == 0
@@ -190,7 +195,6 @@ class SFTConfig:
     warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up.")
     global_batch_size: int = _f(64, "Examples per optimizer step.")
     micro_batch_size: int = _f(64, "Examples per forward on one trainer.")
-    fraction: float | None = _f(None, "Use this fraction of the data for pi_0 instead of data.fraction.")
 
     def __post_init__(self):
         _positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size")
@@ -205,12 +209,16 @@ class ObjectiveConfig:
     mu: int = _f(1, "SPACE: synthetic samples per prompt (noise ratio).")
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "SPIN: logistic or hinge loss.")
     nll_weight: float = _f(0.0, "Extra token-mean NLL on y (0 = the papers' loss exactly).")
-    mix_previous: bool | None = _f(None, "SPIN: add the previous iteration's pairs (default on for SPIN only).")
+    mix_previous: bool | None = _f(None, "SPIN: add the previous iteration's pairs (default on; refused for the "
+                                         "other objectives).")
     overrides: dict = _f({}, "Per-iteration changes, e.g. {-1: {beta: 5.0}} (negative = from the end).")
 
     def __post_init__(self):
         if self.mu < 1:
             raise ValueError("mu must be >= 1")
+        if self.mix_previous and self.name != "spin":
+            raise ValueError(f"mix_previous: true works with name: spin only, not {self.name} (its batches have "
+                             f"no place for the previous iteration's pairs)")
         for key, vals in self.overrides.items():
             if not isinstance(key, int) or not isinstance(vals, dict):
                 raise ValueError("overrides maps an iteration number to {field: value}")
@@ -312,11 +320,20 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of everything that changes results (output_dir and allow_config_change excluded)."""
+        """Hash of everything that changes results: not output_dir, allow_config_change or the limits of
+        RESUME_SAFE (a phase that timed out resumes after its limit is raised)."""
         d = self.to_dict()
         d.pop("output_dir")
         d.pop("allow_config_change")
+        for section, keys in RESUME_SAFE.items():
+            for key in keys:
+                d[section].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Limits and retry counts: they decide whether a phase finishes, never what it computes.
+RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
+               "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s")}
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -9,21 +9,30 @@ iteration's generation shards and checkpoint), so rerunning the same command res
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import queue
-import re
-import threading
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
-from tspin_ray.config import RunConfig
+from tspin_ray.config import ObjectiveConfig, RunConfig
+from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
-from tspin_ray.pipeline import check_complete, done_keys, generation_dataset, pool_size, read_shards
+from tspin_ray.phases import GenPhase, in_row_order, phase_for, prompt_rows, row_keys, shuffled
+from tspin_ray.pipeline import (
+    check_complete,
+    derive_seed,
+    done_keys,
+    generation_dataset,
+    pool_size,
+    read_shards,
+    shard_origins,
+)
 from tspin_ray.progress import Progress
 from tspin_ray.rundir import RunDir, atomic_dir
 from tspin_ray.trainer_group import TrainerGroup, ensure_ray
@@ -69,82 +78,21 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, splits.train, splits.eval, fmt)
 
 
-def shuffled(rows, seed: int):
-    """A seeded permutation of a list or an Arrow table (a cheap, reproducible per-epoch shuffle; Ray
-    Data's random_shuffle is an all-to-all exchange that costs seconds even for a few rows)."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    return rows.take(order) if hasattr(rows, "take") else [rows[i] for i in order]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One iteration's work, decided before any of it runs (Driver.plan)."""
+    t: int
+    objective: ObjectiveConfig  # the hyper-parameters in force at iteration t
+    rows: pa.Table  # prompt rows in input order (SPIN: then the previous iteration's pairs)
+    phase: GenPhase | None  # how pi_t generates y'; None for continued SFT (no opponent)
+    todo: pa.Table | None  # rows with no usable shard on disk yet
+    stream: bool  # epoch 0 trains while the whole generation runs (else it is on disk first)
+    steps_per_epoch: int
 
-
-def in_row_order(table, rows: list[dict]):
-    """Shard rows in the order of `rows` (the input order), whichever batches wrote them: a resumed
-    iteration then trains on exactly the sequence an uninterrupted one would have."""
-    pos = {(r["source_iteration"], r["prompt_id"]): i for i, r in enumerate(rows)}
-    keys = zip(table.column("source_iteration").to_pylist(), table.column("prompt_id").to_pylist(), strict=True)
-    return table.take(np.argsort([pos[k] for k in keys], kind="stable"))
-
-
-def consume(batches, on_batch, timeout: float, what: str) -> None:
-    """Iterate a Ray Data batch iterator with a deadline and a one-line failure message."""
-    q: queue.Queue = queue.Queue(maxsize=4)
-
-    def pump():
-        try:
-            for b in batches:
-                q.put(("batch", b))
-            q.put(("done", None))
-        except BaseException as e:  # handed over to the waiting thread
-            q.put(("error", e))
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.time() + timeout
-    while True:
-        try:
-            kind, value = q.get(timeout=max(0.1, deadline - time.time()))
-        except queue.Empty:
-            raise RunFailed(f"timed out after {timeout:.0f}s waiting for {what} (generation.timeout_s)") from None
-        if kind == "done":
-            return
-        if kind == "error":
-            raise RunFailed(f"{what} failed (each batch tried generation.max_attempts times): "
-                            f"{root_cause(value)}") from value
-        on_batch(value)
-
-
-# The line Python prints for an exception: "RuntimeError: msg", "ray.exceptions.X: msg", "RayTaskError(E): msg".
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?:\([\w.]*\))?: (\S.*)$")
-
-
-def root_cause(error: BaseException) -> str:
-    """'Type: first line' of the innermost exception behind Ray's wrappers, so a one-line failure names
-    what went wrong. A worker's exception reaches the driver as text inside RayTaskError/UserCodeException
-    (its traceback, root cause first, as Python prints chains), so the text is read before the objects.
-
-    >>> root_cause(ValueError("outer\\ndetail"))
-    'ValueError: outer'
-    >>> root_cause(RuntimeError("ray::MapBatches(f)\\nKeyError: 'x'\\n\\nThe above exception ...\\nray.exceptions.UserCodeException: UDF failed"))
-    "KeyError: 'x'"
-    """
-    for line in str(error).splitlines():
-        m = _EXCEPTION_LINE.match(line.strip())
-        if m:
-            return f"{m.group(1)}: {m.group(2)[:300]}"
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-
-
-def example_rows(examples, t: int, proto: dict | None = None) -> list[dict]:
-    return [{"prompt_id": e.prompt_id, "prompt": e.prompt, "response": e.response, "system": e.system,
-             "source_iteration": t,
-             "proto_json": json.dumps(proto[e.prompt_id]) if proto else "", "given_json": ""}
-            for e in examples]
+    @property
+    def generates_all(self) -> bool:
+        """Whether every row is generated in this attempt (then the generation timings mean something)."""
+        return self.todo is not None and self.todo.num_rows == self.rows.num_rows > 0
 
 
 class Driver:
@@ -155,27 +103,19 @@ class Driver:
         self.run = RunDir.open(self.cfg)
         self.trainers: TrainerGroup | None = None
         self.generators = None  # GeneratorPool, when generation.persistent
+        self._index = {e.prompt_id: i for i, e in enumerate(self.prep.train)}
 
     # ------------------------------------------------------------ helpers
     def log(self, rows: list[dict]) -> None:
         self.run.append_metrics(rows)
         self.progress.metrics(rows)
 
-    def stage_kwargs(self, model_path: Path, iteration, *, samples: int, temperature: float,
-                     max_new_tokens: int, score_ref: bool, out_dir: Path | None) -> dict:
-        c = self.cfg
-        return dict(model_path=str(model_path), backend=c.generation.backend, iteration=iteration,
-                    seed=c.seed, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=c.generation.top_p if temperature > 0 else 1.0,
-                    max_response_tokens=c.data.max_response_tokens, max_length=c.training.max_length,
-                    score_ref=score_ref, out_dir=str(out_dir) if out_dir else None,
-                    engine_kwargs=dict(dtype=c.model.dtype, trust_remote_code=c.model.trust_remote_code,
-                                       gpu_memory_utilization=c.generation.gpu_memory_utilization,
-                                       tensor_parallel_size=c.generation.tensor_parallel_size,
-                                       # +1: vLLM scores a prompt only when it is shorter than max_model_len
-                                       max_model_len=c.training.max_length + 1, sleep_mode=c.generation.colocate))
+    def phase(self, model_path: Path, iteration, *, samples: int, temperature: float, max_new_tokens: int,
+              score_ref: bool = False, out_dir: Path | None = None, checkpoint: str = "") -> GenPhase:
+        return phase_for(self.cfg, model_path, iteration, samples=samples, temperature=temperature,
+                         max_new_tokens=max_new_tokens, score_ref=score_ref, out_dir=out_dir, checkpoint=checkpoint)
 
-    def generate(self, rows: list[dict], stage_kwargs: dict):
+    def generate(self, rows: pa.Table, phase: GenPhase) -> ray.data.Dataset:
         r, g = self.cfg.resources, self.cfg.generation
         if g.persistent:
             if self.generators is None:
@@ -183,28 +123,53 @@ class Driver:
 
                 share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
                 self.generators = GeneratorPool(self.cfg, share_pg=share)
-            return self.generators.dataset(rows, stage_kwargs, g.batch_size, g.max_attempts)
-        return generation_dataset(rows, stage_kwargs=stage_kwargs, batch_size=g.batch_size,
-                                  min_actors=r.generators_min, max_actors=r.generators_max,
-                                  num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
+            return self.generators.dataset(rows, phase, g.batch_size, g.max_attempts)
+        return generation_dataset(rows, phase, batch_size=g.batch_size, min_actors=r.generators_min,
+                                  max_actors=r.generators_max, num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
                                   resources=r.generator_resources, max_attempts=g.max_attempts)
 
-    def persisted_generation(self, rows: list[dict], kwargs: dict, out_dir: Path, what: str):
-        """Generate what `out_dir` lacks, wait for it, and return all shards as one table."""
-        have = done_keys(read_shards(out_dir))
-        todo = [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
-        if todo:
-            with self.progress.phase(what, total=len(todo)) as bar:
-                def on_batch(batch):
-                    bar.update(len(batch["prompt_id"]))
-                    bar.pool(pool_size())
-                    maybe_fail(what.split()[0])
+    def missing(self, rows: pa.Table, phase: GenPhase, name: str) -> pa.Table:
+        """The rows of `rows` with no usable shard in phase.out_dir. Shards that other weights made (a
+        fallback to an older checkpoint, allow_config_change) or another engine scored are moved to
+        stale/ first, and the manifest says why under stale_<name>."""
+        out, scorer = Path(phase.out_dir), phase.engine.scorer if phase.score_ref else ""
 
-                consume(self.generate(todo, kwargs).iter_batches(batch_size=None, batch_format="numpy"),
-                        on_batch, self.cfg.generation.timeout_s, what)
-            self.rest_generators()
-        table = read_shards(out_dir)
-        check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], kwargs["samples"], what)
+        def usable(origin: tuple[str, str]) -> bool:  # ("", ""): a shard from before rows recorded it
+            return origin == ("", "") or (origin[0] == phase.checkpoint and (not phase.score_ref or origin[1] == scorer))
+
+        stale = {f: sorted(o for o in origins if not usable(o)) for f, origins in shard_origins(out).items()}
+        stale = {f: o for f, o in stale.items() if o}
+        if stale:
+            (out / "stale").mkdir(exist_ok=True)
+            for f in stale:
+                shutil.move(str(f), str(out / "stale" / f.name))
+            seen = sorted({o for origins in stale.values() for o in origins})
+            reason = (f"{len(stale)} shards made by checkpoint/scorer {seen[0][0][:12]}/{seen[0][1] or '-'}, "
+                      f"not {phase.checkpoint[:12]}/{scorer or '-'}: regenerated")
+            self.run.commit(f"stale_{name}", files=sorted(f.name for f in stale), reason=reason)
+            self.progress.say(f"warning: {name}: {reason}")
+        have = done_keys(read_shards(out))  # read once, not once per row
+        keep = [k not in have for k in row_keys(rows)]
+        return rows.filter(pa.array(keep, pa.bool_()))
+
+    def persisted_generation(self, todo: pa.Table, phase: GenPhase, what: str) -> None:
+        """Generate `todo` into phase.out_dir (one shard per batch) and wait for it."""
+        if not todo.num_rows:
+            return
+        with self.progress.phase(what, total=todo.num_rows) as bar:
+            def on_batch(batch):
+                bar.update(len(batch["prompt_id"]))
+                bar.pool(pool_size())
+                maybe_fail(what.split()[0])
+
+            consume(self.generate(todo, phase).iter_batches(batch_size=None, batch_format="numpy"),
+                    on_batch, self.cfg.generation.timeout_s, what)
+        self.rest_generators()
+
+    def complete_shards(self, rows: pa.Table, phase: GenPhase, what: str) -> pa.Table:
+        """All shards of phase.out_dir, checked to hold every row of `rows` once with its k samples."""
+        table = read_shards(Path(phase.out_dir))
+        check_complete(table, row_keys(rows), phase.samples, what)
         return table
 
     # ------------------------------------------------------------ stages
@@ -225,24 +190,20 @@ class Driver:
         rows = self.sft_rows(self.prep.train)
         t0 = time.time()
         group = self.trainer_group(base)
-        epochs = c.sft.epochs
-        per_rank = len(rows) // c.resources.trainers
-        steps = (per_rank // (c.sft.global_batch_size // c.resources.trainers)) * epochs
+        epochs, n = c.sft.epochs, c.resources.trainers
+        steps = ((len(rows) // n) // (c.sft.global_batch_size // n)) * epochs
         order = []
         for epoch in range(epochs):  # all epochs in one stream: one Ray Data execution, not one per epoch
-            order.extend(shuffled(rows, c.seed * 1000 + epoch))
+            order.extend(shuffled(rows, derive_seed(c.seed, "sft", epoch)))
         group.begin(objective="sft", params={}, optimizer=c.sft.optimizer, lr=c.sft.lr, weight_decay=0.0,
                     schedule=c.sft.schedule, warmup_ratio=c.sft.warmup_ratio, total_steps=steps,
                     micro_batch_size=c.sft.micro_batch_size, global_batch_size=c.sft.global_batch_size,
                     grad_clip=c.training.grad_clip)
         with self.progress.phase("sft", total=steps) as bar:
-            records = group.train_stream(ray.data.from_items(order), on_step=bar.set)
+            records = group.train_stream(ray.data.from_items(order), on_step=bar.set, what="SFT of pi_0")
         maybe_fail("sft")
         self.log([{"phase": "sft", **r} for r in records[:: max(1, len(records) // 50)]])
-        with atomic_dir(run.checkpoint(0)) as tmp:
-            group.export(tmp)
-        run.commit_checkpoint(0, seconds=time.time() - t0)
-        group.mark_loaded(run.checkpoint(0))
+        self.export(0, t0)
         return run.checkpoint(0)
 
     def sft_rows(self, examples) -> list[dict]:
@@ -263,10 +224,12 @@ class Driver:
     def proto_cache(self, pi0: Path) -> dict[str, list]:
         """y0: sampled once from pi_0 and reused in every iteration (T-SPIN)."""
         g = self.cfg.generation
-        kwargs = self.stage_kwargs(pi0, "proto", samples=self.cfg.samples_per_prompt, temperature=g.temperature,
-                                   max_new_tokens=g.max_new_tokens, score_ref=False, out_dir=self.run.proto)
-        table = self.persisted_generation(example_rows(self.prep.train, -1), kwargs, self.run.proto, "proto")
-        self.run.commit("proto", rows=table.num_rows)
+        phase = self.phase(pi0, "proto", samples=self.cfg.samples_per_prompt, temperature=g.temperature,
+                           max_new_tokens=g.max_new_tokens, out_dir=self.run.proto, checkpoint=self.run.checkpoint_id(0))
+        rows = prompt_rows(self.prep.train, -1)
+        self.persisted_generation(self.missing(rows, phase, "proto"), phase, "proto")
+        table = self.complete_shards(rows, phase, "proto")
+        self.run.commit("proto", rows=table.num_rows, checkpoint=phase.checkpoint)
         return dict(zip(table.column("prompt_id").to_pylist(), table.column("generated_ids").to_pylist(),
                         strict=True))
 
@@ -278,8 +241,7 @@ class Driver:
         if not ev:
             return {}
         t0 = time.time()
-        kwargs = self.stage_kwargs(path, "eval", samples=1, temperature=0.0,
-                                   max_new_tokens=self.cfg.eval.max_new_tokens, score_ref=False, out_dir=None)
+        phase = self.phase(path, "eval", samples=1, temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens)
         got = {}
         with self.progress.phase(f"eval {label}", total=len(ev)) as bar:
             def on_batch(b):
@@ -287,7 +249,7 @@ class Driver:
                     got[str(pid)] = str(gens[0])
                 bar.update(len(b["prompt_id"]))
 
-            consume(self.generate(example_rows(ev, 0), kwargs).iter_batches(batch_size=None, batch_format="numpy"),
+            consume(self.generate(prompt_rows(ev, 0), phase).iter_batches(batch_size=None, batch_format="numpy"),
                     on_batch, self.cfg.generation.timeout_s, f"evaluation of {label}")
         self.rest_generators()
         acc = float(np.mean([exact_match(got[e.prompt_id], e.response) for e in ev]))
@@ -295,91 +257,126 @@ class Driver:
         nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
         return {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
 
-    def iteration(self, t: int, pi_t: Path, proto: dict | None) -> dict:
-        """One self-play iteration: pi_t generates y', the trainers learn from the triplets, pi_{t+1} is out."""
-        c, run = self.cfg, self.run
-        obj = c.objective.for_iteration(t, c.iterations)
-        params = {k: getattr(obj, k) for k in ("beta", "alpha", "mu", "loss_type", "nll_weight")}
-        rows = example_rows(self.prep.train, t, proto)
-        if obj.mixes_previous and t > 0:  # SPIN: last iteration's pairs, re-scored under pi_t
-            prev = read_shards(run.generations(t - 1))
-            for r in prev.select(["prompt_id", "generated_ids", "source_iteration"]).to_pylist():
-                if r["source_iteration"] == t - 1:
-                    ex = self.prep.train[self._index[r["prompt_id"]]]
-                    rows.append({**example_rows([ex], t - 1)[0], "given_json": json.dumps(r["generated_ids"])})
-        gen_dir = run.generations(t)
-        kwargs = self.stage_kwargs(pi_t, t, samples=c.samples_per_prompt, temperature=c.generation.temperature,
-                                   max_new_tokens=c.generation.max_new_tokens,
-                                   score_ref=obj.name in ("spin", "space"), out_dir=gen_dir)
-        group = self.trainer_group(pi_t)
-        n, tr = c.resources.trainers, c.training
-        steps_per_epoch = (len(rows) // n) // (tr.global_batch_size // n)
-        if steps_per_epoch == 0:
-            raise UserError(f"{len(rows)} training rows make no full global batch of {tr.global_batch_size}")
-        group.begin(objective=obj.name, params=params, optimizer=tr.optimizer,
-                    lr=tr.lr_for_iteration(t, c.iterations),
-                    weight_decay=tr.weight_decay, schedule=tr.schedule, warmup_ratio=tr.warmup_ratio,
-                    total_steps=steps_per_epoch * tr.epochs, micro_batch_size=tr.micro_batch_size,
-                    global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
+    # ------------------------------------------------------------ one iteration, step by step
+    def iteration(self, t: int, pi_t: Path, proto: dict | None) -> tuple[dict, list[dict]]:
+        """pi_t generates y', the trainers learn from the triplets, pi_{t+1} is exported and synced.
+        Returns the iteration's summary and its per-step records (logged when the iteration commits)."""
+        plan = self.plan(t, pi_t, proto)
+        self.begin_training(plan, pi_t)
         t0 = time.time()
-        records: list[dict] = []
-        have = set() if obj.name == "sft" else done_keys(read_shards(gen_dir))  # read once, not once per row
-        todo = [] if obj.name == "sft" else [r for r in rows if (r["source_iteration"], r["prompt_id"]) not in have]
-        if todo and (len(todo) < len(rows) or c.generation.colocate):
-            # Resumed mid-generation, or colocated engines that must sleep before training: finish the
-            # shards first, then train on all of them in input order, exactly as a streamed run would.
-            label = f"generate {t} (resume)" if len(todo) < len(rows) else f"generate {t}"
-            self.persisted_generation(rows, kwargs, gen_dir, label)
-        stream = bool(todo) and len(todo) == len(rows) and not c.generation.colocate
-        with self.progress.phase(f"iter {t} train", total=steps_per_epoch * tr.epochs) as bar:
-            for epoch in range(tr.epochs):
-                seed = c.seed * 1000 + t * 10 + epoch
-                if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
-                    ds = ray.data.from_items(shuffled(self.sft_rows(self.prep.train), seed))
-                elif epoch == 0 and stream:  # training starts while generation is still running
-                    ds = self.generate(todo, kwargs)
-                else:
-                    table = read_shards(gen_dir)
-                    keys = [(r["source_iteration"], r["prompt_id"]) for r in rows]
-                    check_complete(table, keys, c.samples_per_prompt, f"iteration {t}")
-                    table = in_row_order(table, rows)
-                    ds = ray.data.from_arrow(table if epoch == 0 else shuffled(table, seed))
-                recs = group.train_stream(ds, on_step=lambda step: (bar.set(step), bar.pool(pool_size())))
-                records += [{"epoch": epoch, **r} for r in recs]
-        t_train_end = time.time()
-        if obj.name == "sft":
-            return self.finish_iteration(t, t0, t_train_end, records, rows, table=None, todo=[])
-        maybe_fail("generate")
-        table = read_shards(gen_dir)
-        check_complete(table, [(r["source_iteration"], r["prompt_id"]) for r in rows], c.samples_per_prompt,
-                       f"iteration {t}")
-        run.commit(f"gen_{t}", rows=table.num_rows)
-        generated_now = stream or (c.generation.colocate and len(todo) == len(rows))
-        return self.finish_iteration(t, t0, t_train_end, records, rows, table, todo if generated_now else [])
+        stream = self.generations_for(plan)
+        records = self.train_epochs(plan, stream)
+        t_train = time.time() - t0
+        table = self.commit_generations(plan)
+        export_s = self.export(t + 1, t0)
+        sync = self.sync_weights(self.run.checkpoint(t + 1))
+        return self.summarise(plan, t0, t_train, records, table, export_s, sync), records
 
-    def finish_iteration(self, t, t0, t_train_end, records, rows, table, todo) -> dict:
-        """Export pi_{t+1}, log the steps, and summarise the iteration's timings and metrics."""
-        run, group = self.run, self.trainers
-        with atomic_dir(run.checkpoint(t + 1)) as tmp:
-            export_s = group.export(tmp)
-            maybe_fail("export")
-        run.commit_checkpoint(t + 1, seconds=time.time() - t0)
-        group.mark_loaded(run.checkpoint(t + 1))
-        sync = self.sync_weights(run.checkpoint(t + 1))
-        self.log([{"phase": "train", "iteration": t, **r} for r in records])
+    def plan(self, t: int, pi_t: Path, proto: dict | None) -> Plan:
+        """The rows of iteration t, how pi_t generates for them, and which of them are still to generate."""
+        c = self.cfg
+        obj = c.objective.for_iteration(t, c.iterations)
+        rows = self.iteration_rows(t, obj, proto)
+        n, tr = c.resources.trainers, c.training
+        steps = (rows.num_rows // n) // (tr.global_batch_size // n)
+        if steps == 0:
+            raise UserError(f"{rows.num_rows} training rows make no full global batch of {tr.global_batch_size}")
+        if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
+            return Plan(t, obj, rows, None, None, False, steps)
+        phase = self.phase(pi_t, t, samples=c.samples_per_prompt, temperature=c.generation.temperature,
+                           max_new_tokens=c.generation.max_new_tokens, score_ref=obj.name in ("spin", "space"),
+                           out_dir=self.run.generations(t), checkpoint=self.run.checkpoint_id(t))
+        todo = self.missing(rows, phase, f"gen_{t}")
+        stream = todo.num_rows == rows.num_rows and not c.generation.colocate
+        return Plan(t, obj, rows, phase, todo, stream, steps)
+
+    def iteration_rows(self, t: int, obj: ObjectiveConfig, proto: dict | None) -> pa.Table:
+        rows = prompt_rows(self.prep.train, t, proto)
+        if not (obj.mixes_previous and t > 0):
+            return rows
+        # SPIN: the previous iteration's own pairs join, their y' re-scored under pi_t (not re-sampled).
+        prev = read_shards(self.run.generations(t - 1))
+        prev = prev.filter(pc.equal(prev.column("source_iteration"), t - 1))
+        ids = prev.column("prompt_id").to_pylist()
+        given = dict(zip(ids, prev.column("generated_ids").to_pylist(), strict=True))
+        return pa.concat_tables([rows, prompt_rows([self.prep.train[self._index[i]] for i in ids], t - 1,
+                                                   given=given)])
+
+    def begin_training(self, plan: Plan, pi_t: Path) -> None:
+        """Trainers on pi_t with a fresh optimizer and schedule (the papers restart them every iteration)."""
+        c, obj, tr = self.cfg, plan.objective, self.cfg.training
+        self.trainer_group(pi_t).begin(
+            objective=obj.name, params={k: getattr(obj, k) for k in ("beta", "alpha", "mu", "loss_type", "nll_weight")},
+            optimizer=tr.optimizer, lr=tr.lr_for_iteration(plan.t, c.iterations), weight_decay=tr.weight_decay,
+            schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=plan.steps_per_epoch * tr.epochs,
+            micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
+
+    def generations_for(self, plan: Plan) -> ray.data.Dataset | None:
+        """The lazy stream epoch 0 trains on while it is generated; otherwise (resumed mid-generation, or
+        colocated engines that must sleep before training) finish the shards first and return None."""
+        if plan.phase is None or not plan.todo.num_rows:
+            return None
+        if plan.stream:
+            return self.generate(plan.todo, plan.phase)
+        label = f"generate {plan.t}" if plan.generates_all else f"generate {plan.t} (resume)"
+        self.persisted_generation(plan.todo, plan.phase, label)
+        return None
+
+    def epoch_data(self, plan: Plan, epoch: int) -> ray.data.Dataset:
+        """Epoch `epoch`'s rows from disk: the input order in epoch 0 (as streamed), then shuffled."""
+        seed = derive_seed(self.cfg.seed, "train", plan.t, epoch)
+        if plan.phase is None:
+            return ray.data.from_items(shuffled(self.sft_rows(self.prep.train), seed))
+        table = in_row_order(self.complete_shards(plan.rows, plan.phase, f"iteration {plan.t}"), plan.rows)
+        return ray.data.from_arrow(table if epoch == 0 else shuffled(table, seed))
+
+    def train_epochs(self, plan: Plan, stream: ray.data.Dataset | None) -> list[dict]:
+        epochs = self.cfg.training.epochs
+        records: list[dict] = []
+        with self.progress.phase(f"iter {plan.t} train", total=plan.steps_per_epoch * epochs) as bar:
+            for epoch in range(epochs):
+                ds = stream if epoch == 0 and stream is not None else self.epoch_data(plan, epoch)
+                recs = self.trainers.train_stream(ds, on_step=lambda step: (bar.set(step), bar.pool(pool_size())),
+                                                  what=f"iteration {plan.t} epoch {epoch}")
+                records += [{"epoch": epoch, **r} for r in recs]
+        return records
+
+    def commit_generations(self, plan: Plan) -> pa.Table | None:
+        if plan.phase is None:
+            return None
+        maybe_fail("generate")
+        table = self.complete_shards(plan.rows, plan.phase, f"iteration {plan.t}")
+        self.run.commit(f"gen_{plan.t}", rows=table.num_rows, checkpoint=plan.phase.checkpoint)
+        return table
+
+    def export(self, t: int, t0: float) -> float:
+        """pi_t written from the trainers and committed; returns the export's seconds."""
+        run = self.run
+        with atomic_dir(run.checkpoint(t)) as tmp:
+            seconds = self.trainers.export(tmp)
+            if t > 0:  # the chaos point is an iteration's export (pi_0's SFT has its own, "sft")
+                maybe_fail("export")
+        run.commit_checkpoint(t, seconds=time.time() - t0)
+        self.trainers.mark_loaded(run.checkpoint(t))
+        return seconds
+
+    def summarise(self, plan: Plan, t0: float, t_train: float, records: list[dict], table: pa.Table | None,
+                  export_s: float, sync: dict) -> dict:
+        """The iteration's timings and mean step metrics (one metrics row)."""
         gen_tokens = int(np.sum(table.column("gen_tokens").to_numpy())) if table is not None else 0
-        gen_seconds = float(table.column("gen_done").to_numpy().max() - t0) if todo else 0.0
-        first_step = records[0]["time"] if records else t0
+        done = table.column("gen_done").to_numpy() if table is not None and plan.generates_all else None
+        gen_seconds = float(done.max() - t0) if done is not None else 0.0
         summary = {
-            "timing/generate": gen_seconds, "timing/train": t_train_end - t0, "timing/checkpoint": export_s,
+            "timing/generate": gen_seconds, "timing/train": t_train, "timing/checkpoint": export_s,
             # The engine (re)load a phase paid, or the broadcast of pi_{t+1} into long-lived engines.
             "timing/weight_sync": sync.get("seconds") or (
                 float(np.max(table.column("engine_load_s").to_numpy())) if table is not None else 0.0),
             **({"weight_sync/gbps": sync["gbps"]} if sync.get("bytes") else {}),
-            "timing/first_train_step": first_step - t0, "timing/last_generation": gen_seconds,
-            "timing/first_generation": float(table.column("gen_done").to_numpy().min() - t0) if todo else 0.0,
+            "timing/first_train_step": (records[0]["time"] if records else t0) - t0,
+            "timing/last_generation": gen_seconds,
+            "timing/first_generation": float(done.min() - t0) if done is not None else 0.0,
             "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
-            "train/rows": len(rows),
+            "train/rows": plan.rows.num_rows,
         }
         for key in sorted({k for r in records for k in r} - {"time", "step", "epoch", "rows"}):
             vals = [r[key] for r in records if key in r]
@@ -430,6 +427,16 @@ class Driver:
                 self.progress.say(f"warning: a trainer actor died during {what}; restarting it from its "
                                   f"start checkpoint (attempt {attempt + 1}/{MAX_TRAINER_ATTEMPTS})")
 
+    def first_iteration(self) -> int:
+        """Where the loop resumes: after the last iteration whose checkpoint verifies and is committed."""
+        run, n = self.run, self.cfg.iterations
+        start = run.latest_good_checkpoint(n) or 0
+        while start > 0 and not run.done(f"iter_{start - 1}"):
+            # pi_start exists but its iteration was never committed (stopped during its evaluation):
+            # redo that iteration from its shards on disk so its metrics are logged exactly once.
+            start = run.latest_good_checkpoint(start - 1) or 0
+        return start
+
     def run_all(self) -> dict:
         c, run = self.cfg, self.run
         latest = run.latest_good_checkpoint(c.iterations)  # verifies checksums; drops corrupt iterates
@@ -437,30 +444,26 @@ class Driver:
             self.progress.say(f"run {run.root} is already complete ({c.iterations} iterations); nothing to do")
             return run.entry("complete")
         run.prune_metrics(self.committed)
-        self._index = {e.prompt_id: i for i, e in enumerate(self.prep.train)}
         pi0 = self.with_trainer_retries("SFT of pi_0", self.initial_policy)
         if not run.done("eval_0"):
             ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))
             self.log([{"phase": "iteration", "iteration": -1, **ev}])
             run.commit("eval_0", **ev)
         proto = self.proto_cache(pi0) if c.objective.name == "tspin" and c.iterations > 0 else None
-        start = run.latest_good_checkpoint(c.iterations) or 0
-        while start > 0 and not run.done(f"iter_{start - 1}"):
-            # pi_start exists but its iteration was never committed (stopped during its evaluation):
-            # redo that iteration from its shards on disk so its metrics are logged exactly once.
-            start = run.latest_good_checkpoint(start - 1) or 0
-        for t in range(start, c.iterations):
+        for t in range(self.first_iteration(), c.iterations):
             t0 = time.time()
 
             def one_iteration(t=t):
                 pi_t = pi0 if t == 0 else run.checkpoint(t)  # pi_0 may be an external model.path
-                summary = self.iteration(t, pi_t, proto)
+                summary, records = self.iteration(t, pi_t, proto)
                 summary.update(self.evaluate(run.checkpoint(t + 1), f"pi_{t + 1}"))
-                return summary
+                return summary, records
 
-            summary = self.with_trainer_retries(f"iteration {t}", one_iteration)
+            summary, records = self.with_trainer_retries(f"iteration {t}", one_iteration)
             summary["timing/iteration"] = time.time() - t0
-            self.log([{"phase": "iteration", "iteration": t, **summary}])
+            # Step rows and the summary together, right before the commit: a retried iteration logs once.
+            self.log([{"phase": "train", "iteration": t, **r} for r in records]
+                     + [{"phase": "iteration", "iteration": t, **summary}])
             run.commit(f"iter_{t}", **summary)
             maybe_fail("between")
         final = {"iterations": c.iterations, "checkpoint": str(run.checkpoint(c.iterations))}

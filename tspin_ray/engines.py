@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from tspin_ray.faults import crash_if
+
 
 class Engine(Protocol):
     def generate(self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int,
@@ -44,9 +46,14 @@ class Engine(Protocol):
     format: object
     """The checkpoint's formatting.ChatFormat (its stop ids end every sample)."""
 
-    def receive_weights(self, host: str, port: int, rank: int, world_size: int, buckets: list,
+    def receive_weights(self, key: str, host: str, port: int, rank: int, world_size: int, buckets: list,
                         timeout_s: float) -> int:
-        """Join the broadcast group at ranks rank..rank+sync_ranks-1 and load what trainer rank 0 sends."""
+        """Load what trainer rank 0 sends, at ranks rank..rank+sync_ranks-1 of the sync group `key`
+        (joined at the first sync of that key, kept for the next ones; closed if this one fails)."""
+        ...
+
+    def close_sync(self) -> None:
+        """Leave the sync group (a failed sync, or the pool shutting down)."""
         ...
 
 
@@ -81,6 +88,7 @@ class HFEngine:
         self.tokenizer = self.format.tokenizer
         self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.pad_id = self.format.pad_id
+        self.sync = None  # weight_sync.SyncGroup while broadcasts come from the same trainer and pool
         self.stop_ids = list(self.format.stop_ids)  # every end-of-turn id the model declares
 
     @torch.no_grad()
@@ -137,12 +145,25 @@ class HFEngine:
 
     sync_ranks = 1
 
-    def receive_weights(self, host, port, rank, world_size, buckets, timeout_s):
-        from tspin_ray.weight_sync import copy_into, open_group, receive
+    def receive_weights(self, key, host, port, rank, world_size, buckets, timeout_s):
+        from tspin_ray.weight_sync import copy_into, receive, rejoin
 
         device = next(self.model.parameters()).device
-        group, _store = open_group(host, port, rank, world_size, timeout_s, device)
-        return sum(copy_into(self.model, pairs) for pairs in receive(group, buckets, device))
+        self.sync = rejoin(self.sync, key, host, port, rank, world_size, timeout_s, device)
+        try:
+            n = 0
+            for i, pairs in enumerate(receive(self.sync.group, buckets, device)):
+                crash_if("receive", [str(i)])  # chaos tests: a receiver dying mid-broadcast
+                n += copy_into(self.model, pairs)
+            return n
+        except Exception:
+            self.close_sync()
+            raise
+
+    def close_sync(self):
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
 
 
 class VLLMEngine:
@@ -224,12 +245,16 @@ class VLLMEngine:
         if self.sleep_mode:
             self.llm.wake_up()
 
-    def receive_weights(self, host, port, rank, world_size, buckets, timeout_s):
+    def receive_weights(self, key, host, port, rank, world_size, buckets, timeout_s):
         # Plain lists: collective_rpc arguments cross vLLM's msgpack IPC when the engine core is a process.
         plain = [[(s.name, list(s.shape), s.dtype) for s in b] for b in buckets]
-        n = self.llm.collective_rpc("tspin_receive_weights", args=(host, port, rank, world_size, plain, timeout_s))
+        n = self.llm.collective_rpc("tspin_receive_weights",
+                                    args=(key, host, port, rank, world_size, plain, timeout_s))
         self.llm.reset_prefix_cache()
         return n[0]
+
+    def close_sync(self):
+        self.llm.collective_rpc("tspin_close_sync")
 
 
 def cpu_thread_binds(cores: list[int], tensor_parallel_size: int) -> str:

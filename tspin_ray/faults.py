@@ -4,7 +4,8 @@
 
 Off unless TSPIN_FAULT is set; each point is one dict lookup. Driver points: sft, proto, generate, train,
 export (after the checkpoint is written, before it is committed), between (after an iteration is
-committed). Worker point: `engine:<prompt_id>` makes every generator that gets that prompt exit.
+committed). Worker points: `engine:<prompt_id>` makes every generator that gets that prompt exit;
+`receive:<bucket>` makes an HF generator exit when that bucket of a weight broadcast arrives.
 """
 
 from __future__ import annotations

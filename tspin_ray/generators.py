@@ -15,13 +15,17 @@ that checkpoint's (a restarted actor, or one that missed or failed a broadcast) 
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
+import pyarrow as pa
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from tspin_ray.errors import RunFailed
+from tspin_ray.phases import GenPhase, blocks
 from tspin_ray.pipeline import GenerateStage
 
 
@@ -33,20 +37,18 @@ class Generator:
         self.loaded: str | None = None
         self.asleep = False
 
-    def run(self, batch: dict, kwargs: dict) -> dict:
-        kwargs = dict(kwargs)
-        path, backend, engine_kwargs = kwargs.pop("model_path"), kwargs.pop("backend"), kwargs.pop("engine_kwargs")
+    def run(self, batch: dict, phase: GenPhase) -> dict:
         if self.stage is None:
-            self.stage = GenerateStage(model_path=path, backend=backend, engine_kwargs=engine_kwargs, **kwargs)
+            self.stage = GenerateStage(phase)
         else:
             self.wake()
             self.stage.load_seconds = 0.0
-            if path != self.loaded:
+            if phase.model_path != self.loaded:
                 t0 = time.time()
-                self.stage.engine.reload(path)
+                self.stage.engine.reload(phase.model_path)
                 self.stage.load_seconds = time.time() - t0
-            self.stage.set_phase(**kwargs)
-        self.loaded = path
+            self.stage.set_phase(phase)
+        self.loaded = phase.model_path
         return self.stage(batch)
 
     def sleep(self) -> bool:
@@ -61,18 +63,25 @@ class Generator:
             self.stage.engine.wake()
             self.asleep = False
 
-    def sync_ranks(self) -> int:
-        """Ranks this actor takes in a weight broadcast; 0 before its engine exists (it loads lazily)."""
-        return 0 if self.stage is None else self.stage.engine.sync_ranks
+    def sync_member(self) -> tuple[int, str]:
+        """Ranks this actor takes in a weight broadcast (0 before its engine exists: it loads lazily), and
+        which process it is (a restarted actor is a new member: its sync group died with the old one)."""
+        return (0 if self.stage is None else self.stage.engine.sync_ranks), f"{os.getpid()}:{id(self.stage)}"
 
-    def receive_weights(self, host: str, port: int, rank: int, world_size: int, buckets: list,
+    def receive_weights(self, key: str, host: str, port: int, rank: int, world_size: int, buckets: list,
                         timeout_s: float, path: str) -> float:
         t0 = time.time()
+        if self.stage is None:  # restarted since the pool asked: nothing to receive into
+            raise RuntimeError("this generator restarted and has no engine yet")
         self.wake()
         self.loaded = None  # half-received weights are nobody's: reload if this fails part-way
-        self.stage.engine.receive_weights(host, port, rank, world_size, buckets, timeout_s)
+        self.stage.engine.receive_weights(key, host, port, rank, world_size, buckets, timeout_s)
         self.loaded = path
         return time.time() - t0
+
+    def close_sync(self) -> None:
+        if self.stage is not None:
+            self.stage.engine.close_sync()
 
     def weights(self) -> dict:
         """The engine's parameters by name, on CPU (tests compare them with the trainer's)."""
@@ -85,11 +94,11 @@ class Generator:
 GeneratorActor = ray.remote(Generator)
 
 
-def _forward(batch: dict, *, actors: list, kwargs: dict, timeout_s: float) -> dict:
+def _forward(batch: dict, *, actors: list, phase: GenPhase, timeout_s: float) -> dict:
     """A Ray Data task: hand one batch to the generator its rows were assigned to (round robin)."""
     actor = actors[int(batch["slot"][0]) % len(actors)]
     batch = {k: v for k, v in batch.items() if k != "slot"}
-    return ray.get(actor.run.remote(batch, kwargs), timeout=timeout_s)
+    return ray.get(actor.run.remote(batch, phase), timeout=timeout_s)
 
 
 class GeneratorPool:
@@ -101,6 +110,7 @@ class GeneratorPool:
         self.cfg, self.n, self.timeout_s = cfg, r.generators_max, timeout_s
         self.own_pg = share_pg is None
         self.pg = share_pg
+        self._sync = None  # (members, key, host, port) of the sync group the generators and trainers keep
         if self.own_pg:
             bundle = {"CPU": r.generator_cpus, **({"GPU": r.generator_gpus} if r.generator_gpus else {}),
                       **r.generator_resources}
@@ -120,57 +130,85 @@ class GeneratorPool:
             for i in range(self.n)
         ]
 
-    def dataset(self, rows: list[dict], kwargs: dict, batch_size: int, max_attempts: int) -> ray.data.Dataset:
+    def dataset(self, rows: pa.Table, phase: GenPhase, batch_size: int, max_attempts: int) -> ray.data.Dataset:
         """Lazy triplet rows: batch b goes to actor b mod n, through light tasks that hold no engine."""
-        rows = [{**row, "slot": i // batch_size} for i, row in enumerate(rows)]
-        blocks = max(1, -(-len(rows) // batch_size))
-        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+        parts = [b.append_column("slot", pa.array([i] * b.num_rows, pa.int64()))
+                 for i, b in enumerate(blocks(rows, batch_size))]
+        ds = ray.data.from_arrow(parts)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             return ds.map_batches(
                 _forward, batch_size=batch_size, batch_format="numpy", num_cpus=0.01,
-                fn_kwargs={"actors": self.actors, "kwargs": kwargs, "timeout_s": self.cfg.generation.timeout_s},
-                compute=ray.data.TaskPoolStrategy(size=min(blocks, 2 * self.n)),  # 1 running + 1 queued per actor
+                fn_kwargs={"actors": self.actors, "phase": phase, "timeout_s": self.cfg.generation.timeout_s},
+                compute=ray.data.TaskPoolStrategy(size=min(len(parts), 2 * self.n)),  # 1 running + 1 queued per actor
                 max_retries=max_attempts)
 
     def sync(self, trainers, path) -> dict:
         """Broadcast the trainers' weights (= the checkpoint at `path`) to every generator with an engine.
 
-        Returns seconds, bytes and GB/s. On failure the generators keep `loaded` unset and reload `path`
-        at their next batch; the error is returned under "error" for the caller to report."""
+        The sync group is made once per generator set (the trainer rank 0 and receiving processes of
+        `members`) and reused while the set stays; a failed sync closes it on every live side and the
+        next one makes a new group. Returns seconds, bytes and GB/s. On failure the generators keep
+        `loaded` unset and reload `path` at their next batch; the error is under "error"."""
         from tspin_ray.weight_sync import plan_buckets
 
-        ranks = ray.get([a.sync_ranks.remote() for a in self.actors], timeout=self.timeout_s)
+        t0 = time.time()
+        members = ray.get([a.sync_member.remote() for a in self.actors], timeout=self.timeout_s)
+        ranks = [k for k, _ in members]
         if not any(ranks):
             return {"seconds": 0.0, "bytes": 0, "gbps": 0.0, "receivers": 0}
-        t0 = time.time()
+        sender = ray.get(trainers.actors[0].__ray_call__.remote(lambda t: f"{os.getpid()}:{id(t)}"),
+                         timeout=self.timeout_s)
+        if self._sync is None or self._sync[0] != (sender, members):
+            host, port = ray.get(trainers.actors[0].address.remote(), timeout=self.timeout_s)
+            self._sync = ((sender, members), f"{host}:{port}", host, port)
+        _, key, host, port = self._sync
         world = 1 + sum(ranks)
         bucket_bytes = int(self.cfg.generation.sync_bucket_mb * 2**20)
-        host, port = ray.get(trainers.actors[0].address.remote(), timeout=self.timeout_s)
         specs = ray.get(trainers.actors[0].weight_specs.remote(), timeout=self.timeout_s)
         buckets = plan_buckets(specs, bucket_bytes)
         timeout = self.cfg.generation.timeout_s
-        send = [t.send_weights.remote(host, port, world, bucket_bytes, timeout) for t in trainers.actors]
+        send = [t.send_weights.remote(key, host, port, world, bucket_bytes, timeout) for t in trainers.actors]
         recv, offset = [], 1
         for actor, k in zip(self.actors, ranks, strict=True):
             if k:
-                recv.append(actor.receive_weights.remote(host, port, offset, world, buckets, timeout, str(path)))
+                recv.append(actor.receive_weights.remote(key, host, port, offset, world, buckets, timeout, str(path)))
                 offset += k
+        # Every trainer rank returns (a failed send still gathers every bucket), then every receiver.
         try:
             sent = ray.get(send, timeout=timeout)[0]
-            ray.get(recv, timeout=timeout)
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            return {"seconds": time.time() - t0, "bytes": 0, "gbps": 0.0, "receivers": 0,
-                    "error": " ".join(str(e).split())[:200]}
+        except ray.exceptions.GetTimeoutError:
+            raise RunFailed(f"weight broadcast: the trainers did not finish sending within {timeout:.0f}s "
+                            f"(generation.timeout_s)") from None
+        errors = [sent["error"]] if sent.get("error") else []
+        for ref in recv:
+            try:
+                ray.get(ref, timeout=timeout)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                errors.append(" ".join(str(e).split())[:200])
+        if errors:  # tear down: live receivers leave the group (the sender already has); a new one next time
+            self._sync = None
+            self.close_sync()
+            return {"seconds": time.time() - t0, "bytes": 0, "gbps": 0.0, "receivers": 0, "error": errors[0]}
         seconds = time.time() - t0
         return {"seconds": seconds, "bytes": sent["bytes"], "gbps": sent["bytes"] / seconds / 1e9,
                 "receivers": sum(ranks)}
+
+    def close_sync(self) -> None:
+        """Every live generator leaves its sync group (dead ones took theirs with them)."""
+        for ref in [a.close_sync.remote() for a in self.actors]:
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except ray.exceptions.RayError:
+                pass
 
     def sleep(self) -> int:
         """Every engine to sleep (colocated mode, before the trainers need the GPUs); returns how many."""
         return sum(ray.get([a.sleep.remote() for a in self.actors], timeout=self.timeout_s))
 
     def shutdown(self) -> None:
+        if self._sync is not None:
+            self.close_sync()
         for a in self.actors:
             ray.kill(a)
         if not self.own_pg:

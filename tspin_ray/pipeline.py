@@ -8,13 +8,14 @@ pods), restarts dead actors and retries their batches a bounded number of times.
 current iterate pi_t from its committed checkpoint, so a new or restarted actor never serves stale
 weights. A batch is keyed by (iteration, prompt_id, sample); its rows are also written as one Parquet
 shard whose name is a hash of those keys, so a retried batch overwrites its own shard instead of adding
-a duplicate, and later epochs or a resumed run read the shards instead of regenerating.
+a duplicate, and later epochs or a resumed run read the shards instead of regenerating. Every row
+records the checkpoint that generated it (and the engine that scored it), so a resumed run can tell
+shards of other weights apart (driver.py sets them aside and regenerates).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import uuid
@@ -27,16 +28,28 @@ import pyarrow.parquet as pq
 import ray
 
 from tspin_ray.faults import crash_if
+from tspin_ray.phases import GenPhase, blocks, row_keys, to_list
 
 # Columns of a triplet row (one per prompt and source iteration; k samples each).
 ROW_COLUMNS = ("prompt_id", "source_iteration", "prompt_ids", "real_ids", "generated_ids", "generated",
-               "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s", "generator")
+               "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s", "generator",
+               "checkpoint", "scorer")
+
+
+def derive_seed(*key) -> int:
+    """A seed that is a function of the whole key tuple: distinct tuples give unrelated seeds (a sum like
+    seed*1000 + t*10 + epoch would collide once epochs reach 10).
+
+    >>> derive_seed(0, 1, "p1", 0) == derive_seed(0, 1, "p1", 0) != derive_seed(0, 1, "p1", 1)
+    True
+    """
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
 
 
 def sample_seed(seed: int, iteration: int | str, prompt_id: str, sample: int) -> int:
     """Seed of one sample: a function of (run seed, iteration, prompt id, sample index) only."""
-    digest = hashlib.sha256(f"{seed}:{iteration}:{prompt_id}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
+    return derive_seed(seed, iteration, prompt_id, sample)
 
 
 def shard_name(keys: list[str]) -> str:
@@ -57,56 +70,52 @@ def write_shard(table: pa.Table, out_dir: Path, keys: list[str]) -> None:
 class GenerateStage:
     """Opponent generation for one batch of prompts (and reference scoring for SPIN/SPACE)."""
 
-    def __init__(self, *, model_path: str, backend: str, engine_kwargs: dict, **phase):
+    def __init__(self, phase: GenPhase):
         from tspin_ray.engines import make_engine
 
         t0 = time.time()
-        self.engine = make_engine(backend, model_path, seed=phase["seed"], **engine_kwargs)
+        self.engine = make_engine(phase.engine.backend, phase.model_path, seed=phase.seed, **phase.engine.kwargs())
         self.load_seconds = time.time() - t0
         self.format = self.engine.format  # the checkpoint's ChatFormat, loaded once by the engine
         node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
         self.name = f"{node}:{os.getpid()}"  # which actor made a row
-        self.set_phase(**phase)
+        self.phase = phase
 
-    def set_phase(self, *, iteration: int | str, seed: int, samples: int, max_new_tokens: int,
-                  temperature: float, top_p: float, max_response_tokens: int, max_length: int,
-                  score_ref: bool, out_dir: str | None) -> None:
+    def set_phase(self, phase: GenPhase) -> None:
         """What to do with the next batches (a long-lived generator serves many phases)."""
-        self.iteration, self.seed, self.samples = iteration, seed, samples
-        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        self.max_response_tokens, self.max_length = max_response_tokens, max_length
-        self.score_ref, self.out_dir = score_ref, Path(out_dir) if out_dir else None
+        self.phase = phase
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from tspin_ray.formatting import response_budget
 
-        fmt = self.format
+        fmt, ph = self.format, self.phase
         ids = [str(x) for x in batch["prompt_id"]]
         crash_if("engine", ids)  # chaos tests: a prompt that always kills its engine
         source = [int(x) for x in batch["source_iteration"]]
-        pairs = [fmt.example_ids(str(p), str(r), str(s), self.max_response_tokens, self.max_length)
+        pairs = [fmt.example_ids(str(p), str(r), str(s), ph.max_response_tokens, ph.max_length)
                  for p, r, s in zip(batch["prompt"], batch["response"], batch["system"], strict=True)]
         prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
         # One truncation rule for y, y' and y0 (formatting.response_budget): prompt + response <= max_length.
-        budget = [response_budget(len(p), self.max_response_tokens, self.max_length) for p in prompt_ids]
-        given = [json.loads(g) if g else [] for g in batch["given_json"]]
-        k = self.samples
+        budget = [response_budget(len(p), ph.max_response_tokens, ph.max_length) for p in prompt_ids]
+        given = to_list(batch["given_ids"])
+        k = ph.samples
         # Rows with given responses (SPIN's mixed-in previous pairs) are only re-scored under pi_t.
         todo = [(i, s) for i in range(len(ids)) if not given[i] for s in range(k)]
         outs = self.engine.generate([prompt_ids[i] for i, _ in todo],
-                                    [sample_seed(self.seed, self.iteration, ids[i], s) for i, s in todo],
-                                    **self.sampling) if todo else []
+                                    [sample_seed(ph.seed, ph.iteration, ids[i], s) for i, s in todo],
+                                    max_new_tokens=ph.max_new_tokens, temperature=ph.temperature,
+                                    top_p=ph.top_p) if todo else []
         generated = [list(g) for g in given]
         for (i, _), o in zip(todo, outs, strict=True):  # an empty sample still needs a token: the end of turn
             generated[i].append(fmt.cut(o)[:budget[i]] or [fmt.end_of_turn])
         ref_real = [float("nan")] * len(ids)
         ref_gen = [[float("nan")] * k for _ in ids]
-        if self.score_ref:
+        if ph.score_ref:
             ref_real = self.engine.score(prompt_ids, real_ids)
             flat = self.engine.score([prompt_ids[i] for i in range(len(ids)) for _ in range(k)],
                                      [g for gs in generated for g in gs])
             ref_gen = [flat[i * k:(i + 1) * k] for i in range(len(ids))]
-        proto = [json.loads(p) if p else [] for p in batch["proto_json"]]
+        proto = to_list(batch["proto_ids"])
         out = {
             "prompt_id": ids, "source_iteration": source, "prompt_ids": prompt_ids, "real_ids": real_ids,
             "generated_ids": generated,
@@ -114,27 +123,26 @@ class GenerateStage:
             "proto_ids": proto, "ref_real": ref_real, "ref_generated": ref_gen,
             "gen_tokens": [sum(len(g) for g in gs) for gs in generated],
             "gen_done": [time.time()] * len(ids), "engine_load_s": [self.load_seconds] * len(ids),
-            "generator": [self.name] * len(ids),
+            "generator": [self.name] * len(ids), "checkpoint": [ph.checkpoint] * len(ids),
+            "scorer": [ph.engine.scorer if ph.score_ref else ""] * len(ids),
         }
-        if self.out_dir is not None:
-            write_shard(pa.Table.from_pydict(out), self.out_dir, [f"{s}:{i}" for s, i in zip(source, ids, strict=False)])
+        if ph.out_dir is not None:
+            write_shard(pa.Table.from_pydict(out), Path(ph.out_dir), [f"{s}:{i}" for s, i in zip(source, ids, strict=False)])
         return out
 
 
-def generation_dataset(rows: list[dict], *, stage_kwargs: dict, batch_size: int, min_actors: int,
-                       max_actors: int, num_cpus: float, num_gpus: float, resources: dict,
-                       max_attempts: int) -> ray.data.Dataset:
-    """Lazy dataset of triplet rows generated from `rows` (prompt_id, prompt, response, system, source_iteration,
-    proto_json / given_json: JSON lists of token-id lists, "" when absent — JSON keeps the Arrow schema of
-    every block the same whether or not a row has them). Nothing runs until a consumer pulls from it."""
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+def generation_dataset(rows: pa.Table, phase: GenPhase, *, batch_size: int, min_actors: int, max_actors: int,
+                       num_cpus: float, num_gpus: float, resources: dict, max_attempts: int) -> ray.data.Dataset:
+    """Lazy dataset of triplet rows generated from prompt `rows` (phases.PROMPT_SCHEMA), one batch per
+    block. Nothing runs until a consumer pulls from it."""
+    ds = ray.data.from_arrow(blocks(rows, batch_size))
     # Bounded restarts and retries: Ray Data's default is unlimited, so an engine that always crashes
     # on one batch would loop forever. Extra kwargs are still Ray 2.60's only way to say so (it warns
     # that they go away in 2.64).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
-            GenerateStage, batch_size=batch_size, batch_format="numpy", fn_constructor_kwargs=stage_kwargs,
+            GenerateStage, batch_size=batch_size, batch_format="numpy", fn_constructor_args=(phase,),
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_cpus=num_cpus, num_gpus=num_gpus or None, resources=dict(resources) or None,
             max_restarts=max_attempts, max_task_retries=max_attempts)
@@ -145,20 +153,31 @@ def read_shards(path: Path) -> pa.Table | None:
     files = sorted(Path(path).glob("part-*.parquet")) if Path(path).is_dir() else []
     if not files:
         return None
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    # "default" promotion: shards written before a column existed (checkpoint, scorer) read as null there
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
 
 def done_keys(table: pa.Table | None) -> set[tuple[int, str]]:
-    if table is None:
-        return set()
-    return set(zip(table.column("source_iteration").to_pylist(), table.column("prompt_id").to_pylist(),
-                   strict=True))
+    return set(row_keys(table))
+
+
+def shard_origins(path: Path) -> dict[Path, set[tuple[str, str]]]:
+    """(checkpoint, scorer) pairs each shard's rows were made with; ("", "") for shards written before
+    rows recorded them (those are trusted: that code always generated with the committed checkpoint)."""
+    out = {}
+    for f in sorted(Path(path).glob("part-*.parquet")) if Path(path).is_dir() else []:
+        names = pq.read_schema(f).names
+        if "checkpoint" not in names:
+            out[f] = {("", "")}
+            continue
+        t = pq.read_table(f, columns=["checkpoint", "scorer"])
+        out[f] = set(zip(t.column("checkpoint").to_pylist(), t.column("scorer").to_pylist(), strict=True))
+    return out
 
 
 def check_complete(table: pa.Table | None, expected: list[tuple[int, str]], samples: int, what: str) -> None:
     """Every expected (source_iteration, prompt_id) exactly once, with `samples` samples each."""
-    got = [] if table is None else list(zip(table.column("source_iteration").to_pylist(),
-                                            table.column("prompt_id").to_pylist(), strict=True))
+    got = row_keys(table)
     missing = set(expected) - set(got)
     dupes = len(got) - len(set(got))
     bad = [] if table is None else [n for n in table.column("generated_ids").to_pylist() if len(n) != samples]

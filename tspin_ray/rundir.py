@@ -8,6 +8,7 @@ Layout (all under `output_dir`):
     checkpoints/pi_0 ...    HF checkpoints (safetensors) of pi_0 .. pi_T
     generations/iter_T/     Parquet shards of iteration T's synthetic responses (one per generation batch)
     proto/                  Parquet shards of the proto-synthetic responses y0 (generated once by pi_0)
+    .../stale/              shards set aside because other weights made them (the manifest says why)
     metrics.jsonl           one row per logging step and per iteration
 Every directory is committed by writing it under a temporary name, fsyncing, and renaming; the manifest
 (the pointer) is replaced last, so a crash leaves either the old state or the new one, never a mix.
@@ -81,6 +82,20 @@ def checksum_dir(path: Path) -> dict[str, dict]:
                     h.update(chunk)
             out[str(f.relative_to(path))] = {"sha256": h.hexdigest(), "size": f.stat().st_size}
     return out
+
+
+def identity(files: dict[str, dict]) -> str:
+    """sha256 naming a checkpoint by its files' recorded sha256 and sizes (what commit_checkpoint stores)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def listing_identity(path: Path) -> str:
+    """sha256 of every file's name, size and mtime under `path`: the identity of an external model.path,
+    which is not hashed byte by byte at every start (a 7B is 14.5 GB); replacing its files changes it."""
+    path = Path(path)
+    stats = {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
+             for f in sorted(path.rglob("*")) if f.is_file()}
+    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
 
 
 def verify_dir(path: Path, expected: dict[str, dict]) -> str | None:
@@ -188,6 +203,11 @@ class RunDir:
     def commit_checkpoint(self, t: int, **info) -> None:
         self.commit(f"pi_{t}", path=str(self.checkpoint(t).relative_to(self.root)),
                     files=checksum_dir(self.checkpoint(t)), **info)
+
+    def checkpoint_id(self, t: int) -> str:
+        """The identity of committed pi_t, recorded in every generation row it makes (rundir.identity)."""
+        e = self.entry(f"pi_{t}")
+        return identity(e["files"]) if e.get("files") else listing_identity(self.root / e["path"])
 
     def uncommit(self, name: str) -> None:
         self.manifest["entries"].pop(name, None)

@@ -42,8 +42,7 @@ from tspin_ray.rundir import RunDir, atomic_dir, write_atomic
 STUDY_KEYS = ("base", "seeds", "iterations", "fraction", "full_fraction", "output_dir", "methods")
 DEFAULTS = {"iterations": 5, "fraction": 0.25, "full_fraction": 1.0, "output_dir": "runs/study"}
 # The study owns these keys of every run; a value in `base` or a method would be silently overwritten.
-STUDY_OWNED = ("output_dir", "iterations", "seed", "data.fraction", "data.seed", "sft.fraction",
-               "objective.name")
+STUDY_OWNED = ("output_dir", "iterations", "seed", "data.fraction", "data.seed", "objective.name")
 METHOD_FORBIDDEN = ("model", "output_dir", "iterations", "seed", "data.fraction", "data.seed", "sft")
 RESERVED_RUNS = ("pi0", "sft_full")
 PI0 = -1  # the metrics.jsonl iteration number of pi_0's evaluation

@@ -11,114 +11,20 @@ process group, the model and the tokenizer are set up once instead of once per i
 
 from __future__ import annotations
 
-import contextlib
-import json
+import gc
 import os
 import socket
 import time
-from typing import Any
 
-import numpy as np
 import ray
 import torch
 
+from tspin_ray.batches import batch_logprobs, length_sorted
 from tspin_ray.objectives import get_objective
+from tspin_ray.weights_io import broadcast_weights, export_zero3, gathered, weight_specs
 
 # Largest safetensors file of an export: what rank 0 holds in host memory at once under ZeRO-3.
 EXPORT_SHARD_BYTES = 2 * 2**30
-
-
-def to_list(x: Any) -> Any:
-    """Ray Data hands ragged list columns over as numpy object arrays; turn them back into lists."""
-    if isinstance(x, np.ndarray):
-        return [to_list(v) for v in x] if x.dtype == object else x.tolist()
-    return x
-
-
-def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """Policy log-probs of every response an objective needs, from one forward over all of them.
-
-    Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN and T-SPIN treat
-    each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]).
-    """
-    from tspin_ray.logprobs import sequence_logprobs
-
-    prompts, real = to_list(batch["prompt_ids"]), to_list(batch["real_ids"])
-    b = len(prompts)
-    # Everything that meets the policy's log-probs is made on their device (a CPU tensor next to CUDA
-    # log-probs raises at the first step; tests run this on the meta device).
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(r) for r in real], dtype=torch.float32, device=device)
-    if objective == "sft":
-        return {"policy_real": sequence_logprobs(model, prompts, real, pad_id), "real_lengths": lengths}
-    gen = to_list(batch["generated_ids"])
-    k = len(gen[0])
-    seq_p, seq_r = list(prompts), list(real)
-    for p, g in zip(prompts, gen, strict=True):
-        seq_p += [p] * k
-        seq_r += g
-    if objective == "tspin":
-        for p, y0 in zip(prompts, to_list(batch["proto_ids"]), strict=True):
-            seq_p += [p] * k
-            seq_r += y0
-    lp = sequence_logprobs(model, seq_p, seq_r, pad_id)
-    real_lp, gen_lp = lp[:b], lp[b:b + b * k].view(b, k)
-    out: dict[str, torch.Tensor] = {"real_lengths": lengths}
-    if objective == "space":
-        out.update(policy_real=real_lp, policy_generated=gen_lp)
-    else:  # one pair (or triplet) per sample: repeat y's log-prob instead of recomputing it
-        out.update(policy_real=real_lp.repeat_interleave(k), policy_generated=gen_lp.reshape(-1),
-                   real_lengths=lengths.repeat_interleave(k))
-    if objective == "tspin":
-        out["policy_proto"] = lp[b + b * k:].reshape(-1)
-    if objective in ("spin", "space"):
-        ref_real = torch.tensor(np.asarray(batch["ref_real"], dtype=np.float64), dtype=torch.float32, device=device)
-        ref_gen = torch.tensor(np.asarray(to_list(batch["ref_generated"]), dtype=np.float64),
-                               dtype=torch.float32, device=device).view(b, k)
-        if objective == "space":
-            out.update(ref_real=ref_real, ref_generated=ref_gen)
-        else:
-            out.update(ref_real=ref_real.repeat_interleave(k), ref_generated=ref_gen.reshape(-1))
-    return out
-
-
-def _row_length(batch: dict, i: int) -> int:
-    """Padded width this row forces on its micro-batch: prompt + the longest response it carries."""
-    responses = [batch["real_ids"][i]]
-    for key in ("generated_ids", "proto_ids"):
-        if key in batch:
-            responses += list(batch[key][i])
-    return len(batch["prompt_ids"][i]) + max(len(r) for r in responses)
-
-
-def length_sorted(micro_batches: list[dict]) -> list[dict]:
-    """The rows of one optimizer step regrouped so each micro-batch holds rows of similar length.
-
-    Every micro-batch keeps its size and each loss is a mean over its rows, so the step's gradient (the
-    mean of the micro-batch means) is unchanged; only the padding shrinks (each forward pads to its
-    longest row). The sort is stable, so equal lengths keep their stream order.
-    """
-    if len(micro_batches) < 2:
-        return micro_batches
-    rows = sorted(((b, i) for b in micro_batches for i in range(len(b["prompt_ids"]))),
-                  key=lambda r: _row_length(*r))
-    out, start = [], 0
-    for b in micro_batches:
-        chunk, start = rows[start:start + len(b["prompt_ids"])], start + len(b["prompt_ids"])
-        out.append({k: _column([src[k][i] for src, i in chunk], b[k]) for k in b})
-    return out
-
-
-def _column(values: list, like):
-    """Picked rows as a column of the same kind as `like` (ragged token lists stay object arrays)."""
-    if not isinstance(like, np.ndarray):
-        return list(values)
-    if like.dtype != object:
-        return np.asarray(values, dtype=like.dtype)
-    column = np.empty(len(values), dtype=object)
-    for j, v in enumerate(values):
-        column[j] = v
-    return column
 
 
 def offload_config(offload: str) -> dict:
@@ -154,6 +60,19 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def release_engine(engine) -> None:
+    """Let a DeepSpeed engine go. Its destroy() (0.19) leaves the engine's forward hooks on the module, so
+    the module kept every earlier engine alive, optimizer states included, and ran their hooks on each
+    forward; remove them too. A torch module or DDP wrapper needs nothing."""
+    if not hasattr(engine, "destroy"):
+        return
+    engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, name, None)
+        if hasattr(handle, "remove"):
+            handle.remove()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -172,6 +91,8 @@ class Trainer:
         self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         self.model = self.engine = self.optimizer = self.scheduler = None
         self.loaded_from: str | None = None
+        self.step = self.batches_seen = 0  # progress, read by the group's watchdog while an epoch runs
+        self.sync = None  # weight_sync.SyncGroup to the generators (rank 0), kept across iterations
         self._zero3_hook = None  # transformers' HfDeepSpeedConfig, kept alive (it is held by weakref)
 
     # ------------------------------------------------------------ setup
@@ -198,8 +119,7 @@ class Trainer:
         if self.loaded_from == path and self.model is not None:
             return
         dtype = "bfloat16" if self.precision == "bf16" else "float32"
-        if hasattr(self.engine, "destroy"):  # a DeepSpeed engine: unhook it so its memory can go
-            self.engine.destroy()
+        release_engine(self.engine)  # unhook it so its memory can go
         self.engine = self.model = None  # drop the previous iterate before building the next
         if self.backend == "deepspeed" and self.zero_stage == 3:
             # from_pretrained then builds the model inside deepspeed.zero.Init and fills it shard by shard:
@@ -230,6 +150,11 @@ class Trainer:
         self.micro = micro_batch_size
         self.accum = global_batch_size // (micro_batch_size * self.world_size)
         self.grad_clip, self.total_steps, self.step = grad_clip, total_steps, 0
+        # The previous phase's engine, optimizer and schedule go before the next are built: held while
+        # DeepSpeed initializes, a 7B's Adam states would be in memory twice for a moment.
+        release_engine(self.engine)  # a DeepSpeed engine's ZeRO-3 hooks would also run beside the new one's
+        self.engine = self.optimizer = self.scheduler = None
+        gc.collect()
         module = self.model
         opt = make_optimizer(optimizer, module.parameters(), lr, weight_decay)
         sched_name = "constant_with_warmup" if schedule == "constant" else schedule
@@ -238,8 +163,6 @@ class Trainer:
         if self.backend == "deepspeed":
             import deepspeed
 
-            if hasattr(self.engine, "destroy"):  # the previous phase's engine: its ZeRO-3 hooks would run beside ours
-                self.engine.destroy()
             config = ds_config(self.zero_stage, self.offload, self.precision, micro_batch_size, self.accum,
                                self.world_size, grad_clip)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -261,6 +184,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over `accum` micro-batches (a global batch across the group)."""
         totals: dict[str, float] = {}
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step uses, read before anything steps the schedule
         for batch in micro_batches:
             loss, metrics = self._loss(batch)
             if self.backend == "deepspeed":
@@ -270,12 +194,9 @@ class Trainer:
                 (loss / len(micro_batches)).backward()
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
-        if self.backend == "deepspeed":
-            lr = self.scheduler.get_last_lr()[0]
-        else:
+        if self.backend != "deepspeed":  # DeepSpeed's engine.step did all of this at the boundary
             if self.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -294,11 +215,14 @@ class Trainer:
         """Consume this rank's shard; returns one record per optimizer step (same count on every rank).
 
         The shard is an `equal=True` split, so every rank sees the same number of micro-batches and the
-        ranks step in lock-step; a trailing partial global batch is skipped on every rank alike.
+        ranks step in lock-step. Only full micro-batches train and a trailing partial global batch is
+        skipped on every rank alike, so each epoch makes the same (rows // global batch) steps the
+        schedule was sized for (a partial micro-batch would add a step and take it from the next epoch).
         """
         records, pending = [], []
         limit = self.total_steps if max_steps is None else max_steps
-        for batch in iterator.iter_batches(batch_size=self.micro, batch_format="numpy", drop_last=False):
+        for batch in iterator.iter_batches(batch_size=self.micro, batch_format="numpy", drop_last=True):
+            self.batches_seen += 1
             if self.step >= limit:
                 continue  # drain the shard so the split coordinator is not left waiting
             pending.append(batch)
@@ -348,7 +272,7 @@ class Trainer:
         """Write the current weights as an HF checkpoint (safetensors) from rank 0; returns seconds."""
         t0 = time.time()
         if self.backend == "deepspeed" and self.zero_stage == 3:
-            self._export_zero3(out_dir, shard_bytes)
+            export_zero3(self.model, self.rank, out_dir, shard_bytes)
         elif self.rank == 0:  # every rank holds the whole model: transformers writes it as it is
             from transformers.utils import logging as hf_logging
 
@@ -360,74 +284,34 @@ class Trainer:
             torch.distributed.barrier()
         return time.time() - t0
 
-    def _export_zero3(self, out_dir: str, shard_bytes: int) -> None:
-        """Gather and write one safetensors shard at a time (all ranks gather, rank 0 writes), so rank 0
-        never holds more than one shard of a model that no rank holds whole: a 7B in bf16 is 14.5 GB, the
-        default shard 2 GiB. Same files as `save_pretrained`: shards, index, config, generation config."""
-        from safetensors.torch import save_file
-
-        from tspin_ray.weight_sync import plan_buckets
-
-        shards = plan_buckets(self.weight_specs(), shard_bytes)
-        params = dict(self.model.named_parameters())
-        n = len(shards)
-        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        if self.rank == 0:
-            os.makedirs(out_dir, exist_ok=True)
-        for shard, file in zip(shards, files, strict=True):
-            tensors = [params[s.name] for s in shard]
-            with self._gathered(tensors):
-                if self.rank == 0:
-                    save_file({s.name: t.detach().to("cpu").contiguous() for s, t in zip(shard, tensors, strict=True)},
-                              os.path.join(out_dir, file), metadata={"format": "pt"})
-            weight_map.update({s.name: file for s in shard})
-        if self.rank != 0:
-            return
-        if n > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for shard in shards for s in shard)},
-                     "weight_map": weight_map}
-            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-        self.model.config.dtype = str(next(iter(params.values())).dtype).split(".")[1]  # as save_pretrained does
-        self.model.config.save_pretrained(out_dir)
-        if getattr(self.model, "generation_config", None) is not None:
-            self.model.generation_config.save_pretrained(out_dir)
-
-    def _gathered(self, params: list):
-        """Full tensors of ZeRO-3 shards inside the block (a no-op for every other stage)."""
-        if any(hasattr(p, "ds_id") for p in params):  # partitioned by zero.Init or DeepSpeed's initialize
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        return contextlib.nullcontext()
-
     def weight_specs(self) -> list:
-        """Name, full shape and dtype of every parameter, in the order `send_weights` sends them."""
-        from tspin_ray.weight_sync import ParamSpec, dtype_name
+        return weight_specs(self.model)
 
-        return [ParamSpec(name, tuple(getattr(p, "ds_shape", p.shape)), dtype_name(p.dtype))
-                for name, p in self.model.named_parameters()]
-
-    def send_weights(self, host: str, port: int, world_size: int, bucket_bytes: int, timeout_s: float) -> dict:
+    def send_weights(self, key: str, host: str, port: int, world_size: int, bucket_bytes: int,
+                     timeout_s: float) -> dict:
         """Broadcast the current weights to the generators (weight_sync.py). Every rank calls this: under
-        ZeRO-3 each bucket is gathered from all ranks; rank 0 alone joins the broadcast group."""
-        from tspin_ray.weight_sync import open_group, plan_buckets, send
+        ZeRO-3 each bucket is gathered from all ranks; rank 0 alone joins the sync group, which it keeps
+        while the generator set (`key`) stays the same. A failed send closes the group on this side."""
+        from tspin_ray.weight_sync import rejoin
 
         t0 = time.time()
-        buckets = plan_buckets(self.weight_specs(), bucket_bytes)
-        params = dict(self.model.named_parameters())
-        group = store = None
+        group, opened = None, None
         if self.rank == 0:
-            group, store = open_group(host, port, 0, world_size, timeout_s, self.device)
-        sent = 0
-        for bucket in buckets:
-            tensors = [params[s.name] for s in bucket]
-            with self._gathered(tensors):
-                if group is not None:
-                    sent += send(group, [bucket], lambda _, t=tensors: t, self.device)
-        del group, store
-        return {"seconds": time.time() - t0, "bytes": sent, "buckets": len(buckets)}
+            try:
+                self.sync = rejoin(self.sync, key, host, port, 0, world_size, timeout_s, self.device)
+                group = self.sync.group
+            except Exception as e:  # receivers never joined: still gather below, so no rank is left waiting
+                opened = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        sent, buckets, error = broadcast_weights(self.model, group, bucket_bytes, self.device)
+        error = opened or error
+        if error:
+            self.close_sync()
+        return {"seconds": time.time() - t0, "bytes": sent, "buckets": buckets, "error": error}
+
+    def close_sync(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
 
     def param_counts(self) -> dict[str, int]:
         """Parameters this rank holds in memory vs the model's: under ZeRO-3 each rank holds its shard only
@@ -439,7 +323,7 @@ class Trainer:
     def state_fingerprint(self) -> float:
         """Sum of all parameters: a cheap equality check for tests (ZeRO-3 shards gathered first)."""
         params = list(self.model.parameters())
-        with self._gathered(params):
+        with gathered(params):
             return float(sum(p.detach().double().sum() for p in params))
 
     def ping(self) -> int:

@@ -19,7 +19,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tspin_ray.config import RunConfig
-from tspin_ray.errors import UserError
+from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
 from tspin_ray.trainer import TrainerActor
 
@@ -108,18 +108,23 @@ class TrainerGroup:
         addr, port = self.get(self.actors[0].address.remote(), "trainer rank 0 address")
         self.get([a.init_group.remote(addr, port) for a in self.actors], "torch.distributed group init")
 
-    def get(self, refs, what: str, timeout: float | None = None):
+    def get(self, refs, what: str, timeout: float | None = None, key: str | None = None):
         timeout = self.timeout_s if timeout is None else timeout
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}") from None
+            raise RunFailed(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({key})" if key else "")) \
+                from None
 
-    def call(self, method: str, *args, what: str | None = None, **kwargs) -> list:
-        return self.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], what or method)
+    def call(self, method: str, *args, what: str | None = None, key: str | None = None, **kwargs) -> list:
+        """`method` on every rank at once; waits the limit of training.<key> (or the group's default)."""
+        timeout = getattr(self.cfg.training, key) if key else None
+        return self.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], what or method,
+                        timeout=timeout, key=key and f"training.{key}")
 
     def load(self, path) -> None:
-        self.call("load", str(path), self.cfg.model.trust_remote_code, what=f"trainers loading {path}")
+        self.call("load", str(path), self.cfg.model.trust_remote_code, what=f"trainers loading {path}",
+                  key="load_timeout_s")
 
     def mark_loaded(self, path) -> None:
         """The trainers already hold the weights they just exported to `path`; skip reloading them."""
@@ -127,38 +132,47 @@ class TrainerGroup:
                   for a in self.actors], "mark loaded")
 
     def begin(self, **kwargs) -> None:
-        self.call("begin", what="trainer optimizer setup", **kwargs)
+        self.call("begin", what="trainer optimizer setup", key="load_timeout_s", **kwargs)
 
     def train_stream(self, ds: ray.data.Dataset, on_step: Callable[[int], None] | None = None,
-                     timeout: float | None = None) -> list[dict]:
-        """Stream `ds` to the ranks (equal shards, lock-step) and return rank 0's per-step records."""
-        timeout = self.cfg.generation.timeout_s if timeout is None else timeout
+                     what: str = "training") -> list[dict]:
+        """Stream `ds` to the ranks (equal shards, lock-step) and return rank 0's per-step records.
+
+        A watchdog, not a deadline: an epoch may take hours, but it fails once no micro-batch has
+        arrived and no step has completed for training.stall_timeout_s (a hung collective, a stream
+        whose producers stopped)."""
+        stall = self.cfg.training.stall_timeout_s
         iterators = ds.streaming_split(self.n, equal=True)
         refs = [a.train_epoch.remote(it) for a, it in zip(self.actors, iterators, strict=True)]
-        start, last = time.time(), None
+        last, last_change = None, time.time()
         while True:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
             for ref in done:  # a dead rank raises here at once; the others would wait in a collective
                 ray.get(ref)
-            if on_step is not None:
-                step = ray.get(self.actors[0].__ray_call__.remote(lambda self: self.step), timeout=60)
-                if step != last:
-                    on_step(step)
-                    last = step
-                    maybe_fail("train")
             if len(done) == len(refs):
                 return ray.get(refs)[0]
-            if time.time() - start > timeout:
-                raise RuntimeError(f"timed out after {timeout:.0f}s waiting for the trainers to consume the "
-                                   f"triplet stream (generation.timeout_s)")
+            progress = ray.get(self.actors[0].__ray_call__.remote(lambda self: (self.step, self.batches_seen)),
+                               timeout=60)
+            if progress != last:
+                if on_step is not None and (last is None or progress[0] != last[0]):
+                    on_step(progress[0])
+                    maybe_fail("train")
+                last, last_change = progress, time.time()
+            elif time.time() - last_change > stall:
+                raise RunFailed(f"{what}: no micro-batch arrived and no step completed for {stall:.0f}s "
+                                f"(training.stall_timeout_s)")
 
     def export(self, out_dir) -> float:
-        return self.call("export", str(out_dir), what=f"checkpoint export to {out_dir}")[0]
+        return self.call("export", str(out_dir), what=f"checkpoint export to {out_dir}", key="export_timeout_s")[0]
 
     def nll(self, prompts, responses) -> tuple[float, int]:
-        return self.call("nll", prompts, responses, what="held-out NLL")[0]
+        return self.call("nll", prompts, responses, what="held-out NLL", key="stall_timeout_s")[0]
 
     def shutdown(self) -> None:
+        try:  # rank 0 leaves the weight-sync group first (NCCL frees its communicator); dead ranks cannot
+            ray.get([a.close_sync.remote() for a in self.actors], timeout=30)
+        except ray.exceptions.RayError:
+            pass
         for a in self.actors:
             ray.kill(a)
         try:

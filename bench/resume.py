@@ -6,8 +6,8 @@ A synthetic run directory: `prompts` unique addition prompts, 90% of iteration 0
 as `shards` Parquet shards by pi_0 (the rows hold what GenerateStage writes, with short responses). The
 candidate is today's `Driver.plan` (shards read once, stale shards checked by their origin columns)
 followed by the generation of the first missing batch on a tiny HF model. The baseline is the same with
-the planning of tspin-ray up to c5b1cc5, whose list-comprehension condition re-read every shard once
-per row: `[r for r in rows if key(r) not in done_keys(read_shards(gen_dir))]`. At 50k rows
+the planning of tspin-ray up to c5b1cc5 (fixed by one line in 040cf17; this benchmark measures that fix),
+whose list-comprehension condition re-read every shard once per row: `[r for r in rows if key(r) not in done_keys(read_shards(gen_dir))]`. At 50k rows
 that is 50k x 200 shard reads, hours, so it is timed on `sample` rows and scaled to all of them (the
 time per row is flat: each row reads the same 200 files).
 """

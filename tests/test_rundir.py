@@ -102,3 +102,21 @@ def test_run_from_an_older_version_without_a_new_key_resumes(tmp_path):
     reopened.save()
     with pytest.raises(UserError, match="different config"):
         RunDir.open(from_dict(small_config(tmp_path, training={"lr": 0.5})))
+
+
+def test_run_from_before_the_retired_keys_resumes(tmp_path):
+    """tspin-ray before issue 15 wrote `training.seed` and `sft.fraction` into config.yaml (never read) and
+    hashed the limits: such a run resumes under today's config; the keys in a user's YAML are refused in
+    one line that says why."""
+    import yaml
+
+    cfg = from_dict(small_config(tmp_path))
+    run = RunDir.open(cfg)
+    old = cfg.to_dict()
+    old["training"]["seed"], old["sft"]["fraction"] = 0, None
+    (run.root / "config.yaml").write_text(yaml.safe_dump(old))
+    run.manifest["config_hash"] = "0123456789abcdef"  # the old hash function's value
+    run.save()
+    assert RunDir.open(cfg).manifest["config_hash"] == cfg.hash()
+    with pytest.raises(UserError, match=r"config key 'training.seed' was removed: it was never read"):
+        from_dict(small_config(tmp_path, training={"seed": 1}))

@@ -157,7 +157,9 @@ class TrainingConfig:
     offload: Literal["none", "optimizer", "all"] = _f(
         "none", "DeepSpeed ZeRO-Offload: optimizer states (stage >= 1) or, with stage 3, parameters too, in CPU RAM.")
     stall_timeout_s: float = _f(1800.0, "Watchdog of a training phase: fail when no micro-batch arrives and no "
-                                        "step completes for this long (the epoch itself may take hours).")
+                                        "step completes for this long (the epoch itself may take hours; a "
+                                        "streamed epoch's wait for its first triplets counts). Also the limit of "
+                                        "one held-out NLL evaluation.")
     load_timeout_s: float = _f(3600.0, "Longest trainer checkpoint load or optimizer setup (a 70B from network "
                                        "storage at 100 MB/s takes ~25 min).")
     export_timeout_s: float = _f(3600.0, "Longest checkpoint export (ZeRO-3 gathers and writes 2 GiB shards).")
@@ -331,6 +333,10 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Keys that were never read and are gone; a run directory written before still holds them in config.yaml.
+RETIRED = {"training": {"seed": "the run's top-level `seed` seeds every shuffle"},
+           "sft": {"fraction": "use data.fraction"}}
+
 # Limits and retry counts: they decide whether a phase finishes, never what it computes.
 RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
                "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s")}
@@ -404,6 +410,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
+            retired = RETIRED.get(where, {}).get(key)
+            if retired:
+                raise UserError(f"config key '{path}' was removed: it was never read ({retired})")
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{where + '.' if where else ''}{near[0]}'?)" if near else ""
             raise UserError(f"unknown config key '{path}'{hint}")

@@ -34,7 +34,7 @@ from tspin_ray.pipeline import (
     shard_origins,
 )
 from tspin_ray.progress import Progress
-from tspin_ray.rundir import RunDir, atomic_dir
+from tspin_ray.rundir import RunDir, atomic_dir, listing_identity
 from tspin_ray.trainer_group import TrainerGroup, ensure_ray
 
 MAX_TRAINER_ATTEMPTS = 3  # a phase whose trainers keep dying fails instead of looping
@@ -179,7 +179,8 @@ class Driver:
         if run.done("pi_0") and (run.entry("pi_0").get("external") or run.latest_good_checkpoint(0) == 0):
             return run.root / run.entry("pi_0")["path"]
         if not c.needs_sft_stage:  # absolute: actors resolve relative paths against their own cwd
-            run.commit("pi_0", path=str(Path(c.model.path).resolve()), files={}, external=True)
+            path = Path(c.model.path).resolve()
+            run.commit("pi_0", path=str(path), files={}, external=True, identity=listing_identity(path))
             return Path(c.model.path).resolve()
         base = Path(c.model.path).resolve() if c.model.path else run.root / "checkpoints" / "base"
         if c.model.tiny is not None and not (base / "config.json").exists():

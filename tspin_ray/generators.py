@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
 
 import pyarrow as pa
@@ -161,7 +162,8 @@ class GeneratorPool:
                          timeout=self.timeout_s)
         if self._sync is None or self._sync[0] != (sender, members):
             host, port = ray.get(trainers.actors[0].address.remote(), timeout=self.timeout_s)
-            self._sync = ((sender, members), f"{host}:{port}", host, port)
+            # A new key every time: a rebuilt trainer group may get the same host and port again.
+            self._sync = ((sender, members), f"{host}:{port}:{uuid.uuid4().hex[:8]}", host, port)
         _, key, host, port = self._sync
         world = 1 + sum(ranks)
         bucket_bytes = int(self.cfg.generation.sync_bucket_mb * 2**20)
@@ -175,15 +177,15 @@ class GeneratorPool:
                 recv.append(actor.receive_weights.remote(key, host, port, offset, world, buckets, timeout, str(path)))
                 offset += k
         # Every trainer rank returns (a failed send still gathers every bucket), then every receiver.
-        try:
-            sent = ray.get(send, timeout=timeout)[0]
+        try:  # the trainers time out on their own after `timeout` and report it: wait past that
+            sent = ray.get(send, timeout=2 * timeout + 60)[0]
         except ray.exceptions.GetTimeoutError:
-            raise RunFailed(f"weight broadcast: the trainers did not finish sending within {timeout:.0f}s "
-                            f"(generation.timeout_s)") from None
+            raise RunFailed(f"weight broadcast: the trainers did not return within {2 * timeout + 60:.0f}s "
+                            f"(2 x generation.timeout_s + 60)") from None
         errors = [sent["error"]] if sent.get("error") else []
         for ref in recv:
             try:
-                ray.get(ref, timeout=timeout)
+                ray.get(ref, timeout=2 * timeout + 60)
             except (ray.exceptions.RayError, TimeoutError) as e:
                 errors.append(" ".join(str(e).split())[:200])
         if errors:  # tear down: live receivers leave the group (the sender already has); a new one next time
@@ -197,8 +199,8 @@ class GeneratorPool:
     def close_sync(self) -> None:
         """Every live generator leaves its sync group (dead ones took theirs with them)."""
         for ref in [a.close_sync.remote() for a in self.actors]:
-            try:
-                ray.get(ref, timeout=self.timeout_s)
+            try:  # an actor busy with a hung call gets killed or restarted anyway: do not wait it out
+                ray.get(ref, timeout=30)
             except ray.exceptions.RayError:
                 pass
 

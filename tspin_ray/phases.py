@@ -61,7 +61,7 @@ class GenPhase:
     max_length: int = 1024
     score_ref: bool = False
     out_dir: str | None = None
-    checkpoint: str = ""  # sha256 identity of the checkpoint at model_path ("" when not known)
+    checkpoint: str = ""  # RunDir.checkpoint_id of the checkpoint at model_path ("" when not known)
 
 
 def phase_for(cfg, model_path, iteration: int | str, *, samples: int, temperature: float, max_new_tokens: int,

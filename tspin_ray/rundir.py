@@ -91,7 +91,7 @@ def identity(files: dict[str, dict]) -> str:
 
 def listing_identity(path: Path) -> str:
     """sha256 of every file's name, size and mtime under `path`: the identity of an external model.path,
-    which is not hashed byte by byte at every start (a 7B is 14.5 GB); replacing its files changes it."""
+    taken once when the run commits it (a 7B is 14.5 GB to hash; a copy of it has new mtimes)."""
     path = Path(path)
     stats = {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
              for f in sorted(path.rglob("*")) if f.is_file()}
@@ -160,13 +160,17 @@ class RunDir:
     def config_matches(self, cfg) -> bool:
         """Whether this run was made with `cfg`. A run from an older tspin-ray lacks keys added since:
         its stored config.yaml read with today's defaults decides (a new key's default keeps old behaviour)."""
-        from tspin_ray.config import from_dict
+        from tspin_ray.config import RETIRED, from_dict
 
         stored = self.manifest.get("config_hash")
         if not stored or stored == cfg.hash():
             return True
         try:
-            old = from_dict(yaml.safe_load((self.root / "config.yaml").read_text()))
+            raw = yaml.safe_load((self.root / "config.yaml").read_text())
+            for section, keys in RETIRED.items():  # never read, so they never changed a result
+                for key in keys:
+                    (raw.get(section) or {}).pop(key, None)
+            old = from_dict(raw)
         except (OSError, UserError, yaml.YAMLError):
             return False
         return old.hash() == cfg.hash()
@@ -205,9 +209,14 @@ class RunDir:
                     files=checksum_dir(self.checkpoint(t)), **info)
 
     def checkpoint_id(self, t: int) -> str:
-        """The identity of committed pi_t, recorded in every generation row it makes (rundir.identity)."""
+        """The identity of committed pi_t, recorded in every generation row it makes: `identity` of the
+        files the run wrote, or the `listing_identity` an external model.path had when it was committed."""
         e = self.entry(f"pi_{t}")
-        return identity(e["files"]) if e.get("files") else listing_identity(self.root / e["path"])
+        if e.get("files"):
+            return identity(e["files"])
+        if "identity" not in e:  # committed by an older tspin-ray: taken now, kept from now on
+            self.commit(f"pi_{t}", **e, identity=listing_identity(self.root / e["path"]))
+        return self.entry(f"pi_{t}")["identity"]
 
     def uncommit(self, name: str) -> None:
         self.manifest["entries"].pop(name, None)

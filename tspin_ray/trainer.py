@@ -120,7 +120,8 @@ class Trainer:
             return
         dtype = "bfloat16" if self.precision == "bf16" else "float32"
         release_engine(self.engine)  # unhook it so its memory can go
-        self.engine = self.model = None  # drop the previous iterate before building the next
+        self.engine = self.model = self.optimizer = self.scheduler = None
+        gc.collect()  # drop the previous iterate before building the next
         if self.backend == "deepspeed" and self.zero_stage == 3:
             # from_pretrained then builds the model inside deepspeed.zero.Init and fills it shard by shard:
             # each rank holds 1/world of the weights from the start, never the whole model on its device

@@ -82,6 +82,12 @@ def median(values) -> float:
 
 
 # ------------------------------------------------------------ models and prompts
+# The GPU sizes' model: a real architecture at 0.52B (Qwen2: GQA, tied embeddings, byte-level BPE;
+# tspin_ray/families.py), small enough for the GPU kit's 8 minutes (bench/gpu_kit), large enough that a
+# step measures compute, not launches.
+GPU_MODEL = dict(family="qwen2", hidden_size=1536, num_layers=20, num_heads=12, intermediate_size=4096,
+                 max_position_embeddings=1024)
+
 def tiny_spec(**overrides):
     from tspin_ray.config import TinyModelSpec
 

@@ -12,6 +12,7 @@ HF runs first: vLLM-CPU binds the process's OpenMP threads when it starts, which
 from __future__ import annotations
 
 from bench.common import (
+    GPU_MODEL,
     Context,
     compare,
     encoded_prompts,
@@ -28,10 +29,9 @@ SIZES = {
                   dtype="float32"),
     "full": dict(batch_sizes=[32, 256], max_new_tokens=32, min_seconds=4.0, min_calls=3, model={},
                  dtype="float32"),
-    # On a GPU a 0.66M-parameter model measures only launch overhead: use a ~0.25B one, in bf16.
+    # On a GPU a 0.66M-parameter model measures only launch overhead: the 0.52B Qwen2-shaped one, in bf16.
     "gpu": dict(batch_sizes=[32, 256], max_new_tokens=128, min_seconds=4.0, min_calls=3, dtype="bfloat16",
-                model=dict(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2816,
-                           max_position_embeddings=1024)),
+                model=GPU_MODEL),
 }
 MAX_CALLS = 500
 
@@ -107,7 +107,7 @@ def run(ctx: Context) -> dict:
                                        vllm["by_batch"][b]["tokens_per_s"]))
     threads = torch.get_num_threads()
     notes = [
-        f"Random-weight tiny Llama ({_spec_text(s['model'])}), `addition` prompts, temperature 1, "
+        f"Random-weight model ({_spec_text(s['model'])}), `addition` prompts, temperature 1, "
         f"max_new_tokens {s['max_new_tokens']}; tokens counted as returned (a random model draws EOS now and "
         f"then: see tokens/sequence), one untimed warm-up call per batch size.",
         f"HF runs with {threads} torch intra-op thread(s); vLLM-CPU binds its own OpenMP threads "
@@ -131,7 +131,8 @@ def _spec_text(model: dict) -> str:
     from bench.common import tiny_spec
 
     spec = tiny_spec(**model)
-    return f"hidden {spec.hidden_size}, {spec.num_layers} layers, {spec.num_heads} heads"
+    family = "tiny Llama, character tokenizer" if spec.family == "char" else f"{spec.family}-shaped"
+    return f"{family}, hidden {spec.hidden_size}, {spec.num_layers} layers, {spec.num_heads} heads"
 
 
 def _jsonable(result: dict) -> dict:
@@ -181,7 +182,7 @@ def run_parity(ctx: Context) -> dict:
     comparisons = [compare(dtype, "nats per sequence (ratio: relative gap)", "mean |lp| (trainer forward)",
                            f["mean_abs_lp"], "max |lp_vLLM - lp_trainer|", f["max_gap"], higher_is_better=False)
                    for dtype, f in figures.items()]
-    notes = [f"Random-weight tiny Llama ({_spec_text(s['model'])}), {s['prompts']} `addition` prompts, one vLLM "
+    notes = [f"Random-weight model ({_spec_text(s['model'])}), {s['prompts']} `addition` prompts, one vLLM "
              f"sample each at temperature 1 (up to {s['max_new_tokens']} tokens), scored by vLLM's prompt_logprobs "
              f"(SPIN/SPACE's lp_ref on the generator) and by the trainer's forward, both in the same dtype.",
              "What a gap costs: SPIN's logit is beta x ((lp(y) - lp_ref(y)) - (lp(y') - lp_ref(y'))), so a gap of d "

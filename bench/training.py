@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 from bench.common import (
+    GPU_MODEL,
     Context,
     compare,
     free_gpu,
@@ -25,6 +26,7 @@ from bench.common import (
     param_count,
     ray_cpus,
     ray_session,
+    skipped,
     sync,
     task_examples,
 )
@@ -35,14 +37,18 @@ SIZES = {
     "full": dict(global_batch=64, micro_batch=16, warmup_steps=2, steps=15, response_chars=(3, 8), model={},
                  precision="fp32", zero_stages=[0, 2, 3]),
     "gpu": dict(global_batch=64, micro_batch=16, warmup_steps=3, steps=20, response_chars=(32, 128),
-                precision="bf16", zero_stages=[0, 2, 3],
-                model=dict(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2816,
-                           max_position_embeddings=1024)),
+                precision="bf16", zero_stages=[0, 2, 3], model=GPU_MODEL),
 }
 # Dense bf16 peak FLOP/s by GPU name fragment (vendor data sheets, SXM parts), for MFU.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-5,
              weight_decay=0.0, schedule="constant", warmup_ratio=0.0, grad_clip=1.0)
+
+
+def shape(model: dict) -> str:
+    """What the benchmark's random model is shaped like (bench.common.make_checkpoint's families)."""
+    family = model.get("family", "char")
+    return "tiny Llama (character tokenizer)" if family == "char" else f"random {family}-shaped model"
 
 
 def triplet_rows(fmt, n: int, response_chars: tuple[int, int], seed: int = 0) -> list[dict]:
@@ -190,7 +196,7 @@ def run(ctx: Context) -> dict:
              f.get("mfu", "n/a" if not ctx.gpu else None), f.get("last_loss")]
             for label, f in figures.items() if "skipped" not in f]
     notes = [
-        f"{params / 1e6:.2f}M-parameter tiny Llama, {s['precision']}; T-SPIN, global batch {s['global_batch']} "
+        f"{params / 1e6:.2f}M-parameter {shape(s['model'])}, {s['precision']}; T-SPIN, global batch {s['global_batch']} "
         f"(micro {s['micro_batch']}, so {s['global_batch'] // s['micro_batch']} accumulation steps), "
         f"{len(timed)} timed steps after {len(warmup)} warm-up steps; {tokens / len(timed):.0f} tokens per step "
         f"(3 sequences per example).",
@@ -211,9 +217,13 @@ MEMORY_SIZES = {
     "quick": dict(ranks=2, model={}),
     "full": dict(ranks=2, model=dict(hidden_size=768, num_layers=8, num_heads=12, intermediate_size=2048,
                                      max_position_embeddings=512)),
-    "gpu": dict(ranks=1, model=dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632,
-                                    max_position_embeddings=1024)),
+    "gpu": dict(ranks=1, model=dict(family="qwen2", hidden_size=2048, num_layers=16, num_heads=16,
+                                    intermediate_size=5632, max_position_embeddings=1024)),
 }
+# Bytes per parameter a rank holds after DeepSpeed's initialize (which creates the optimizer states), times
+# ranks: the arithmetic of the job configs' memory comments (jobs/zephyr-7b-*.yaml) for AdamW. bf16: weights
+# 2 + grads 2 + fp32 master 4 + fp32 grads 4 + Adam m, v 8; fp32: weights 4 + grads 4 + Adam 8.
+STATE_BYTES = {"bf16": 20, "fp32": 16}
 
 
 def _anon_mb() -> float:
@@ -230,6 +240,7 @@ def _memory_mb(trainer) -> dict:  # __ray_call__: runs inside the actor on its T
     out = {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mb": _anon_mb()}
     if torch.cuda.is_available():
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu_alloc_mb"] = torch.cuda.memory_allocated() / 2**20
     if trainer.model is not None:
         out.update(trainer.param_counts())
     return out
@@ -261,14 +272,16 @@ def _export_peak(trainer, out_dir: str, shard_bytes: int) -> dict:  # __ray_call
     return out
 
 
-def load_memory(path: str, ranks: int, zero: int, export_shard: int | None = None, out_dir=None) -> dict:
+def load_memory(path: str, ranks: int, zero: int, export_shard: int | None = None, out_dir=None,
+                precision: str = "fp32") -> dict:
     """Peak memory each of `ranks` DeepSpeed trainer actors adds while loading `path` (before any step)."""
     import ray
 
     from tspin_ray.trainer import start_trainers
 
     actors = start_trainers(ranks, "deepspeed", zero, options={"num_cpus": 1 if ray_cpus() >= ranks else 0.5,
-                                                                "num_gpus": 1 if gpu_count() else None})
+                                                                "num_gpus": 1 if gpu_count() else None},
+                            precision=precision)
     try:
         before = ray.get([a.__ray_call__.remote(_memory_mb) for a in actors])
         t0 = now()
@@ -291,10 +304,22 @@ def load_memory(path: str, ranks: int, zero: int, export_shard: int | None = Non
            "host_mb_load": added("maxrss_mb", loaded), "host_mb": added("maxrss_mb", ready),
            "anon_mb_load": added("anon_mb", loaded), "anon_mb": added("anon_mb", ready)}
     if "gpu_peak_mb" in before[0]:
-        fig.update(gpu_mb_load=added("gpu_peak_mb", loaded), gpu_mb=added("gpu_peak_mb", ready))
+        fig.update(gpu_mb_load=added("gpu_peak_mb", loaded), gpu_mb=added("gpu_peak_mb", ready),
+                   gpu_held_mb=added("gpu_alloc_mb", ready))
     if export_shard:
         fig["export"] = export
     return fig
+
+
+def arithmetic_comparison(z3: dict, params: int, ranks: int, precision: str) -> dict:
+    """ZeRO-3's GPU memory held per rank after initialize against the job configs' per-parameter arithmetic."""
+    name, metric = "ZeRO-3 vs arithmetic", "GPU MB held per rank after initialize (memory_allocated)"
+    arithmetic = params * STATE_BYTES[precision] / ranks / 2**20
+    baseline = f"job-config arithmetic ({STATE_BYTES[precision]} B/param / {ranks} rank(s), AdamW {precision})"
+    if "gpu_held_mb" not in z3:
+        return skipped(name, metric, baseline, arithmetic, "measured", "GPU only: on CPU the states are host "
+                       "memory, mixed with the allocator's and the page cache's")
+    return compare(name, metric, baseline, arithmetic, "measured", z3["gpu_held_mb"], higher_is_better=False)
 
 
 def run_memory(ctx: Context) -> dict:
@@ -303,11 +328,12 @@ def run_memory(ctx: Context) -> dict:
         s = {**s, "ranks": gpu_count()}
     path = make_checkpoint(ctx.work / "model", **s["model"])
     params, ranks = param_count(path), s["ranks"]
+    precision = "bf16" if ctx.gpu else "fp32"
     model_bytes = params * (2 if ctx.gpu else 4)
     with ray_session():  # each export in fresh actors: a process's RssAnon does not shrink back after one
-        figures = {"ZeRO-2": load_memory(str(path), ranks, 2),
-                   "ZeRO-3": load_memory(str(path), ranks, 3, 2 * model_bytes, ctx.work / "whole")}
-        sharded = load_memory(str(path), ranks, 3, model_bytes // 8, ctx.work / "sharded")["export"]
+        figures = {"ZeRO-2": load_memory(str(path), ranks, 2, precision=precision),
+                   "ZeRO-3": load_memory(str(path), ranks, 3, 2 * model_bytes, ctx.work / "whole", precision)}
+        sharded = load_memory(str(path), ranks, 3, model_bytes // 8, ctx.work / "sharded", precision)["export"]
     base, z3 = figures["ZeRO-2"], figures["ZeRO-3"]
     whole = z3["export"]
     metric, where = ("gpu_mb", "GPU") if "gpu_mb" in z3 else ("host_mb", "host")
@@ -318,13 +344,14 @@ def run_memory(ctx: Context) -> dict:
                 "ZeRO-3", z3[metric], higher_is_better=False),
         compare("anonymous memory", "host MB the process holds after initialize (RssAnon)", "ZeRO-2",
                 base["anon_mb"], "ZeRO-3", z3["anon_mb"], higher_is_better=False),
+        arithmetic_comparison(z3, params, ranks, precision),
         compare("export, rank 0 host", "host MB rank 0 adds while exporting the ZeRO-3 model (peak RssAnon)",
                 "one file", whole["host_mb"], "1/8-model shards", sharded["host_mb"], higher_is_better=False,
                 seconds=[whole["seconds"], sharded["seconds"]]),
     ]
     rows = [[label, f["held_params"], f["host_mb_load"], f["host_mb"], f["anon_mb"], f.get("gpu_mb_load", "n/a"),
              f.get("gpu_mb", "n/a"), f["load_s"]] for label, f in figures.items()]
-    notes = [f"{params / 1e6:.1f}M-parameter tiny Llama (fp32: {params * 4 / 2**20:.0f} MiB), {ranks} DeepSpeed "
+    notes = [f"{params / 1e6:.1f}M-parameter {shape(s['model'])} ({precision}: {model_bytes / 2**20:.0f} MiB), {ranks} DeepSpeed "
              f"trainer actor(s). Memory added by `Trainer.load` and then by DeepSpeed's initialize in "
              f"`Trainer.begin`: peak resident (ru_maxrss, which counts the checkpoint's page-cache pages a rank "
              f"reads), anonymous memory held after initialize (RssAnon), CUDA max allocated on a GPU; each minus "

@@ -37,6 +37,7 @@ BENCHMARKS = {
     "scaling": ("bench.scaling:run", "Generation throughput with 1, 2 and 4 generator actors"),
     "persistent": ("bench.pipeline:run_persistent", "Long-lived generators + broadcast vs the per-phase pool"),
     "resume": ("bench.resume:run", "Resume with 90% of a generation on disk: start to the first new batch"),
+    "logprob_memory": ("bench.logprobs:run", "Log-probs at a 128k vocabulary: full logits vs chunked target log-probs"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 
@@ -118,11 +119,11 @@ def run_one(name: str, quick: bool, threads: int | None, timeout: float, log: Pa
             "log": str(log)}
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     """SIGTERM the child (its handler shuts Ray down), then SIGKILL its whole session if it lingers."""
     proc.terminate()
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     try:

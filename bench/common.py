@@ -77,6 +77,12 @@ def timed(fn, *args, **kwargs):
     return out, now() - t0
 
 
+def anon_mb() -> float:
+    """Anonymous memory this process holds now (RssAnon): its own allocations, not page cache."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:")) / 1024
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -73,6 +73,28 @@ def test_hf_engine_on_gpu_scores_and_generates_as_on_cpu(family_ckpt, monkeypatc
     assert gpu.generate(prompts, [0] * 4, **GREEDY) == cpu.generate(prompts, [0] * 4, **GREEDY)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_chunked_logprobs_on_gpu_equal_the_full_logits_path(family_ckpt, dtype, tolerance):
+    """CUDA matmuls in chunks vs the full [B, T, V] logits, on a tied-embedding family; gradients too."""
+    from tests.test_logprobs import full_logits_logprobs
+    from tspin_ray.logprobs import sequence_logprobs
+    from tspin_ray.modeling import load_format
+
+    path = family_ckpt("qwen2")
+    model, fmt = load_model(path, dtype=dtype).cuda(), load_format(path)
+    prompts = [fmt.prompt_ids(p) for p in PROMPTS]
+    responses = [fmt.response_ids(p, p[::-1]) for p in PROMPTS]
+    ref = full_logits_logprobs(model, prompts, responses, fmt.pad_id)
+    ref.sum().backward()
+    ref_grad = model.get_output_embeddings().weight.grad.float().clone()
+    model.zero_grad()
+    got = sequence_logprobs(model, prompts, responses, fmt.pad_id)
+    got.sum().backward()
+    grad = model.get_output_embeddings().weight.grad.float()
+    assert got.device.type == "cuda" and torch.allclose(got, ref, atol=tolerance * 10, rtol=tolerance)
+    assert (grad - ref_grad).abs().max() <= tolerance * ref_grad.abs().max()
+
+
 @pytest.mark.parametrize("family,offload", [("char", "none"), ("char", "all"), ("qwen2", "none")])
 def test_zero3_step_equals_zero0_step_and_exports_full_weights(ray_session, tiny_ckpt, family_ckpt, tmp_path,
                                                                family, offload):

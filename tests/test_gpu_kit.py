@@ -2,7 +2,7 @@
 kit installs offline into a clean venv standing in for the GPU image and its CPU part passes.
 
     .venv/bin/pytest -q tests/test_gpu_kit.py
-    .venv/bin/pytest -q -m slow tests/test_gpu_kit.py      (stand-in venv + kit + run.sh: ~12 min)
+    .venv/bin/pytest -q -m slow tests/test_gpu_kit.py      (stand-in venv + kit + run.sh: ~10 min)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_kit.check import RUNS
+from bench.gpu_kit.check import RUNS, bench_status
 from bench.gpu_kit.repack import main as repack_main
 from tests.conftest import REPO
 
@@ -98,11 +98,22 @@ def test_check_fails_in_one_line_when_ray_is_not_the_kits(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["check.log", "details.tar.gz", "summary.json"]
 
 
+def test_bench_status_tells_a_cap_from_a_crash_from_a_missing_package():
+    vllm_missing = {"name": "batch 32", "skipped": "vllm is not installed (pip install -e .[cpu] or .[gpu])"}
+    raised = {"name": "DeepSpeed ZeRO-3, Ray actor", "skipped": "RuntimeError: CUDA error: out of memory"}
+    assert bench_status({"comparisons": [vllm_missing]}) == "ok"
+    assert bench_status({"comparisons": [vllm_missing, raised]}) == "fail"
+    assert bench_status({"skipped": "timed out after 90 s (see the log)"}) == "cut"
+    assert bench_status({"skipped": "failed: ImportError: no module named vllm"}) == "fail"
+    assert bench_status({"skipped": "child exited with -9 and no result: Killed"}) == "fail"
+    assert bench_status({"skipped": "needs 2 GPUs"}) == "skip"
+
+
 @pytest.mark.slow
 def test_kit_installs_offline_into_a_clean_venv_and_its_cpu_part_passes(tmp_path):
     """The GPU image's stand-in (torch + transformers + image.txt, no ray/deepspeed/pydantic): the kit for this
     Python installs with --no-index, every gpu test skips, each objective's whole run passes on CPU through
-    the kit's ray and DeepSpeed ZeRO-3, and the GPU benches skip with their line."""
+    the kit's ray (one head, four jobs) and DeepSpeed ZeRO-3, and the GPU benches skip with their line."""
     venv, kit, out = tmp_path / "standin", tmp_path / "kit", tmp_path / "out"
     subprocess.run(["bash", str(KIT / "standin.sh"), str(venv)], check=True)
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -110,14 +121,17 @@ def test_kit_installs_offline_into_a_clean_venv_and_its_cpu_part_passes(tmp_path
     env = {**os.environ, "KIT": str(kit), "PYTHON": str(venv / "bin" / "python"), "PIP_NO_INDEX": "1",
            "KIT_SITE": str(tmp_path / "site")}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run(["bash", str(KIT / "run.sh"), str(out)], env=env, capture_output=True, text=True)
+    # --runs parallel: the four runs as jobs of one `ray start --head`, as on a GPU (CPU default: one by one)
+    proc = subprocess.run(["bash", str(KIT / "run.sh"), str(out), "--runs", "parallel"], env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
     assert summary["ok"] and summary["gpu"] is False
     assert list(steps) == ["environment", "gpu_tests", *[f"run_{o}" for o in RUNS],
-                           "bench_trainer", "bench_trainer_memory", "bench_generation", "bench_weight_sync"]
+                           "bench_trainer", "bench_logprob_memory", "bench_trainer_memory", "bench_generation",
+                           "bench_weight_sync"]
     assert steps["environment"]["status"] == "ok" and "no CUDA (CPU stand-in)" in steps["environment"]["line"]
     assert steps["environment"]["details"]["ray"] == "2.60.0"
     assert steps["gpu_tests"]["status"] == "skip" and steps["gpu_tests"]["line"].endswith(
@@ -126,9 +140,11 @@ def test_kit_installs_offline_into_a_clean_venv_and_its_cpu_part_passes(tmp_path
         run = steps[f"run_{objective}"]
         assert run["status"] == "ok", run["line"]
         assert run["details"]["family"] == family and run["details"]["iterations"] == 2
-    for name in ("trainer", "trainer_memory", "generation", "weight_sync"):
+    for name in ("trainer", "logprob_memory", "trainer_memory", "generation", "weight_sync"):
         assert steps[f"bench_{name}"]["status"] == "skip" and "no CUDA" in steps[f"bench_{name}"]["line"]
     assert {p.name for p in out.iterdir() if p.is_file()} == {"summary.json", "check.log", "details.tar.gz"}
     with tarfile.open(out / "details.tar.gz") as tar:
         names = tar.getnames()
     assert all(f"details/runs/{o}/metrics.jsonl" in names for o in RUNS)
+    assert not any("checkpoints" in n or n.endswith(".safetensors") for n in names)  # random weights stay out
+    assert (out / "details.tar.gz").stat().st_size < 16 * 2**20  # one file a device call returns

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -88,3 +90,87 @@ def test_gradient_flows_to_the_model(model, tok, batch):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def full_logits_logprobs(model, prompts, responses, pad_id) -> torch.Tensor:
+    """The computation the chunked path replaces: full [B, T, V] logits, fp32 log-softmax, gather."""
+    device = next(model.parameters()).device
+    ids, attn, resp = (t.to(device) for t in pad_batch(prompts, responses, pad_id))
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    return (logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]).sum(-1)
+
+
+def _grads(model) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("family", ["char", "llama3", "qwen2", "zephyr"])
+def test_chunked_target_logprobs_equal_the_full_logits_path_with_their_gradients(family_ckpt, tiny_ckpt,
+                                                                                monkeypatch, family):
+    """Values to 1e-5 and every parameter's gradient (tied embeddings included: llama3, qwen2) to 1e-5 of its
+    scale, in fp32, with chunks of 3 positions so that every batch spans several chunks."""
+    from tspin_ray import logprobs
+    from tspin_ray.modeling import load_format, load_model
+
+    path = tiny_ckpt if family == "char" else family_ckpt(family)
+    model, fmt = load_model(path), load_format(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # sharper than a random init, so that a wrong position or token would show
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 3 * 4 * head.out_features)
+    pairs = [("1+2=", "3"), ("347+589=", "936"), ("sort:d,a,c=", "a,c,d"), ("9*9=", "81")]
+    prompts = [fmt.prompt_ids(p) for p, _ in pairs]
+    responses = [fmt.response_ids(p, r) for p, r in pairs]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # distinct per-sequence gradients
+
+    ref = full_logits_logprobs(model, prompts, responses, fmt.pad_id)
+    (ref * weights).sum().backward()
+    ref_grads = _grads(model)
+    got = sequence_logprobs(model, prompts, responses, fmt.pad_id)
+    (got * weights).sum().backward()
+    assert "forward" not in vars(head)  # the class's forward is back
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got, ref)
+    for (name, _), g, r in zip(model.named_parameters(), _grads(model), ref_grads, strict=True):
+        # fp32 summation order differs (chunked matmuls): within 1e-5 of each tensor's largest entry (~1e-6 seen)
+        assert (g - r).abs().max() <= 1e-5 * r.abs().max(), name
+
+
+def test_a_head_with_a_bias_takes_the_full_logits_path(model, tok, batch):
+    prompts, responses = batch
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.linspace(-2, 2, head.out_features))
+    model.set_output_embeddings(biased)
+    try:
+        with torch.no_grad():
+            got = sequence_logprobs(model, prompts, responses, tok.pad_token_id)
+            ref = full_logits_logprobs(model, prompts, responses, tok.pad_token_id)
+    finally:
+        model.set_output_embeddings(head)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_bf16_chunked_logprobs_round_like_the_full_path(model, tok, batch):
+    prompts, responses = batch
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        got = sequence_logprobs(m16, prompts, responses, tok.pad_token_id)
+        ref = full_logits_logprobs(m16, prompts, responses, tok.pad_token_id)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-3, rtol=0)
+
+
+def test_target_logprobs_run_on_the_meta_device_without_cpu_tensors():
+    """Every tensor the chunked path makes is on the hidden states' device (a CPU one would raise here
+    exactly as next to CUDA)."""
+    from tspin_ray.logprobs import TargetLogProbs
+
+    h = torch.empty(10, 8, device="meta", requires_grad=True)
+    w = torch.empty(50, 8, device="meta", requires_grad=True)
+    out = TargetLogProbs.apply(h, w, torch.zeros(10, dtype=torch.long, device="meta"), 4)
+    out.sum().backward()
+    assert out.shape == (10,) and h.grad.shape == h.shape and w.grad.shape == w.shape

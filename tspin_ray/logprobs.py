@@ -7,6 +7,13 @@ concatenate all of them into ONE `sequence_logprobs` call (e.g. prompts = xs + x
 ys + y_primes + y0s, then split the result with `torch.split`): one forward over the padded batch is
 faster than one per kind, and the same padding makes the per-kind values consistent. Sums are not
 length-normalised (the papers use sums); `response_lengths` gives the counts for token means.
+
+The [B, T, V] logits are never made: the output layer's forward is swapped, for the one call, for
+`TargetLogProbs`, which takes the final hidden states of the response positions only and computes their
+target-token log-probs a chunk of positions at a time (fp32 log-sum-exp), recomputing each chunk's logits
+in backward. At a 128k vocabulary that is most of a step's activation memory (bench: `python -m bench
+--only logprob_memory`). The swap happens inside the output layer's own call, so DDP's forward and
+DeepSpeed ZeRO-3's parameter gathering (hooks on that module) see an ordinary forward.
 """
 
 from __future__ import annotations
@@ -34,6 +41,60 @@ def pad_batch(
     return input_ids, attention_mask, response_mask
 
 
+# fp32 logits per chunk of positions: 128 MiB, e.g. 256 positions at a 128k vocabulary, 1024 at 32k.
+CHUNK_BYTES = 2**27
+
+
+class TargetLogProbs(torch.autograd.Function):
+    """log softmax(h W^T)[t] for N positions, chunk by chunk; saves h, W and the log-sum-exps, not [N, V].
+
+    Backward per chunk, with p = softmax(h W^T) recomputed: dL/dlogits = g (onehot(t) - p), so
+    dL/dh = dlogits W and dL/dW = dlogits^T h.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        lse = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        out = torch.empty_like(lse)
+        for s in range(0, len(hidden), chunk):
+            logits = (hidden[s:s + chunk] @ weight.T).float()  # model dtype matmul, fp32 softmax (as HF + .float())
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, len(hidden), ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            dlogits = -torch.exp((h @ weight.T).float() - lse[s:s + ctx.chunk, None])  # -softmax
+            dlogits.scatter_add_(-1, targets[s:s + ctx.chunk, None], torch.ones_like(dlogits[:, :1]))
+            dlogits.mul_(grad_out[s:s + ctx.chunk, None].float())
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(dlogits.T, h.float())
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def _scored_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output layer, when target log-probs can be computed from its weight alone (no bias, no logit
+    soft-capping or scaling after it); None means: compute the full logits."""
+    core = getattr(model, "module", model)  # a DeepSpeed engine or DDP wraps the HF model
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    config = getattr(core, "config", None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or "forward" in vars(head):
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -44,11 +105,26 @@ def sequence_logprobs(
     input_ids, attention_mask, response_mask = pad_batch(prompts, responses, pad_id)
     device = next(model.parameters()).device
     input_ids, attention_mask, response_mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    # Position t predicts token t+1; float32 so bf16 models still sum accurately.
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (token_logp * response_mask[:, 1:]).sum(-1)
+    # Position t predicts token t+1.
+    scored, targets = response_mask[:, 1:], input_ids[:, 1:]
+    head = _scored_head(model)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # float32 so bf16 models still sum accurately
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (token_logp * scored).sum(-1)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T - 1] token log-probs
+        chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
+        lp = TargetLogProbs.apply(hidden[:, :-1][scored], head.weight, targets[scored], chunk)
+        return torch.zeros(scored.shape, dtype=lp.dtype, device=lp.device).masked_scatter(scored, lp)
+
+    head.forward = forward  # this call only; the class's forward again in `finally`
+    try:
+        token_logp = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        del head.forward
+    return token_logp.sum(-1)
 
 
 def response_lengths(responses: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -106,8 +106,10 @@ class Trainer:
         if self.backend == "deepspeed":
             import deepspeed
 
-            # On CPU, skip DeepSpeed's shared-memory comm op: it is a 45 s C++ build on every new machine.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            if dist_backend == "gloo":
+                # On CPU, skip DeepSpeed's shared-memory comm op: it is a 45 s C++ build on every new machine.
+                # (Only here: reading __compatible_ops__ probes every op builder, nvcc included, on a GPU.)
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend=dist_backend, verbose=False)
         elif not torch.distributed.is_initialized():
             torch.distributed.init_process_group(dist_backend)

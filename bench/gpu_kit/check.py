@@ -18,6 +18,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,9 @@ RUNS = {"sft": "zephyr", "spin": "llama3", "tspin": "qwen2", "space": "llama3"}
 CPU_RUN = ["model.dtype=float32", "training.precision=fp32", "resources.trainer_gpus=0",
            "resources.generator_gpus=0", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
            "model.tiny.num_heads=2", "model.tiny.intermediate_size=128", "data.task_size=128", "data.eval_size=32"]
-GPU_BENCHES = ("trainer", "trainer_memory", "generation", "weight_sync")
+# name -> (seconds it needs to be worth starting, its cap): on an H200 they should fit in ~4 of the 8 minutes.
+GPU_BENCHES = {"trainer": (60, 110), "logprob_memory": (25, 60), "trainer_memory": (45, 90), "generation": (30, 60),
+               "weight_sync": (45, 90)}
 # Import names of image.txt's distributions where they differ.
 MODULES = {"pyyaml": "yaml", "py-cpuinfo": "cpuinfo", "protobuf": "google.protobuf", "attrs": "attr",
            "pytest": "pytest"}
@@ -46,7 +49,7 @@ MODULES = {"pyyaml": "yaml", "py-cpuinfo": "cpuinfo", "protobuf": "google.protob
 @dataclass
 class Step:
     name: str
-    status: str  # ok | fail | skip
+    status: str  # ok | fail | cut (stopped by its cap or the budget) | skip (not run, with why)
     seconds: float
     line: str  # one line: what was found, or why it failed or skipped
     details: dict = field(default_factory=dict)
@@ -78,21 +81,28 @@ class Check:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
         return step
 
-    def child(self, name: str, argv: list[str], cap_s: float) -> tuple[int | None, float, Path]:
-        """Run argv (a child process group) for at most cap_s and what is left of the budget; rc None = killed."""
+    def spawn(self, name: str, argv: list[str], env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        """Start argv in its own process group, output to logs/<name>.log."""
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
-        limit = max(1.0, min(cap_s, self.left()))
-        t0 = time.time()
         with open(log, "w") as f:
-            proc = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                stop(proc)
-                rc = None
-        return rc, time.time() - t0, log
+            proc = subprocess.Popen(argv, cwd=REPO, env={**child_env(), **(env or {})}, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, log
+
+    def reap(self, proc: subprocess.Popen, cap_s: float) -> int | None:
+        """Wait at most cap_s and what is left of the budget; None = it was stopped (10 s to shut down)."""
+        try:
+            return proc.wait(timeout=max(1.0, min(cap_s, self.left())))
+        except subprocess.TimeoutExpired:
+            stop(proc, grace_s=10.0)
+            return None
+
+    def child(self, name: str, argv: list[str], cap_s: float) -> tuple[int | None, float, Path]:
+        """Run argv to the end or for at most cap_s (and the budget): (rc or None, seconds, log)."""
+        t0 = time.time()
+        proc, log = self.spawn(name, argv)
+        return self.reap(proc, cap_s), time.time() - t0, log
 
     def out_of_time(self, name: str, need_s: float) -> bool:
         if self.left() >= need_s:
@@ -101,8 +111,15 @@ class Check:
         return True
 
     def finish(self) -> bool:
+        # Of each run only what a reader needs: not its checkpoints and shards (hundreds of MB of random weights).
+        def small(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            parts = Path(info.name).parts[1:]  # below details/
+            if parts[:1] != ("runs",) or len(parts) <= 2:
+                return info
+            return info if len(parts) == 3 and parts[2] in ("metrics.jsonl", "config.yaml", "manifest.json") else None
+
         with tarfile.open(self.out / "details.tar.gz", "w:gz") as tar:
-            tar.add(self.work, arcname="details")
+            tar.add(self.work, arcname="details", filter=small)
         ok = all(s.status != "fail" for s in self.steps)
         self.say(f"{'PASSED' if ok else 'FAILED'}: " + ", ".join(f"{s.name} {s.status}" for s in self.steps))
         self.say(f"details (child logs, bench JSON, run metrics): {self.out / 'details.tar.gz'}")
@@ -134,6 +151,8 @@ def environment(c: Check) -> Step:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001
             missing.append(f"{module} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    if missing:
+        return c.record(Step("environment", "fail", time.time() - t0, f"missing: {', '.join(missing)}", versions))
     import deepspeed
     import ray
 
@@ -144,10 +163,9 @@ def environment(c: Check) -> Step:
                "gpu": torch.cuda.get_device_name(0) if c.gpu else None, "ray": ray.__version__,
                "deepspeed": deepspeed.__version__, "image": versions}
     seconds = time.time() - t0
-    if missing or foreign:
-        why = (f"missing: {', '.join(missing)}" if missing else "") + \
-              (f"; not from the kit ({site}): {', '.join(foreign)}" if foreign else "")
-        return c.record(Step("environment", "fail", seconds, why.strip("; "), details))
+    if foreign:
+        return c.record(Step("environment", "fail", seconds, f"not from the kit ({site}): {', '.join(foreign)}",
+                             details))
     where = details["gpu"] or "no CUDA (CPU stand-in)"
     return c.record(Step("environment", "ok", seconds, f"Python {details['python']}, torch {details['torch']}, "
                          f"ray {details['ray']}, deepspeed {details['deepspeed']}; {where}", details))
@@ -159,10 +177,11 @@ def gpu_tests(c: Check) -> Step:
         return c.steps[-1]
     xml = c.work / "gpu_tests.xml"
     rc, seconds, log = c.child("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu",
-                                             "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/test_gpu.py"], 240)
-    if rc is None or not xml.exists():
-        return c.record(Step("gpu_tests", "fail", seconds, f"pytest {'timed out' if rc is None else f'exited {rc}'}: "
-                             f"{last_line(log)}"))
+                                             "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/test_gpu.py"], 150)
+    if rc is None:
+        return c.record(Step("gpu_tests", "cut", seconds, f"stopped at its cap or the budget: {last_line(log)}"))
+    if not xml.exists():
+        return c.record(Step("gpu_tests", "fail", seconds, f"pytest exited {rc}: {last_line(log)}"))
     import xml.etree.ElementTree as ET
 
     suite = ET.parse(xml).getroot()
@@ -173,27 +192,31 @@ def gpu_tests(c: Check) -> Step:
     if rc != 0 or n["failures"] or n["errors"]:
         return c.record(Step("gpu_tests", "fail", seconds, f"{line}: {last_line(log)}", n))
     if passed == 0:
+        if c.gpu:
+            return c.record(Step("gpu_tests", "fail", seconds, f"{line}, with CUDA present: {last_line(log)}", n))
         return c.record(Step("gpu_tests", "skip", seconds, f"{line} (no CUDA: every gpu test skips)", n))
     return c.record(Step("gpu_tests", "ok", seconds, line, n))
 
 
-def objective_run(c: Check, objective: str, family: str) -> Step:
-    """A whole 2-iteration run (SFT for pi_0, then self-play) through the CLI, read back with load_run."""
+def run_argv(c: Check, objective: str, family: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "tspin_ray", "train", "--quiet", "--config", str(KIT / "run.yaml"),
+            f"objective.name={objective}", f"model.tiny.family={family}",
+            f"output_dir={c.work / 'runs' / objective}", *extra]
+
+
+def read_run(c: Check, objective: str, family: str, rc: int | None, seconds: float, log: Path) -> Step:
+    """A run's verdict from its exit status and its run directory, read back with load_run."""
     from tspin_ray.run_reader import load_run
 
-    name = f"run_{objective}"
-    if c.out_of_time(name, 45):
-        return c.steps[-1]
-    run_dir = c.work / "runs" / objective
-    argv = [sys.executable, "-m", "tspin_ray", "train", "--quiet", "--config", str(KIT / "run.yaml"),
-            f"objective.name={objective}", f"model.tiny.family={family}", f"output_dir={run_dir}",
-            *([] if c.gpu else CPU_RUN)]
-    rc, seconds, log = c.child(name, argv, 150 if c.gpu else 400)
-    where = "GPU, bf16" if c.gpu else "CPU stand-in, fp32"
-    if rc != 0:
-        return c.record(Step(name, "fail", seconds, f"{family}, {where}: "
-                             f"{'timed out' if rc is None else f'exited {rc}'}: {last_line(log)}"))
-    run = load_run(run_dir)
+    name, where = f"run_{objective}", "GPU, bf16" if c.gpu else "CPU stand-in, fp32"
+    root = c.work / "runs" / objective
+    done = (root / "manifest.json").exists() and load_run(root).complete
+    if rc is None and not done:
+        return c.record(Step(name, "cut", seconds, f"{family}, {where}: stopped at its cap or the budget: "
+                             f"{last_line(log)}"))
+    if rc not in (0, None):
+        return c.record(Step(name, "fail", seconds, f"{family}, {where}: exited {rc}: {last_line(log)}"))
+    run = load_run(root)
     losses = [r.get("loss") for r in run.train]
     finite = bool(losses) and all(isinstance(v, float) and v == v and abs(v) != float("inf") for v in losses)
     details = {"family": family, "iterations": run.completed, "complete": run.complete, "train_steps": len(losses),
@@ -205,33 +228,122 @@ def objective_run(c: Check, objective: str, family: str) -> Step:
                              details))
     acc, nll = run.final("eval/exact_match"), [run.value(t, "eval/nll") for t in (-1, max(run.iterations))]
     return c.record(Step(name, "ok", seconds, f"{family}, {where}: 2 iterations, {len(losses)} logged train steps"
+                         + (" (stopped after it had committed its last iteration)" if rc is None else "")
                          + (f", exact match {acc[1]:.3f}" if acc else "")
                          + (f", held-out NLL pi_0 {nll[0]:.3f} -> pi_2 {nll[1]:.3f}" if None not in nll else ""),
                          details))
 
 
-def gpu_benches(c: Check) -> list[Step]:
+def objective_runs(c: Check, parallel: bool) -> None:
+    """A whole 2-iteration run of each objective (SFT for pi_0, then self-play) through the CLI.
+
+    Sequential: each run starts its own local Ray. Parallel (the GPU default): one `ray start --head` and
+    the four runs at once as its jobs, each with an eighth of the GPU per actor, so the fixed costs of four
+    runs (Ray, actor and DeepSpeed start, exports) overlap instead of adding up.
+    """
+    if not parallel:
+        for objective, family in RUNS.items():
+            if not c.out_of_time(f"run_{objective}", 45):
+                rc, seconds, log = c.child(f"run_{objective}", run_argv(c, objective, family, [] if c.gpu else CPU_RUN),
+                                           150 if c.gpu else 400)
+                read_run(c, objective, family, rc, seconds, log)
+        return
+    if c.out_of_time("runs", 60):
+        return
+    import secrets
+
+    port = free_port()
+    # Ray 2.60 clusters take token authentication by default: the head and its drivers share one token.
+    # Their own RAY_TMPDIR (short: socket paths have a limit): the head's ray_current_cluster file, left
+    # behind when it stops, must not send the benches' later local ray.init() to a dead cluster.
+    tmp = tempfile.mkdtemp(prefix="tkr-", dir="/tmp")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_TMPDIR": tmp}
+    head, head_log = c.spawn("ray_head", [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                                          "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+                                          "--disable-usage-stats", f"--num-cpus={max(16, 2 * (os.cpu_count() or 1))}"],
+                             {**auth, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    try:
+        if not wait_for_port(port, 60):
+            for objective, family in RUNS.items():
+                c.record(Step(f"run_{objective}", "fail", 0.0, f"{family}: ray start --head did not come up in 60 s: "
+                              f"{last_line(head_log)}"))
+            return
+        share = ["resources.trainer_gpus=0.125", "resources.generator_gpus=0.125"] if c.gpu else CPU_RUN
+        t0 = time.time()
+        jobs = {o: c.spawn(f"run_{o}", run_argv(c, o, f, share), {**auth, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+                for o, f in RUNS.items()}
+        for objective, (proc, log) in jobs.items():
+            rc = c.reap(proc, (240 if c.gpu else 900) - (time.time() - t0))  # the caps count from the start
+            read_run(c, objective, RUNS[objective], rc, time.time() - t0, log)
+    finally:
+        stop(head, grace_s=20.0)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float) -> bool:
+    import socket
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def bench_status(result: dict) -> str:
+    """ok, cut (its cap), or fail: the child crashed, or a variant raised (its comparison says which)."""
+    reason = str(result.get("skipped", ""))
+    if reason.startswith("timed out"):
+        return "cut"
+    raised = [c for c in result.get("comparisons", []) if re.match(r"\w+(Error|Exception)\b", c.get("skipped", ""))]
+    if reason.startswith(("failed", "child exited")) or raised:
+        return "fail"
+    return "skip" if reason else "ok"
+
+
+def gpu_benches(c: Check) -> None:
     """The GPU sizes of bench/: trainer tokens/s + MFU, ZeRO-3 memory, HF generation, checkpoint I/O."""
+    from bench.machine import describe
     from bench.report import markdown
 
     if not c.gpu:
-        return [c.record(Step(f"bench_{n}", "skip", 0.0, "no CUDA: GPU sizes only (python -m bench runs the CPU "
-                              "ones)")) for n in GPU_BENCHES]
-    doc, steps = {"suite": "tspin-ray bench (gpu kit)", "schema": 1, "mode": "full", "benchmarks": {}}, []
-    for name in GPU_BENCHES:
-        if c.out_of_time(f"bench_{name}", 40):
-            steps.append(c.steps[-1])
+        for name in GPU_BENCHES:
+            c.record(Step(f"bench_{name}", "skip", 0.0, "no CUDA: GPU sizes only (python -m bench runs the CPU ones)"))
+        return
+    doc = {"suite": "tspin-ray bench (gpu kit)", "schema": 1, "mode": "full", "machine": describe(),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": "bash bench/gpu_kit/run.sh",
+           "benchmarks": {}}
+    (c.work / "logs").mkdir(exist_ok=True)
+    for name, (need_s, cap_s) in GPU_BENCHES.items():
+        if c.out_of_time(f"bench_{name}", need_s):
             continue
         t0 = time.time()
-        result = run_one(name, False, None, max(1.0, min(240.0, c.left())), c.work / "logs" / f"bench_{name}.log")
+        result = run_one(name, False, None, max(1.0, min(cap_s, c.left())), c.work / "logs" / f"bench_{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result
-        status = "fail" if str(result.get("skipped", "")).startswith(("failed", "child exited")) else \
-            "skip" if "skipped" in result else "ok"
-        steps.append(c.record(Step(f"bench_{name}", status, time.time() - t0, one_line(result))))
-    (c.work / "bench.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        c.record(Step(f"bench_{name}", bench_status(result), time.time() - t0, one_line(result)))
+        (c.work / "bench.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")  # after each: a cut
     (c.work / "bench.md").write_text(markdown(doc))
-    return steps
+
+
+def guarded(c: Check, name: str, step, *args) -> None:
+    """A step that raises is a fail line, not a crashed check: the later steps and the archive still come."""
+    t0 = time.time()
+    try:
+        step(c, *args)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        c.record(Step(name, "fail", time.time() - t0, f"the check itself raised {type(e).__name__}: {first}"))
 
 
 def main(argv=None) -> int:
@@ -241,15 +353,21 @@ def main(argv=None) -> int:
                                                  "1800 on the CPU stand-in, whose runs are slower)")
     p.add_argument("--t0", type=float, default=None, help="when the check started (run.sh passes its start)")
     p.add_argument("--skip-runs", action="store_true", help="leave out the four whole runs")
+    p.add_argument("--runs", choices=["parallel", "sequential"],
+                   help="the four runs at once on one Ray (default with CUDA) or one after another (default without)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     c = Check(args.out, args.budget, args.t0 or time.time())
-    if environment(c).status == "ok":
-        gpu_tests(c)
-        for objective, family in ({} if args.skip_runs else RUNS).items():
-            objective_run(c, objective, family)
-        gpu_benches(c)
-    return 0 if c.finish() else 1
+    try:
+        guarded(c, "environment", environment)
+        if c.steps[-1].status == "ok":
+            guarded(c, "gpu_tests", gpu_tests)
+            if not args.skip_runs:
+                guarded(c, "runs", objective_runs, (args.runs or ("parallel" if c.gpu else "sequential")) == "parallel")
+            guarded(c, "benches", gpu_benches)
+    finally:
+        ok = c.finish()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Log-probs without the full-vocabulary tensor: activation memory and tokens/s of one T-SPIN step at a
+128k vocabulary, the full-logits path (baseline) vs the chunked target log-probs (tspin_ray/logprobs.py).
+
+    .venv/bin/python -m bench --only logprob_memory [--quick]
+
+Each variant runs in a fresh process (`python -m bench.logprobs VARIANT SIZE`): a random Llama-3-sized
+vocabulary (128,256) on a small trunk, one warm-up step (AdamW's states exist before anything is read),
+then timed steps of the trainer's computation: `batch_logprobs` over y / y' / y0 -> T-SPIN loss -> backward
+-> AdamW step. Memory is what the step adds on top of the memory held before it: on a GPU the CUDA
+allocator's peak; on CPU the process's anonymous memory sampled every 2 ms, with glibc told to map large
+blocks (MALLOC_MMAP_THRESHOLD_) so freed activations leave the process between steps. Activation memory is
+that minus the parameter gradients, which both variants make in every backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+
+from bench.common import Context, anon_mb, compare, now, sync
+
+SIZES = {
+    "quick": dict(vocab=128256, hidden=128, layers=1, rows=2, prompt=24, response=24, steps=2, dtype="float32"),
+    "full": dict(vocab=128256, hidden=256, layers=2, rows=4, prompt=64, response=64, steps=3, dtype="float32"),
+    "gpu": dict(vocab=128256, hidden=1024, layers=4, rows=8, prompt=256, response=256, steps=5, dtype="bfloat16"),
+}
+VARIANTS = ("full logits", "chunked")
+
+
+def measure(variant: str, s: dict) -> dict:
+    """In this (fresh) process: one warm-up and s["steps"] timed steps; peak MB added over the held memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tspin_ray import logprobs
+    from tspin_ray.batches import batch_logprobs
+    from tspin_ray.objectives import get_objective
+
+    if variant == "full logits":
+        logprobs._scored_head = lambda model: None  # the path every model took before the chunked one
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                      num_attention_heads=s["hidden"] // 64, num_key_value_heads=s["hidden"] // 64,
+                      intermediate_size=4 * s["hidden"], max_position_embeddings=2 * (s["prompt"] + s["response"]))
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, s["dtype"])).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    rng = random.Random(0)
+
+    def ids(n):
+        return [rng.randrange(3, s["vocab"]) for _ in range(n)]
+
+    batch = {"prompt_ids": [ids(s["prompt"]) for _ in range(s["rows"])],
+             "real_ids": [ids(s["response"]) for _ in range(s["rows"])],
+             "generated_ids": [[ids(s["response"])] for _ in range(s["rows"])],
+             "proto_ids": [[ids(s["response"])] for _ in range(s["rows"])]}
+    tokens = 3 * s["rows"] * (s["prompt"] + s["response"])
+
+    def step():
+        losses, _ = get_objective("tspin")(**batch_logprobs(model, batch, "tspin", pad_id=0), alpha=1.0, beta=0.1)
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(losses.mean())
+
+    step()  # warm-up: optimizer states, allocator pools
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+    peak, done = [anon_mb()], threading.Event()
+    start = peak[0]
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], anon_mb())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = now()
+    losses = [step() for _ in range(s["steps"])]
+    sync()
+    seconds = now() - t0
+    done.set()
+    thread.join()
+    grads_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # made in every backward
+    out = {"tokens_per_s": tokens * s["steps"] / seconds, "step_s": seconds / s["steps"], "last_loss": losses[-1],
+           "grads_mb": grads_mb, "host_peak_added_mb": max(peak[0], anon_mb()) - start}
+    if device == "cuda":
+        out["gpu_peak_added_mb"] = (torch.cuda.max_memory_allocated() - held) / 2**20
+    out["activation_mb"] = out.get("gpu_peak_added_mb", out["host_peak_added_mb"]) - grads_mb
+    return out
+
+
+def run(ctx: Context) -> dict:
+    size = "quick" if ctx.quick else "gpu" if ctx.gpu else "full"
+    s, figures = SIZES[size], {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for variant in VARIANTS:
+        proc = subprocess.run([sys.executable, "-m", "bench.logprobs", variant, size], capture_output=True, text=True,
+                              env=env, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{variant}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        figures[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base, new = figures["full logits"], figures["chunked"]
+    mem = "gpu_peak_added_mb" if "gpu_peak_added_mb" in base else "host_peak_added_mb"
+    where = "GPU (CUDA peak)" if mem.startswith("gpu") else "host (RssAnon peak)"
+    full_logits_mb = 3 * s["rows"] * (s["prompt"] + s["response"]) * s["vocab"] * 4 / 2**20
+    comparisons = [
+        compare("activation memory", f"MB one step adds beyond its parameter gradients, {where}", "full logits",
+                base["activation_mb"], "chunked", new["activation_mb"], higher_is_better=False),
+        compare("step memory", f"MB one step adds, gradients included, {where}", "full logits", base[mem], "chunked",
+                new[mem], higher_is_better=False),
+        compare("speed", "train tokens/s", "full logits", base["tokens_per_s"], "chunked", new["tokens_per_s"]),
+    ]
+    notes = [f"Random Llama, vocabulary {s['vocab']:,}, hidden {s['hidden']}, {s['layers']} layer(s), {s['dtype']}; "
+             f"one T-SPIN micro-batch of {s['rows']} rows = {3 * s['rows']} sequences of {s['prompt']} prompt + "
+             f"{s['response']} response tokens; one fp32 [sequences, positions, vocab] tensor is "
+             f"{full_logits_mb:.0f} MiB. Each variant in its own process; medians are not taken (one run).",
+             "Baseline = the full-logits path (logits of every position, fp32 log-softmax, gather), which every "
+             "model took before; candidate = response positions only, 128 MiB fp32 chunks, logits recomputed in "
+             "backward. Both give the same log-probs to 1e-5 in fp32 (tests/test_logprobs.py)."]
+    rows = [[v, f["activation_mb"], f[mem], f["tokens_per_s"], f["step_s"], f["last_loss"]] for v, f in figures.items()]
+    return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures, "headline": "activation memory",
+            "tables": [{"title": "Per variant", "columns": ["variant", "activation MB", f"MB added ({where})",
+                                                            "tokens/s", "step s", "last loss"], "rows": rows}]}
+
+
+if __name__ == "__main__":  # a variant in this fresh process: python -m bench.logprobs VARIANT SIZE
+    print(json.dumps(measure(sys.argv[1], SIZES[sys.argv[2]])))

@@ -74,14 +74,21 @@ def test_hf_engine_on_gpu_scores_and_generates_as_on_cpu(family_ckpt, monkeypatc
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 2e-2)])
-def test_chunked_logprobs_on_gpu_equal_the_full_logits_path(family_ckpt, dtype, tolerance):
-    """CUDA matmuls in chunks vs the full [B, T, V] logits, on a tied-embedding family; gradients too."""
+def test_chunked_logprobs_on_gpu_equal_the_full_logits_path(family_ckpt, monkeypatch, dtype, tolerance):
+    """CUDA matmuls in chunks of 3 positions vs the full [B, T, V] logits, on a tied-embedding family
+    (sharpened weights, so a wrong position or token would show); gradients too."""
     from tests.test_logprobs import full_logits_logprobs
+    from tspin_ray import logprobs
     from tspin_ray.logprobs import sequence_logprobs
     from tspin_ray.modeling import load_format
 
     path = family_ckpt("qwen2")
     model, fmt = load_model(path, dtype=dtype).cuda(), load_format(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    assert logprobs._scored_head(model) is model.get_output_embeddings()
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 3 * 4 * model.get_output_embeddings().out_features)
     prompts = [fmt.prompt_ids(p) for p in PROMPTS]
     responses = [fmt.response_ids(p, p[::-1]) for p in PROMPTS]
     ref = full_logits_logprobs(model, prompts, responses, fmt.pad_id)

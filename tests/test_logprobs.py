@@ -120,6 +120,7 @@ def test_chunked_target_logprobs_equal_the_full_logits_path_with_their_gradients
         for p in model.parameters():
             p.mul_(3.0)  # sharper than a random init, so that a wrong position or token would show
     head = model.get_output_embeddings()
+    assert logprobs._scored_head(model) is head  # the chunked path, not the fallback, is under test
     monkeypatch.setattr(logprobs, "CHUNK_BYTES", 3 * 4 * head.out_features)
     pairs = [("1+2=", "3"), ("347+589=", "936"), ("sort:d,a,c=", "a,c,d"), ("9*9=", "81")]
     prompts = [fmt.prompt_ids(p) for p, _ in pairs]
@@ -155,13 +156,58 @@ def test_a_head_with_a_bias_takes_the_full_logits_path(model, tok, batch):
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_bf16_chunked_logprobs_round_like_the_full_path(model, tok, batch):
+@pytest.mark.parametrize("chunk_positions", [3, 10**6])
+def test_bf16_chunked_logprobs_and_gradients_round_like_the_full_path(model, tok, batch, monkeypatch,
+                                                                      chunk_positions):
+    from tspin_ray import logprobs
+
     prompts, responses = batch
     m16 = copy.deepcopy(model).to(torch.bfloat16)
-    with torch.no_grad():
-        got = sequence_logprobs(m16, prompts, responses, tok.pad_token_id)
-        ref = full_logits_logprobs(m16, prompts, responses, tok.pad_token_id)
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", chunk_positions * 4 * m16.get_output_embeddings().out_features)
+    ref = full_logits_logprobs(m16, prompts, responses, tok.pad_token_id)
+    ref.sum().backward()
+    ref_grads = _grads(m16)
+    got = sequence_logprobs(m16, prompts, responses, tok.pad_token_id)
+    got.sum().backward()
     assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-3, rtol=0)
+    for (name, p), g, r in zip(m16.named_parameters(), _grads(m16), ref_grads, strict=True):
+        assert g.dtype == p.dtype == torch.bfloat16
+        assert (g.float() - r.float()).abs().max() <= 2e-2 * r.float().abs().max(), name
+
+
+def test_an_unaudited_model_class_takes_the_full_logits_path():
+    """Granite divides its logits by config.logits_scaling after lm_head: the chunked path would be wrong
+    there, so only audited classes take it, and the guard refuses a class that alters the head's output."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from tspin_ray import logprobs
+
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=40, hidden_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=2,
+                                               intermediate_size=128, logits_scaling=8.0))
+    prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
+    with torch.no_grad():
+        got = sequence_logprobs(granite, prompts, responses, pad_id=0)
+        assert torch.allclose(got, full_logits_logprobs(granite, prompts, responses, 0), atol=1e-5)
+        logprobs.AUDITED = logprobs.AUDITED | {"GraniteForCausalLM"}
+        try:
+            with pytest.raises(RuntimeError, match="GraniteForCausalLM: its forward did not return the output "
+                                                   "layer's result unchanged"):
+                sequence_logprobs(granite, prompts, responses, pad_id=0)
+        finally:
+            logprobs.AUDITED = logprobs.AUDITED - {"GraniteForCausalLM"}
+
+
+def test_empty_responses_score_zero_and_the_head_is_restored_after_an_error(model, tok, batch):
+    prompts, responses = batch
+    got = sequence_logprobs(model, prompts[:2], [[], []], tok.pad_token_id)
+    got.sum().backward()  # no scored position at all: still a graph, zero gradients
+    assert got.tolist() == [0.0, 0.0] and model.get_output_embeddings().weight.grad.abs().sum() == 0
+    model.zero_grad()
+    with pytest.raises(IndexError):
+        sequence_logprobs(model, [[10**6]], [[1]], tok.pad_token_id)  # an id past the vocabulary
+    assert "forward" not in vars(model.get_output_embeddings())
 
 
 def test_target_logprobs_run_on_the_meta_device_without_cpu_tensors():

@@ -67,31 +67,46 @@ class TargetLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
+        chunks = range(0, len(hidden), ctx.chunk)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # One chunk: dW in one matmul in the weight's dtype, as the full-logits path does. Several: an fp32
+        # running sum of matmuls in the weight's dtype (bf16 GEMMs on a GPU, not fp32 ones).
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        for s in range(0, len(hidden), ctx.chunk):
+            if ctx.needs_input_grad[1] and len(chunks) > 1 else None
+        for s in chunks:
             h = hidden[s:s + ctx.chunk]
-            dlogits = -torch.exp((h @ weight.T).float() - lse[s:s + ctx.chunk, None])  # -softmax
+            dlogits = (h @ weight.T).float().sub_(lse[s:s + ctx.chunk, None]).exp_().neg_()  # -softmax
             dlogits.scatter_add_(-1, targets[s:s + ctx.chunk, None], torch.ones_like(dlogits[:, :1]))
-            dlogits.mul_(grad_out[s:s + ctx.chunk, None].float())
+            dlogits = dlogits.mul_(grad_out[s:s + ctx.chunk, None].float()).to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(dlogits.T, h.float())
+                grad_hidden[s:s + ctx.chunk] = (dlogits @ weight).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                if grad_weight is None:
+                    grad_weight = dlogits.T @ h.to(weight.dtype)
+                else:
+                    grad_weight += (dlogits.T @ h.to(weight.dtype)).float()
+        if grad_weight is None and ctx.needs_input_grad[1]:  # no scored positions at all
+            grad_weight = torch.zeros_like(weight)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
+# Causal LMs whose forward returns `lm_head(hidden)` untouched (no scaling, soft-capping or vocabulary
+# slicing after it), read in transformers 5.17-5.19; any other class takes the full-logits path.
+AUDITED = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+
+
 def _scored_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The output layer, when target log-probs can be computed from its weight alone (no bias, no logit
-    soft-capping or scaling after it); None means: compute the full logits."""
+    """The output layer, when target log-probs can be computed from its weight alone; None means: compute
+    the full logits (an unaudited class, a head with a bias or of another type, a weight that is a shard)."""
     core = getattr(model, "module", model)  # a DeepSpeed engine or DDP wraps the HF model
-    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
-    config = getattr(core, "config", None)
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or "forward" in vars(head):
+    if type(core).__name__ not in AUDITED:
         return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    head = core.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or "forward" in vars(head):
         return None
+    shape = tuple(getattr(head.weight, "ds_shape", head.weight.shape))  # ZeRO-3: [0] outside its forward
+    if shape != (head.out_features, head.in_features) or type(head.weight.data) is not torch.Tensor:
+        return None  # a tensor-parallel shard or a DTensor: its log-sum-exp would miss the other shards
     return head
 
 
@@ -103,9 +118,12 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Summed log-probs [B] of each response's tokens given its prompt; differentiable w.r.t. the model."""
     input_ids, attention_mask, response_mask = pad_batch(prompts, responses, pad_id)
+    # Position t predicts token t+1. The scored positions' flat indices are found here, on the CPU: no
+    # device sync, and a meta-device policy (tests) has no data to search.
+    where = response_mask[:, 1:].reshape(-1).nonzero().squeeze(-1)
     device = next(model.parameters()).device
-    input_ids, attention_mask, response_mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
-    # Position t predicts token t+1.
+    input_ids, attention_mask, response_mask, where = (
+        t.to(device) for t in (input_ids, attention_mask, response_mask, where))
     scored, targets = response_mask[:, 1:], input_ids[:, 1:]
     head = _scored_head(model)
     if head is None:
@@ -114,16 +132,27 @@ def sequence_logprobs(
         token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (token_logp * scored).sum(-1)
 
+    returned: list[torch.Tensor] = []
+
     def forward(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T - 1] token log-probs
         chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
-        lp = TargetLogProbs.apply(hidden[:, :-1][scored], head.weight, targets[scored], chunk)
-        return torch.zeros(scored.shape, dtype=lp.dtype, device=lp.device).masked_scatter(scored, lp)
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        lp = TargetLogProbs.apply(flat.index_select(0, where), head.weight, targets.reshape(-1).index_select(0, where),
+                                  chunk)
+        token_lp = torch.zeros(scored.numel(), dtype=lp.dtype, device=lp.device).index_copy(0, where, lp)
+        returned.append(token_lp.view(scored.shape))
+        return returned[-1]
 
     head.forward = forward  # this call only; the class's forward again in `finally`
     try:
         token_logp = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         del head.forward
+    # The model must have called its head once and returned that unchanged (DeepSpeed's backward hook
+    # wraps it in a view of the same storage); anything else would be silently wrong log-probs.
+    if len(returned) != 1 or token_logp.shape != scored.shape or token_logp.data_ptr() != returned[0].data_ptr():
+        raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}: its forward did not return the "
+                           f"output layer's result unchanged; remove it from tspin_ray.logprobs.AUDITED")
     return token_logp.sum(-1)
 
 

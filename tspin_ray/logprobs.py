@@ -83,6 +83,8 @@ class TargetLogProbs(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 if grad_weight is None:
                     grad_weight = dlogits.T @ h.to(weight.dtype)
+                elif weight.dtype == torch.float32:
+                    grad_weight.addmm_(dlogits.T, h)  # in place: no [V, H] temporary per chunk
                 else:
                     grad_weight += (dlogits.T @ h.to(weight.dtype)).float()
         if grad_weight is None and ctx.needs_input_grad[1]:  # no scored positions at all

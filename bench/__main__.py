@@ -38,6 +38,8 @@ BENCHMARKS = {
     "persistent": ("bench.pipeline:run_persistent", "Long-lived generators + broadcast vs the per-phase pool"),
     "resume": ("bench.resume:run", "Resume with 90% of a generation on disk: start to the first new batch"),
     "logprob_memory": ("bench.logprobs:run", "Log-probs at a 128k vocabulary: full logits vs chunked target log-probs"),
+    "padding": ("bench.padding:run", "Mixed-length T-SPIN rows: a padded row per sequence vs packed rows"),
+    "generator_pull": ("bench.pull:run", "Two long-lived generators, one slowed: round robin vs pulled by idle ones"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 

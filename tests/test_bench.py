@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 
-NAMES = ["generation", "ray_overhead"]
+NAMES = ["padding", "ray_overhead"]
 
 
 @pytest.fixture(scope="module")
@@ -68,4 +68,4 @@ def test_markdown_has_the_tables(suite):
     for name in NAMES:
         assert f"## {name}:" in md
     assert "| case | metric | baseline | baseline value | candidate | value | ratio | better |" in md
-    assert list(suite.glob("bench-*.md")) and list((suite / "logs").glob("*-generation.log"))
+    assert list(suite.glob("bench-*.md")) and all(list((suite / "logs").glob(f"*-{n}.log")) for n in NAMES)

@@ -1,4 +1,4 @@
-"""The whole loop on a real local Ray: SFT -> pi_0, proto cache, 2 self-play iterations per objective.
+"""The whole loop on a real local Ray: SFT -> pi_0, 2 self-play iterations per objective (T-SPIN: y0 from iteration 0).
 
     .venv/bin/pytest tests/test_driver.py
 """
@@ -20,7 +20,8 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective", ["tspin", "spin", "space", "sft"])
+# SPACE's whole run is also in tests/test_family_runs.py (qwen2, HF engine); its own here is -m slow.
+@pytest.mark.parametrize("objective", ["tspin", "spin", pytest.param("space", marks=pytest.mark.slow), "sft"])
 def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
     extra = {"mu": 2} if objective == "space" else {}
     # Small generation batches so iteration 0 streams many batches to the trainer.
@@ -58,9 +59,16 @@ def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
     if objective == "tspin":
         # Streaming: the first optimizer step came before the last generation batch finished.
         assert iters[1]["timing/first_train_step"] < iters[1]["timing/last_generation"]
-        assert read_shards(run / "proto").num_rows == 260
+        assert iters[1]["timing/overlap"] > 0 and iters[1]["timing/train_wait"] > 0
+        # y0 are iteration 0's samples (no proto phase); iteration 0 (beta 0) ran no y0 forward
+        assert not (run / "proto").exists()
+        gen0, gen1 = (read_shards(run / "generations" / f"iter_{t}").to_pylist() for t in range(2))
+        assert all(r["proto_ids"] == [] for r in gen0)
+        y0 = {r["prompt_id"]: r["generated_ids"] for r in gen0}
+        assert all(r["proto_ids"] == y0[r["prompt_id"]] for r in gen1) and len(gen1) == 260
+        assert not any("logps/proto" in r for r in train_rows if r["iteration"] == 0)
         steps = [r for r in train_rows if r["iteration"] == 1]
-        assert "advantage/historical" in steps[0] and "logps/proto" in steps[0]
+        assert all("advantage/historical" in r and "logps/proto" in r for r in steps)
     if objective == "spin":
         first = [r for r in train_rows if r["iteration"] == 0][0]
         # pi_t is its own reference at the first step: the SPIN loss is log 2 (to float precision).
@@ -73,7 +81,10 @@ def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
         assert (run / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("training,trainers", [({}, 1), ({"backend": "deepspeed", "zero_stage": 3}, 2)],
+# ZeRO-3 (70 s): -m slow; a sharded load evaluated before any optimizer is also
+# tests/test_trainer.py::test_zero3_nll_right_after_load_with_uneven_rows.
+@pytest.mark.parametrize("training,trainers", [({}, 1), pytest.param({"backend": "deepspeed", "zero_stage": 3}, 2,
+                                                                     marks=pytest.mark.slow)],
                          ids=["torch", "zero3"])
 def test_external_model_path_without_sft(ray_session, tmp_path, training, trainers):
     """pi_0 given as a checkpoint path (no SFT stage): iteration 0 trains from it directly. Under ZeRO-3
@@ -94,6 +105,7 @@ def test_external_model_path_without_sft(ray_session, tmp_path, training, traine
     assert manifest["pi_0"]["external"] and not [r for r in _metrics(run) if r["phase"] == "sft"]
 
 
+@pytest.mark.slow  # 115 s here; ZeRO-3 whole runs stay in the default suite in tests/test_family_runs.py
 def test_zero3_spin_run_equals_the_torch_run(ray_session, tmp_path):
     """The 7B jobs' trainer path on CPU: SFT and 2 SPIN iterations with 2 DeepSpeed ZeRO-3 ranks (zero.Init
     loading, gradient checkpointing, shards gathered for export and for the bucketed broadcast into a
@@ -115,3 +127,70 @@ def test_zero3_spin_run_equals_the_torch_run(ray_session, tmp_path):
     its = {name: [r for r in _metrics(tmp_path / name) if r["phase"] == "iteration"] for name in ways}
     assert [r["eval/nll"] for r in its["zero3"]] == pytest.approx([r["eval/nll"] for r in its["torch"]], rel=1e-5)
     assert all(r["weight_sync/gbps"] > 0 for r in its["zero3"][1:])  # pi_1 and pi_2 broadcast, not reloaded
+
+
+def test_y0_source_follows_the_config_and_the_run_directory(tmp_path):
+    """y0 from iteration 0 unless iteration 0 itself reads y0 (overrides[0].beta != 0) or the run directory
+    holds proto shards from before; nothing when no iteration reads y0."""
+    from tspin_ray import proto
+
+    def src(objective=None, iterations=2):
+        return proto.y0_source(from_dict(small_config(tmp_path, objective=objective or {}, iterations=iterations)),
+                            tmp_path / "proto")
+
+    assert src() == proto.ITERATION_0
+    assert src(iterations=1) is None and src({"name": "spin"}) is None and src({"name": "sft"}) is None
+    assert src({"overrides": {0: {"beta": 0.05}}}) == proto.SEPARATE
+    assert src({"beta": 0.0}) == proto.ITERATION_0  # no historical term anywhere: y0 never scored
+    (tmp_path / "proto").mkdir()
+    (tmp_path / "proto" / "part-00000.parquet").write_bytes(b"")
+    assert src() == src(iterations=1) == proto.SEPARATE
+
+
+def test_a_run_begun_with_a_proto_phase_keeps_its_y0(ray_session, tmp_path):
+    """A T-SPIN run begun by a tspin-ray from before y0 came from iteration 0 holds committed proto/
+    shards (the old driver sampled them right after pi_0): today's driver resumes it on those y0 in both
+    iterations, and samples no others."""
+    from tspin_ray.driver import Driver, prepare
+
+    cfg = from_dict(small_config(tmp_path, generation={"batch_size": 64, "persistent": True}))  # one engine start
+    driver = Driver(prepare(cfg), quiet=True)
+    try:
+        old = driver.proto_cache(driver.initial_policy())  # the earlier driver's first two stages
+    finally:
+        driver.close()
+    shards = sorted((tmp_path / "run" / "proto").glob("part-*.parquet"))
+    before = [f.read_bytes() for f in shards]
+    train(cfg, quiet=True)
+    run = tmp_path / "run"
+    gen0, gen1 = (read_shards(run / "generations" / f"iter_{t}").to_pylist() for t in range(2))
+    assert all(r["proto_ids"] == old[r["prompt_id"]] for r in gen0 + gen1) and len(gen1) == 260
+    # the proto phase's samples are not iteration 0's (other seeds), so this tells the two sources apart
+    assert sum(r["generated_ids"] != old[r["prompt_id"]] for r in gen0) > 130
+    assert sorted((run / "proto").glob("part-*.parquet")) == shards and [f.read_bytes() for f in shards] == before
+
+
+def test_iteration_summary_overlap_and_waits_by_hand():
+    """Generation ends 10 s in; the first step (2 s long) ends 6 s in, training 16 s in: training ran 4-16 s,
+    overlap (10 + 12 - 16) / min(10, 12) = 0.6. A first step that starts as generation ends: 0."""
+    import pyarrow as pa
+
+    from tspin_ray.summary import iteration_summary
+
+    table = pa.table({"gen_tokens": [30, 50], "gen_done": [104.0, 110.0], "engine_load_s": [0.5, 0.2]})
+    records = [{"step": 1, "time": 106.0, "step_s": 2.0, "data_wait": 3.0, "loss": 1.0, "rows": 8},
+               {"step": 2, "time": 116.0, "step_s": 2.0, "data_wait": 1.0, "loss": 0.5, "rows": 8}]
+    s = iteration_summary(t0=100.0, t_train=16.0, records=records, table=table, generated_all=True, rows=16,
+                          export_s=0.3, sync={})
+    assert s["timing/overlap"] == pytest.approx(0.6) and s["timing/train_wait"] == 4.0
+    assert s["timing/first_generation"] == 4.0 and s["timing/last_generation"] == s["timing/generate"] == 10.0
+    assert s["timing/first_train_step"] == 6.0 and s["generate/tokens_per_s"] == 8.0
+    assert s["timing/weight_sync"] == 0.5 and s["train/loss"] == 0.75
+    assert "train/data_wait" not in s and "train/step_s" not in s
+    seq = iteration_summary(t0=100.0, t_train=16.0, records=[{**records[0], "time": 112.0}], table=table,
+                            generated_all=True, rows=16, export_s=0.3, sync={})
+    assert seq["timing/overlap"] == 0.0
+    resumed = iteration_summary(t0=100.0, t_train=16.0, records=records, table=table, generated_all=False, rows=16,
+                                export_s=0.3, sync={"seconds": 2.0, "bytes": 10, "gbps": 1.5})
+    assert "timing/overlap" not in resumed and resumed["timing/weight_sync"] == 2.0
+    assert resumed["weight_sync/gbps"] == 1.5

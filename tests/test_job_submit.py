@@ -198,7 +198,7 @@ def test_job_runs_on_the_cluster_and_writes_a_complete_run(head, tmp_path):
     assert "Started a local Ray instance" not in logs, logs
     assert f"done: {run}" in logs
     entries = manifest(run)
-    assert {"pi_0", "eval_0", "proto", "gen_0", "pi_1", "iter_0", "complete"} <= set(entries)
+    assert {"pi_0", "eval_0", "gen_0", "pi_1", "iter_0", "complete"} <= set(entries)
     from tspin_ray.rundir import verify_dir
 
     for t in (0, 1):

@@ -45,6 +45,15 @@ def slow_logprob(model, prompt: list[int], response: list[int]) -> float:
     return sum(logp[len(prompt) + i - 1, tok_id].item() for i, tok_id in enumerate(response))
 
 
+def test_pack_batch_doctests():
+    import doctest
+
+    from tspin_ray import logprobs
+
+    result = doctest.testmod(logprobs)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_pad_batch_right_pads_and_marks_responses():
     ids, attn, resp = pad_batch([[1, 2], [3]], [[4], [5, 6, 7]], pad_id=0)
     assert ids.tolist() == [[1, 2, 4, 0], [3, 5, 6, 7]]
@@ -220,3 +229,50 @@ def test_target_logprobs_run_on_the_meta_device_without_cpu_tensors():
     out = TargetLogProbs.apply(h, w, torch.zeros(10, dtype=torch.long, device="meta"), 4)
     out.sum().backward()
     assert out.shape == (10,) and h.grad.shape == h.shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("family", ["char", "llama3", "qwen2", "zephyr"])
+def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(family_ckpt, tiny_ckpt, family):
+    """y, y' and y0 of very different lengths share rows: fewer positions than padding (rows counted), the
+    same log-probs to 1e-5 and the same gradients to 1e-5 of each tensor's scale, in fp32."""
+    from tspin_ray.logprobs import pack_batch, packs
+    from tspin_ray.modeling import load_format, load_model
+
+    path = tiny_ckpt if family == "char" else family_ckpt(family)
+    model, fmt = load_model(path), load_format(path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    xs = ["1+2=", "347+589=", "sort:d,a,c=", "9*9="]
+    prompts = [fmt.prompt_ids(x) for x in xs] * 3
+    responses = ([fmt.response_ids(x, " ".join("9876543210" * 3)) for x in xs]  # a long y
+                 + [fmt.response_ids(x, "7") for x in xs] + [fmt.response_ids(x, "") for x in xs])  # short y', y0
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    assert packs(model, width)
+    ids = pack_batch(prompts, responses, fmt.pad_id)[0]
+    assert ids.shape[1] == width and ids.shape[0] <= 2 * len(prompts) // 3  # padding: one row per sequence
+    weights = torch.linspace(-2.0, 3.0, len(prompts))
+    ref = sequence_logprobs(model, prompts, responses, fmt.pad_id, pack=False)
+    (ref * weights).sum().backward()
+    ref_grads = _grads(model)
+    got = sequence_logprobs(model, prompts, responses, fmt.pad_id)
+    (got * weights).sum().backward()
+    # fp32 sums of ~60 tokens near -400 in another order (index_add, not a row sum): an ulp is 3e-5 there
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-6), (got - ref).abs().max()
+    for (name, _), g, r in zip(model.named_parameters(), _grads(model), ref_grads, strict=True):
+        assert (g - r).abs().max() <= 1e-5 * r.abs().max(), name
+
+
+def test_packing_only_where_a_4d_mask_means_what_it_says(model):
+    """An unaudited class, flash-attention (no 4D masks) or a sliding window narrower than the row: padded."""
+    from tspin_ray.logprobs import packs
+
+    assert packs(model, 64)
+    m = copy.deepcopy(model)
+    m.config.sliding_window = 32
+    assert packs(m, 32) and not packs(m, 33)
+    m.config._attn_implementation = "flash_attention_2"
+    assert not packs(m, 8)
+    granite = type("GraniteForCausalLM", (torch.nn.Module,), {})()
+    granite.config = model.config
+    assert not packs(granite, 8)

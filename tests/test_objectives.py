@@ -120,6 +120,20 @@ def test_tspin_beta0_is_pairwise_logistic():
     assert m["advantage/current_accuracy"].item() == pytest.approx(1 / 3)  # only 2 > 0 among (2, -5, 0)
 
 
+def test_tspin_without_y0_at_beta0_equals_the_loss_with_it():
+    """Iteration 0 (beta 0) runs no y0 forward: policy_proto None gives the same loss, no historical metrics."""
+    real, gen, proto = t(-10.0, -30.0), t(-12.0, -25.0), t(-1.0, -100.0)
+    with_y0, m_with = tspin(policy_real=real, policy_generated=gen, policy_proto=proto, beta=0.0, nll_weight=0.5,
+                            real_lengths=t(4.0, 5.0))
+    without, m = tspin(policy_real=real, policy_generated=gen, beta=0.0, nll_weight=0.5, real_lengths=t(4.0, 5.0))
+    torch.testing.assert_close(without, with_y0)
+    assert set(m_with) - set(m) == {"advantage/historical", "advantage/historical_accuracy", "logps/proto"}
+    with pytest.raises(ValueError, match=r"T-SPIN with beta=0.1 needs lp\(y0\)"):
+        tspin(policy_real=real, policy_generated=gen, beta=0.1)
+    assert objectives.needs_proto("tspin", {"beta": 0.1}) and objectives.needs_proto("tspin", {})
+    assert not objectives.needs_proto("tspin", {"beta": 0.0}) and not objectives.needs_proto("spin", {"beta": 0.1})
+
+
 def test_tspin_gradient_signs():
     real, gen, proto = t(-10.0, grad=True), t(-12.0, grad=True), t(-15.0, grad=True)
     loss, _ = tspin(policy_real=real, policy_generated=gen, policy_proto=proto, beta=0.1)

@@ -32,10 +32,30 @@ def _kwargs(ckpt, out_dir, samples=2, score_ref=False, iteration=0) -> GenPhase:
                     out_dir=str(out_dir) if out_dir else None, checkpoint="c0ffee")
 
 
-def _run(rows, phase, batch_size=8, max_actors=2):
+def _run(rows, phase, batch_size=8, max_actors=2, first=()):
     ds = generation_dataset(rows, phase, batch_size=batch_size, min_actors=1, max_actors=max_actors,
-                            num_cpus=0.5, num_gpus=0, resources={}, max_attempts=2)
+                            num_cpus=0.5, num_gpus=0, resources={}, max_attempts=2, first=first)
     return ds.take_all()
+
+
+def test_a_ramp_of_small_first_batches_changes_no_sample(ray_session, tiny_ckpt, tmp_path):
+    """A streamed phase starts with small batches (phases.ramp): one shard per batch of the sizes asked
+    for, and every sample equal to the one a uniform batching draws (per-sample seeds)."""
+    import doctest
+
+    import pyarrow.parquet as pq
+
+    from tspin_ray import phases
+
+    assert doctest.testmod(phases).failed == 0
+    assert phases.ramp(64, 2, 256) == (32, 32) and phases.ramp(32, 1, 8) == () and phases.ramp(4, 8, 16) == (1,) * 8
+    rows = _rows(37)
+    plain = _run(rows, _kwargs(tiny_ckpt, tmp_path / "plain"), max_actors=1)
+    ramped = _run(rows, _kwargs(tiny_ckpt, tmp_path / "ramp"), max_actors=1, first=(3, 3))
+    sizes = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "ramp").glob("part-*.parquet"))
+    assert sizes == [3, 3, 7, 8, 8, 8]
+    by_id = {r["prompt_id"]: list(map(list, r["generated_ids"])) for r in plain}
+    assert {r["prompt_id"]: list(map(list, r["generated_ids"])) for r in ramped} == by_id
 
 
 def test_sample_seed_is_a_function_of_its_key():

@@ -149,6 +149,26 @@ def _reference_params(ckpt) -> float:
     return float(sum(p.detach().double().sum() for p in load_model(ckpt).parameters()))
 
 
+def test_tspin_at_beta0_forwards_no_y0(tiny_ckpt, monkeypatch):
+    """beta = 0 (iteration 0): one forward over y and y' only, with their log-probs unchanged; rows from
+    iteration 0 carry no y0 at all, and a beta != 0 step on such rows is refused with the reason."""
+    from tspin_ray import logprobs
+
+    model, rows = load_model(tiny_ckpt), _rows(tiny_ckpt)
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    sizes = []
+    real = logprobs.sequence_logprobs
+    monkeypatch.setattr(logprobs, "sequence_logprobs", lambda m, p, r, pad: sizes.append(len(p)) or real(m, p, r, pad))
+    with torch.no_grad():
+        full = batch_logprobs(model, batch, "tspin", pad_id=0)
+        lean = batch_logprobs(model, {**batch, "proto_ids": [[] for _ in rows]}, "tspin", pad_id=0, proto=False)
+    assert sizes == [24, 16] and "policy_proto" not in lean
+    for key in ("policy_real", "policy_generated"):
+        torch.testing.assert_close(lean[key], full[key], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="a T-SPIN row has 0 y0 samples for its 1 y' samples"):
+        batch_logprobs(model, {**batch, "proto_ids": [[] for _ in rows]}, "tspin", pad_id=0)
+
+
 def test_length_sorted_micro_batches_keep_rows_and_cut_padding():
     """Row lengths (prompt 1 + response) 9,2,8,3 | 7,1,6,2 pad to 9 and 7: (9 + 7) x 4 = 64 tokens as given;
     regrouped as 1,2,2,3 | 6,7,8,9 they pad to 3 and 9: (3 + 9) x 4 = 48."""

@@ -12,11 +12,12 @@ import torch
 from tspin_ray.phases import to_list
 
 
-def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str, torch.Tensor]:
+def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool = True) -> dict[str, torch.Tensor]:
     """Policy log-probs of every response an objective needs, from one forward over all of them.
 
     Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN and T-SPIN treat
-    each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]).
+    each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]). proto=False:
+    T-SPIN without its y0 forward (beta = 0; objectives.needs_proto).
     """
     from tspin_ray.logprobs import sequence_logprobs
 
@@ -34,8 +35,11 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str,
     for p, g in zip(prompts, gen, strict=True):
         seq_p += [p] * k
         seq_r += g
-    if objective == "tspin":
+    proto = proto and objective == "tspin"
+    if proto:
         for p, y0 in zip(prompts, to_list(batch["proto_ids"]), strict=True):
+            if len(y0) != k:
+                raise ValueError(f"a T-SPIN row has {len(y0)} y0 samples for its {k} y' samples")
             seq_p += [p] * k
             seq_r += y0
     lp = sequence_logprobs(model, seq_p, seq_r, pad_id)
@@ -46,7 +50,7 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int) -> dict[str,
     else:  # one pair (or triplet) per sample: repeat y's log-prob instead of recomputing it
         out.update(policy_real=real_lp.repeat_interleave(k), policy_generated=gen_lp.reshape(-1),
                    real_lengths=lengths.repeat_interleave(k))
-    if objective == "tspin":
+    if proto:
         out["policy_proto"] = lp[b + b * k:].reshape(-1)
     if objective in ("spin", "space"):
         ref_real = torch.tensor(np.asarray(batch["ref_real"], dtype=np.float64), dtype=torch.float32, device=device)

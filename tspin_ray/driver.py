@@ -2,14 +2,14 @@
 
     tspin-ray train --config jobs/demo-cpu.yaml
 
-Everything expensive is committed to the run directory as it finishes (pi_0, the proto cache, each
-iteration's generation shards and checkpoint), so rerunning the same command resumes where it stopped.
+Everything expensive is committed to the run directory as it finishes (pi_0, each iteration's generation
+shards and checkpoint; T-SPIN's y0 are iteration 0's shards, tspin_ray/proto.py), so rerunning the same
+command resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from tspin_ray.config import ObjectiveConfig, RunConfig
 from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
-from tspin_ray.phases import GenPhase, in_row_order, phase_for, prompt_rows, row_keys, shuffled
+from tspin_ray.phases import GenPhase, in_row_order, phase_for, prompt_rows, ramp, row_keys, shuffled
 from tspin_ray.pipeline import (
     check_complete,
     derive_seed,
@@ -34,7 +34,9 @@ from tspin_ray.pipeline import (
     shard_origins,
 )
 from tspin_ray.progress import Progress
+from tspin_ray.proto import ITERATION_0, SEPARATE, y0_of_iteration_0, y0_source
 from tspin_ray.rundir import RunDir, atomic_dir, listing_identity
+from tspin_ray.summary import iteration_summary
 from tspin_ray.trainer_group import TrainerGroup, ensure_ray
 
 MAX_TRAINER_ATTEMPTS = 3  # a phase whose trainers keep dying fails instead of looping
@@ -115,7 +117,8 @@ class Driver:
         return phase_for(self.cfg, model_path, iteration, samples=samples, temperature=temperature,
                          max_new_tokens=max_new_tokens, score_ref=score_ref, out_dir=out_dir, checkpoint=checkpoint)
 
-    def generate(self, rows: pa.Table, phase: GenPhase) -> ray.data.Dataset:
+    def generate(self, rows: pa.Table, phase: GenPhase, first: tuple[int, ...] = ()) -> ray.data.Dataset:
+        """Lazy generation of `rows`, in batches of generation.batch_size after the sizes in `first`."""
         r, g = self.cfg.resources, self.cfg.generation
         if g.persistent:
             if self.generators is None:
@@ -123,10 +126,10 @@ class Driver:
 
                 share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
                 self.generators = GeneratorPool(self.cfg, share_pg=share)
-            return self.generators.dataset(rows, phase, g.batch_size, g.max_attempts)
+            return self.generators.dataset(rows, phase, g.batch_size, g.max_attempts, first)
         return generation_dataset(rows, phase, batch_size=g.batch_size, min_actors=r.generators_min,
                                   max_actors=r.generators_max, num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
-                                  resources=r.generator_resources, max_attempts=g.max_attempts)
+                                  resources=r.generator_resources, max_attempts=g.max_attempts, first=first)
 
     def missing(self, rows: pa.Table, phase: GenPhase, name: str) -> pa.Table:
         """The rows of `rows` with no usable shard in phase.out_dir. Shards that other weights made (a
@@ -223,7 +226,7 @@ class Driver:
         return self.trainers
 
     def proto_cache(self, pi0: Path) -> dict[str, list]:
-        """y0: sampled once from pi_0 and reused in every iteration (T-SPIN)."""
+        """y0 from a proto phase of its own: sampled once from pi_0 before iteration 0 (tspin_ray/proto.py)."""
         g = self.cfg.generation
         phase = self.phase(pi0, "proto", samples=self.cfg.samples_per_prompt, temperature=g.temperature,
                            max_new_tokens=g.max_new_tokens, out_dir=self.run.proto, checkpoint=self.run.checkpoint_id(0))
@@ -271,7 +274,8 @@ class Driver:
         table = self.commit_generations(plan)
         export_s = self.export(t + 1, t0)
         sync = self.sync_weights(self.run.checkpoint(t + 1))
-        return self.summarise(plan, t0, t_train, records, table, export_s, sync), records
+        return iteration_summary(t0=t0, t_train=t_train, records=records, table=table, generated_all=plan.generates_all,
+                                 rows=plan.rows.num_rows, export_s=export_s, sync=sync), records
 
     def plan(self, t: int, pi_t: Path, proto: dict | None) -> Plan:
         """The rows of iteration t, how pi_t generates for them, and which of them are still to generate."""
@@ -317,8 +321,10 @@ class Driver:
         colocated engines that must sleep before training) finish the shards first and return None."""
         if plan.phase is None or not plan.todo.num_rows:
             return None
-        if plan.stream:
-            return self.generate(plan.todo, plan.phase)
+        if plan.stream:  # small first batches: the first step need not wait for full-size ones
+            c = self.cfg
+            return self.generate(plan.todo, plan.phase,
+                                 ramp(c.training.global_batch_size, c.resources.trainers, c.generation.batch_size))
         label = f"generate {plan.t}" if plan.generates_all else f"generate {plan.t} (resume)"
         self.persisted_generation(plan.todo, plan.phase, label)
         return None
@@ -360,29 +366,6 @@ class Driver:
         run.commit_checkpoint(t, seconds=time.time() - t0)
         self.trainers.mark_loaded(run.checkpoint(t))
         return seconds
-
-    def summarise(self, plan: Plan, t0: float, t_train: float, records: list[dict], table: pa.Table | None,
-                  export_s: float, sync: dict) -> dict:
-        """The iteration's timings and mean step metrics (one metrics row)."""
-        gen_tokens = int(np.sum(table.column("gen_tokens").to_numpy())) if table is not None else 0
-        done = table.column("gen_done").to_numpy() if table is not None and plan.generates_all else None
-        gen_seconds = float(done.max() - t0) if done is not None else 0.0
-        summary = {
-            "timing/generate": gen_seconds, "timing/train": t_train, "timing/checkpoint": export_s,
-            # The engine (re)load a phase paid, or the broadcast of pi_{t+1} into long-lived engines.
-            "timing/weight_sync": sync.get("seconds") or (
-                float(np.max(table.column("engine_load_s").to_numpy())) if table is not None else 0.0),
-            **({"weight_sync/gbps": sync["gbps"]} if sync.get("bytes") else {}),
-            "timing/first_train_step": (records[0]["time"] if records else t0) - t0,
-            "timing/last_generation": gen_seconds,
-            "timing/first_generation": float(done.min() - t0) if done is not None else 0.0,
-            "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
-            "train/rows": plan.rows.num_rows,
-        }
-        for key in sorted({k for r in records for k in r} - {"time", "step", "epoch", "rows"}):
-            vals = [r[key] for r in records if key in r]
-            summary[f"train/{key}"] = float(np.mean(vals)) if vals else math.nan
-        return summary
 
     def rest_generators(self) -> None:
         """Colocated mode: long-lived engines sleep once a generation phase is consumed (the next batch
@@ -450,13 +433,18 @@ class Driver:
             ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))
             self.log([{"phase": "iteration", "iteration": -1, **ev}])
             run.commit("eval_0", **ev)
-        proto = self.proto_cache(pi0) if c.objective.name == "tspin" and c.iterations > 0 else None
+        source = y0_source(c, run.proto)
+        y0 = self.proto_cache(pi0) if source == SEPARATE else None
         for t in range(self.first_iteration(), c.iterations):
             t0 = time.time()
+            if y0 is None and source == ITERATION_0 and t > 0:  # iteration 0's y' serve as y0
+                table = read_shards(run.generations(0))
+                check_complete(table, row_keys(prompt_rows(self.prep.train, 0)), c.samples_per_prompt, "y0")
+                y0 = y0_of_iteration_0(table)
 
-            def one_iteration(t=t):
+            def one_iteration(t=t, y0=y0):
                 pi_t = pi0 if t == 0 else run.checkpoint(t)  # pi_0 may be an external model.path
-                summary, records = self.iteration(t, pi_t, proto)
+                summary, records = self.iteration(t, pi_t, y0)
                 summary.update(self.evaluate(run.checkpoint(t + 1), f"pi_{t + 1}"))
                 return summary, records
 

@@ -6,8 +6,9 @@ The default generation stage (pipeline.py) is a Ray Data actor pool that starts 
 and loads the committed checkpoint: elastic, but it pays an actor start and an engine load per phase and
 leaves no engine to sync weights into. Here the driver owns `generators_max` actors in a placement group
 of their own (each bundle holds one engine's tensor-parallel GPUs, so they share a node), Ray Data streams
-batches to them through light forwarding tasks, and new weights arrive in place: broadcast from trainer
-rank 0 (`generation.weight_sync: broadcast`, weight_sync.py) or reloaded from the committed checkpoint.
+batches to them through light forwarding tasks that each take the next idle actor (work is pulled, so a
+slow engine does fewer batches), and new weights arrive in place: broadcast from trainer rank 0
+(`generation.weight_sync: broadcast`, weight_sync.py) or reloaded from the committed checkpoint.
 
 Never stale: every batch names the checkpoint it must be generated with; an actor whose weights are not
 that checkpoint's (a restarted actor, or one that missed or failed a broadcast) reloads it first.
@@ -23,6 +24,7 @@ import warnings
 import pyarrow as pa
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.queue import Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tspin_ray.errors import RunFailed
@@ -95,11 +97,14 @@ class Generator:
 GeneratorActor = ray.remote(Generator)
 
 
-def _forward(batch: dict, *, actors: list, phase: GenPhase, timeout_s: float) -> dict:
-    """A Ray Data task: hand one batch to the generator its rows were assigned to (round robin)."""
-    actor = actors[int(batch["slot"][0]) % len(actors)]
-    batch = {k: v for k, v in batch.items() if k != "slot"}
-    return ray.get(actor.run.remote(batch, phase), timeout=timeout_s)
+def _forward(batch: dict, *, actors: list, idle, phase: GenPhase, timeout_s: float) -> dict:
+    """A Ray Data task: hand one batch to the first generator that is idle. Engines pull work: a slow one
+    takes fewer batches instead of holding the phase until its round-robin share is done."""
+    i = idle.get()  # an index of `actors`; back in the queue once its batch returns or fails
+    try:
+        return ray.get(actors[i].run.remote(batch, phase), timeout=timeout_s)
+    finally:
+        idle.put(i)
 
 
 class GeneratorPool:
@@ -130,18 +135,24 @@ class GeneratorPool:
             ).remote()
             for i in range(self.n)
         ]
+        self.idle = Queue(actor_options={"num_cpus": 0})  # indices of the actors with no batch running
+        for i in range(self.n):
+            self.idle.put(i)
 
-    def dataset(self, rows: pa.Table, phase: GenPhase, batch_size: int, max_attempts: int) -> ray.data.Dataset:
-        """Lazy triplet rows: batch b goes to actor b mod n, through light tasks that hold no engine."""
-        parts = [b.append_column("slot", pa.array([i] * b.num_rows, pa.int64()))
-                 for i, b in enumerate(blocks(rows, batch_size))]
+    def dataset(self, rows: pa.Table, phase: GenPhase, batch_size: int, max_attempts: int,
+                first: tuple[int, ...] = ()) -> ray.data.Dataset:
+        """Lazy triplet rows: each batch goes to whichever actor is idle first, through light tasks that
+        hold no engine (`first`: the sizes of the first batches, phases.ramp)."""
+        parts = blocks(rows, batch_size, first)
         ds = ray.data.from_arrow(parts)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             return ds.map_batches(
-                _forward, batch_size=batch_size, batch_format="numpy", num_cpus=0.01,
-                fn_kwargs={"actors": self.actors, "phase": phase, "timeout_s": self.cfg.generation.timeout_s},
-                compute=ray.data.TaskPoolStrategy(size=min(len(parts), 2 * self.n)),  # 1 running + 1 queued per actor
+                _forward, batch_size=None, batch_format="numpy", num_cpus=0.01,  # a block each
+                fn_kwargs={"actors": self.actors, "idle": self.idle, "phase": phase,
+                           "timeout_s": self.cfg.generation.timeout_s},
+                # one batch running and one waiting per actor: an engine that finishes finds the next at once
+                compute=ray.data.TaskPoolStrategy(size=min(len(parts), 2 * self.n)),
                 max_retries=max_attempts)
 
     def sync(self, trainers, path) -> dict:
@@ -213,6 +224,7 @@ class GeneratorPool:
             self.close_sync()
         for a in self.actors:
             ray.kill(a)
+        self.idle.shutdown()
         if not self.own_pg:
             return  # the trainers' group: theirs to remove
         try:

@@ -1,12 +1,15 @@
-"""Per-sequence summed log-probs of response tokens, in one padded forward.
+"""Per-sequence summed log-probs of response tokens, in one forward over packed rows.
 
     .venv/bin/pytest tests/test_logprobs.py -q
 
 Every objective needs log pi(y | x) for several responses per prompt (y, y', y0, ...). Callers
 concatenate all of them into ONE `sequence_logprobs` call (e.g. prompts = xs + xs + xs, responses =
-ys + y_primes + y0s, then split the result with `torch.split`): one forward over the padded batch is
-faster than one per kind, and the same padding makes the per-kind values consistent. Sums are not
-length-normalised (the papers use sums); `response_lengths` gives the counts for token means.
+ys + y_primes + y0s, then split the result with `torch.split`): one forward is faster than one per kind
+(and under ZeRO-3 gathers the weights once). The sequences are packed into rows as wide as the longest
+(`pack_batch`: position ids restart per sequence, a block-causal 4D mask keeps them apart), so a long y
+beside short y' and y0 costs its own tokens, not three times its width; a padded row per sequence
+(`pad_batch`) where a 4D mask would not mean the same (`packs`). Sums are not length-normalised (the
+papers use sums); `response_lengths` gives the counts for token means.
 
 The [B, T, V] logits are never made: the output layer's forward is swapped, for the one call, for
 `TargetLogProbs`, which takes the final hidden states of the response positions only and computes their
@@ -39,6 +42,52 @@ def pad_batch(
         attention_mask[i, :n] = 1
         response_mask[i, len(p) : n] = True
     return input_ids, attention_mask, response_mask
+
+
+def pack_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequences packed into rows as wide as the longest one (first fit, longest first), instead of
+    one padded row each: ids [R, W], position ids [R, W] (restarting at 0 per sequence), the block-causal
+    attention mask [R, 1, W, W] (True: may attend), the response mask [R, W] and each position's sequence
+    index [R, W] (-1 on the padding at a row's end, which attends only to itself).
+
+    >>> ids, pos, mask, resp, owner = pack_batch([[1], [2], [3]], [[4, 5, 6], [7], [8]], pad_id=0)
+    >>> ids.tolist(), pos.tolist(), owner.tolist()
+    ([[1, 4, 5, 6], [2, 7, 3, 8]], [[0, 1, 2, 3], [0, 1, 0, 1]], [[0, 0, 0, 0], [1, 1, 2, 2]])
+    >>> mask[1, 0].int().tolist()  # the 2nd row: sequences 1 and 2 do not see each other
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    rows: list[list[int]] = []  # sequence indices per row
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    shape = (len(rows), width)
+    input_ids, position_ids = torch.full(shape, pad_id, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    owner, segment = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    response_mask = torch.zeros(shape, dtype=torch.bool)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            p, y, n = prompts[i], responses[i], lengths[i]
+            input_ids[r, at:at + n] = torch.tensor(list(p) + list(y), dtype=torch.long)
+            position_ids[r, at:at + n] = torch.arange(n)
+            owner[r, at:at + n], segment[r, at:at + n] = i, s
+            response_mask[r, at + len(p):at + n] = True
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+        segment[r, at:] = len(members)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    return input_ids, position_ids, mask[:, None], response_mask, owner
 
 
 # fp32 logits per chunk of positions: 128 MiB, e.g. 256 positions at a 128k vocabulary, 1024 at 32k.
@@ -112,31 +161,68 @@ def _scored_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     return head
 
 
+def packs(model: torch.nn.Module, width: int) -> bool:
+    """Whether sequences may share a row in `model`'s forward: an audited class (its mask code takes a 4D
+    mask as given) with sdpa or eager attention (an additive mask; flash-attention takes none), and no
+    sliding window narrower than the row (a 4D mask replaces the window's)."""
+    core = getattr(model, "module", model)
+    config = getattr(core, "config", None)
+    if type(core).__name__ not in AUDITED or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or window >= width
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     pad_id: int,
+    pack: bool = True,
 ) -> torch.Tensor:
-    """Summed log-probs [B] of each response's tokens given its prompt; differentiable w.r.t. the model."""
-    input_ids, attention_mask, response_mask = pad_batch(prompts, responses, pad_id)
-    # Position t predicts token t+1. The scored positions' flat indices are found here, on the CPU: no
-    # device sync, and a meta-device policy (tests) has no data to search.
+    """Summed log-probs [B] of each response's tokens given its prompt; differentiable w.r.t. the model.
+
+    pack (where `packs` allows it): the sequences share rows (pack_batch) instead of one padded row
+    each, so y, y' and y0 of different lengths cost their own tokens, not the longest one's."""
+    width = max([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], default=0)
+    # A response must follow a prompt token in its own sequence: position t predicts token t + 1.
+    pack = pack and len(prompts) > 1 and all(len(p) for p in prompts) and packs(model, width)
+    if pack:
+        input_ids, position_ids, allowed, response_mask, owner = pack_batch(prompts, responses, pad_id)
+    else:
+        input_ids, attention_mask, response_mask = pad_batch(prompts, responses, pad_id)
+    # The scored positions' flat indices are found here, on the CPU: no device sync, and a meta-device
+    # policy (tests) has no data to search.
     where = response_mask[:, 1:].reshape(-1).nonzero().squeeze(-1)
-    device = next(model.parameters()).device
-    input_ids, attention_mask, response_mask, where = (
-        t.to(device) for t in (input_ids, attention_mask, response_mask, where))
-    scored, targets = response_mask[:, 1:], input_ids[:, 1:]
+    weight = next(model.parameters())
+    device = weight.device
+    if pack:  # additive: eager attention adds the mask to its scores, sdpa takes either kind
+        bias = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill_(~allowed, torch.finfo(weight.dtype).min)
+        sequence_of = owner[:, 1:].reshape(-1)[where].to(device)
+        inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                      attention_mask=bias.to(device))
+    else:
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    response_mask, where = response_mask.to(device), where.to(device)
+    token_logp = _token_logprobs(model, inputs, response_mask[:, 1:], inputs["input_ids"][:, 1:], where)
+    if not pack:
+        return token_logp.sum(-1)
+    picked = token_logp.reshape(-1).index_select(0, where)
+    return torch.zeros(len(prompts), dtype=picked.dtype, device=device).index_add(0, sequence_of, picked)
+
+
+def _token_logprobs(model: torch.nn.Module, inputs: dict, scored: torch.Tensor, targets: torch.Tensor,
+                    where: torch.Tensor) -> torch.Tensor:
+    """log pi(target | prefix) at every position [R, W - 1], zero where nothing is scored."""
     head = _scored_head(model)
     if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # float32 so bf16 models still sum accurately
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (token_logp * scored).sum(-1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * scored
 
     returned: list[torch.Tensor] = []
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T - 1] token log-probs
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # [R, W, H] -> [R, W - 1] token log-probs
         chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         lp = TargetLogProbs.apply(flat.index_select(0, where), head.weight, targets.reshape(-1).index_select(0, where),
@@ -147,7 +233,7 @@ def sequence_logprobs(
 
     head.forward = forward  # this call only; the class's forward again in `finally`
     try:
-        token_logp = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        token_logp = model(**inputs, use_cache=False).logits
     finally:
         del head.forward
     # The model must have called its head once and returned that unchanged (DeepSpeed's backward hook
@@ -155,7 +241,7 @@ def sequence_logprobs(
     if len(returned) != 1 or token_logp.shape != scored.shape or token_logp.data_ptr() != returned[0].data_ptr():
         raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}: its forward did not return the "
                            f"output layer's result unchanged; remove it from tspin_ray.logprobs.AUDITED")
-    return token_logp.sum(-1)
+    return token_logp
 
 
 def response_lengths(responses: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -104,7 +104,7 @@ def tspin(
     *,
     policy_real: torch.Tensor,
     policy_generated: torch.Tensor,
-    policy_proto: torch.Tensor,
+    policy_proto: torch.Tensor | None = None,
     alpha: float = 1.0,
     beta: float = 0.1,
     nll_weight: float = 0.0,
@@ -118,7 +118,9 @@ def tspin(
         history = lp(y') - lp(y0)
         loss    = -logsigmoid(alpha * current) - beta * logsigmoid(alpha * history)
 
-    beta = 0 gives the reference-free pairwise logistic loss -logsigmoid(alpha * (lp(y) - lp(y'))).
+    beta = 0 gives the reference-free pairwise logistic loss -logsigmoid(alpha * (lp(y) - lp(y'))); then
+    y0 is not needed (policy_proto None: iteration 0, where the trainers skip its forward) and the
+    historical metrics are left out.
     "rewards/*" metrics use the reward alpha * lp so reports can compare with SPIN's.
 
     Example (alpha 1, beta 0.1, lp(y) -10, lp(y') -12, lp(y0) -15):
@@ -130,17 +132,20 @@ def tspin(
         tensor([0.1318])
     """
     current = policy_real - policy_generated
-    history = policy_generated - policy_proto
-    loss = -F.logsigmoid(alpha * current) - beta * F.logsigmoid(alpha * history)
+    loss = -F.logsigmoid(alpha * current)
+    metrics = {"advantage/current": _mean(current), "advantage/current_accuracy": _mean(current > 0)}
+    if policy_proto is not None:
+        history = policy_generated - policy_proto
+        loss = loss - beta * F.logsigmoid(alpha * history)
+        metrics.update({"advantage/historical": _mean(history), "advantage/historical_accuracy": _mean(history > 0),
+                        "logps/proto": _mean(policy_proto)})
+    elif beta != 0:
+        raise ValueError(f"T-SPIN with beta={beta} needs lp(y0) (policy_proto)")
     loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
     return loss, {
-        "advantage/current": _mean(current),
-        "advantage/historical": _mean(history),
-        "advantage/current_accuracy": _mean(current > 0),
-        "advantage/historical_accuracy": _mean(history > 0),
+        **metrics,
         "logps/real": _mean(policy_real),
         "logps/generated": _mean(policy_generated),
-        "logps/proto": _mean(policy_proto),
         "rewards/real": _mean(alpha * policy_real),
         "rewards/generated": _mean(alpha * policy_generated),
         "rewards/margins": _mean(alpha * current),
@@ -223,6 +228,12 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "tspin": ("policy_real", "policy_generated", "policy_proto"),
     "space": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
 }
+
+
+def needs_proto(name: str, params: dict) -> bool:
+    """Whether an objective with these hyper-parameters reads lp(y0): T-SPIN with beta != 0 only (at
+    beta = 0, e.g. iteration 0, the y0 forward would be multiplied by zero)."""
+    return name == "tspin" and params.get("beta", 0.1) != 0
 
 
 def get_objective(name: str) -> Callable[..., tuple[torch.Tensor, Metrics]]:

@@ -99,9 +99,32 @@ def row_keys(table: pa.Table | None) -> list[tuple[int, str]]:
                     strict=True))
 
 
-def blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
-    """The table cut into batch-sized slices: one Ray Data block (and one generation batch) each."""
-    return [table.slice(i, batch_size) for i in range(0, max(table.num_rows, 1), batch_size)]
+def blocks(table: pa.Table, batch_size: int, first: tuple[int, ...] = ()) -> list[pa.Table]:
+    """The table cut into slices of the sizes in `first`, then of batch_size: one Ray Data block (and one
+    generation batch) each.
+
+    >>> [b.num_rows for b in blocks(pa.table({"a": list(range(10))}), 4, first=(1, 2))]
+    [1, 2, 4, 3]
+    """
+    sizes, start, out = list(first), 0, []
+    while start < table.num_rows or not out:
+        size = sizes.pop(0) if sizes else batch_size
+        out.append(table.slice(start, size))
+        start += size
+    return out
+
+
+def ramp(global_batch_size: int, trainers: int, batch_size: int) -> tuple[int, ...]:
+    """The first generation batches of a streamed phase: one trainer rank's share of a global batch for
+    each rank, so the first optimizer step waits for these small batches, not for full-size ones (Ray
+    Data's equal split hands a rank a block only while the blocks still buffered can even the ranks out:
+    n ranks start once n blocks are there).
+
+    >>> ramp(64, 2, 256), ramp(64, 1, 32)
+    ((32, 32), ())
+    """
+    share = max(1, global_batch_size // trainers)
+    return (share,) * trainers if share < batch_size else ()
 
 
 def to_list(x: Any) -> Any:

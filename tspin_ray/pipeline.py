@@ -132,17 +132,18 @@ class GenerateStage:
 
 
 def generation_dataset(rows: pa.Table, phase: GenPhase, *, batch_size: int, min_actors: int, max_actors: int,
-                       num_cpus: float, num_gpus: float, resources: dict, max_attempts: int) -> ray.data.Dataset:
+                       num_cpus: float, num_gpus: float, resources: dict, max_attempts: int,
+                       first: tuple[int, ...] = ()) -> ray.data.Dataset:
     """Lazy dataset of triplet rows generated from prompt `rows` (phases.PROMPT_SCHEMA), one batch per
-    block. Nothing runs until a consumer pulls from it."""
-    ds = ray.data.from_arrow(blocks(rows, batch_size))
+    block (`first`: the sizes of the first blocks, phases.ramp). Nothing runs until a consumer pulls."""
+    ds = ray.data.from_arrow(blocks(rows, batch_size, first))
     # Bounded restarts and retries: Ray Data's default is unlimited, so an engine that always crashes
     # on one batch would loop forever. Extra kwargs are still Ray 2.60's only way to say so (it warns
     # that they go away in 2.64).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
-            GenerateStage, batch_size=batch_size, batch_format="numpy", fn_constructor_args=(phase,),
+            GenerateStage, batch_size=None, batch_format="numpy", fn_constructor_args=(phase,),  # a block each
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_cpus=num_cpus, num_gpus=num_gpus or None, resources=dict(resources) or None,
             max_restarts=max_attempts, max_task_retries=max_attempts)

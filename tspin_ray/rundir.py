@@ -7,7 +7,7 @@ Layout (all under `output_dir`):
     manifest.json           what is committed, with sha256 + size of every checkpoint file; written last
     checkpoints/pi_0 ...    HF checkpoints (safetensors) of pi_0 .. pi_T
     generations/iter_T/     Parquet shards of iteration T's synthetic responses (one per generation batch)
-    proto/                  Parquet shards of the proto-synthetic responses y0 (generated once by pi_0)
+    proto/                  Parquet shards of y0, when T-SPIN samples them in a phase of their own (proto.py)
     .../stale/              shards set aside because other weights made them (the manifest says why)
     metrics.jsonl           one row per logging step and per iteration
 Every directory is committed by writing it under a temporary name, fsyncing, and renaming; the manifest

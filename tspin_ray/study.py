@@ -14,9 +14,10 @@ results_nll.png (mean over seeds with a +-1 std band; SFT-100% dashed).
 
 Every run is an ordinary run directory made by `tspin_ray.driver.train`, run one after another in this
 process (one local Ray for all). Rerunning the study skips complete runs without starting Ray and resumes
-unfinished ones. T-SPIN runs of a seed that sample y0 identically (same pi_0, data, generation settings and
-seed) share one proto cache: a later one gets the earlier one's `proto/` shards hard-linked in, and the
-driver then generates nothing for it.
+unfinished ones. T-SPIN runs take y0 from their own iteration 0 (tspin_ray/proto.py); those with a proto
+phase of their own (beta != 0 in iteration 0) that sample y0 identically (same pi_0, data, generation
+settings and seed) share one proto cache: a later one gets the earlier one's `proto/` shards hard-linked
+in, and the driver then generates nothing for it.
 """
 
 from __future__ import annotations
@@ -283,8 +284,11 @@ def is_complete(spec: RunSpec, cfg: RunConfig) -> bool:
 
 
 def proto_key(cfg: RunConfig) -> str | None:
-    """What y0 depends on: pi_0, the training prompts, the sampling settings and the seed (T-SPIN only)."""
-    if cfg.objective.name != "tspin":
+    """What y0 depends on: pi_0, the training prompts, the sampling settings and the seed. Only for T-SPIN
+    runs with a proto phase of their own (the others take y0 from their iteration 0: tspin_ray/proto.py)."""
+    from tspin_ray.proto import separate_phase
+
+    if not separate_phase(cfg):
         return None
     d = cfg.to_dict()
     # How generators run (per phase or long-lived, how weights reach them) does not change a sample.

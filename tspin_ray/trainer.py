@@ -20,7 +20,7 @@ import ray
 import torch
 
 from tspin_ray.batches import batch_logprobs, length_sorted
-from tspin_ray.objectives import get_objective
+from tspin_ray.objectives import get_objective, needs_proto
 from tspin_ray.weights_io import broadcast_weights, export_zero3, gathered, weight_specs
 
 # Largest safetensors file of an export: what rank 0 holds in host memory at once under ZeRO-3.
@@ -180,7 +180,7 @@ class Trainer:
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         module = self.engine
-        inputs = batch_logprobs(module, batch, self.objective, self.pad_id)
+        inputs = batch_logprobs(module, batch, self.objective, self.pad_id, needs_proto(self.objective, self.params))
         losses, metrics = get_objective(self.objective)(**inputs, **self.params)
         return losses.mean(), {k: float(v) for k, v in metrics.items()}
 
@@ -224,16 +224,20 @@ class Trainer:
         """
         records, pending = [], []
         limit = self.total_steps if max_steps is None else max_steps
+        ready = time.time()  # since when this rank has waited for data: the epoch's start, then each step's end
         for batch in iterator.iter_batches(batch_size=self.micro, batch_format="numpy", drop_last=True):
             self.batches_seen += 1
             if self.step >= limit:
                 continue  # drain the shard so the split coordinator is not left waiting
             pending.append(batch)
             if len(pending) == self.accum:
+                start = time.time()
                 rec = self.train_step(length_sorted(pending))
-                rec.update(step=self.step, time=time.time(), rows=sum(len(b["prompt_ids"]) for b in pending))
+                rec.update(step=self.step, time=time.time(), rows=sum(len(b["prompt_ids"]) for b in pending),
+                           data_wait=start - ready, step_s=time.time() - start)
                 records.append(rec)
                 pending = []
+                ready = time.time()
         return records
 
     # ------------------------------------------------------------ evaluation and export

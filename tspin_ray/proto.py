@@ -1,0 +1,41 @@
+"""y0, T-SPIN's proto-synthetic responses: where a run takes them from.
+
+    .venv/bin/pytest tests/test_driver.py -k "tspin or proto"
+
+ALGORITHMS.md: y0 is sampled once from pi_0, and iteration 0's y' may serve as y0 (both are samples of
+pi_0 under the same sampling settings). So a T-SPIN run takes y0 from iteration 0's generation whenever
+iteration 0 does not read y0 itself (beta = 0 there, the default): one generation phase less, and no y0
+forward in iteration 0 (objectives.needs_proto). A separate proto phase (proto/ shards) runs only when
+objective.overrides[0] sets beta != 0, or when the run directory already holds proto shards: a run
+begun by a tspin-ray from before keeps the y0 it made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SEPARATE, ITERATION_0 = "proto phase", "iteration 0"
+
+
+def separate_phase(cfg) -> bool:
+    """Whether the config itself needs y0 before iteration 0 generates (T-SPIN, beta != 0 at t = 0)."""
+    obj = cfg.objective
+    return obj.name == "tspin" and cfg.iterations > 0 and obj.for_iteration(0, cfg.iterations).beta != 0
+
+
+def y0_source(cfg, proto_dir: Path) -> str | None:
+    """SEPARATE, ITERATION_0, or None when no iteration reads y0 (not T-SPIN, or one iteration only)."""
+    if cfg.objective.name != "tspin" or cfg.iterations == 0:
+        return None
+    if separate_phase(cfg) or any(Path(proto_dir).glob("part-*.parquet")):
+        return SEPARATE
+    return ITERATION_0 if cfg.iterations > 1 else None
+
+
+def y0_of_iteration_0(table: pa.Table) -> dict[str, list]:
+    """prompt_id -> the k y' samples that pi_0 wrote in iteration 0 (committed gen_0 shards)."""
+    own = table.filter(pc.equal(table.column("source_iteration"), 0))
+    return dict(zip(own.column("prompt_id").to_pylist(), own.column("generated_ids").to_pylist(), strict=True))

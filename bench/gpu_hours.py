@@ -46,10 +46,11 @@ ASSUMPTIONS = {
     "mfu": Assumption(0.25, 0.40, 0.46, "llm-foundry MPT-7B on 8xH100, FSDP full shard: 40-46% MFU; lower "
                                         "for ZeRO-3 without FlashAttention and short sequences"),
     "peak_flops": Assumption(989e12, 989e12, 989e12, "H100 SXM dense BF16 peak (NVIDIA data sheet)"),
-    "padded_factor": Assumption(1.2, 1.5, 2.0, "assumed positions / tokens when each pair is padded to its "
-                                               "batch's longest (TRL-style DPO batches of 8 pairs)"),
-    "packed_factor": Assumption(1.0, 1.05, 1.15, "packed rows as wide as the longest sequence "
-                                                 "(bench padding: the packed variant's padding fraction)"),
+    "padded_factor": Assumption(1.3, 1.6, 2.3, "positions / tokens with each sequence padded to its batch's "
+                                               "longest: 2.29 in `bench padding` (16 mixed-length rows), "
+                                               "assumed lower for UltraChat's more even lengths"),
+    "packed_factor": Assumption(1.0, 1.07, 1.15, "packed rows as wide as the longest sequence: 1.07 in "
+                                                 "`bench padding` (padding fraction 0.063)"),
     "checkpoint_gpu_s": Assumption(8 * 60, 8 * 120, 8 * 300, "sequential: save 14.5 GB, load it into the next "
                                                              "generation (1-5 min, 8 GPUs waiting)"),
 }

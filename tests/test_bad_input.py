@@ -99,6 +99,8 @@ CONFIG_CASES = {
     "offload_without_zero": ({"training": {"offload": "optimizer"}}, ["offload", "zero_stage >= 1"]),
     "mix_previous_with_tspin": ({"objective": {"mix_previous": True}},
                                 ["objective", "mix_previous: true works with name: spin only, not tspin"]),
+    "y0_from_with_spin": ({"objective": {"name": "spin", "y0_from": "proto_phase"}},
+                          ["objective", "y0_from: proto_phase works with name: tspin only"]),
     # Keys that were never read (they changed the config hash and nothing else) are gone.
     "removed_training_seed": ({"training": {"seed": 3}}, ["training.seed"]),
     "removed_sft_fraction": ({"sft": {"fraction": 0.5}}, ["sft.fraction"]),

@@ -142,6 +142,7 @@ def test_y0_source_follows_the_config_and_the_run_directory(tmp_path):
     assert src(iterations=1) is None and src({"name": "spin"}) is None and src({"name": "sft"}) is None
     assert src({"overrides": {0: {"beta": 0.05}}}) == proto.SEPARATE
     assert src({"beta": 0.0}) == proto.ITERATION_0  # no historical term anywhere: y0 never scored
+    assert src({"y0_from": "proto_phase"}) == proto.SEPARATE and src({"y0_from": "proto_phase"}, iterations=1) is None
     (tmp_path / "proto").mkdir()
     (tmp_path / "proto" / "part-00000.parquet").write_bytes(b"")
     assert src() == src(iterations=1) == proto.SEPARATE

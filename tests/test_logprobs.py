@@ -231,8 +231,10 @@ def test_target_logprobs_run_on_the_meta_device_without_cpu_tensors():
     assert out.shape == (10,) and h.grad.shape == h.shape and w.grad.shape == w.shape
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean 4D mask, an additive one
 @pytest.mark.parametrize("family", ["char", "llama3", "qwen2", "zephyr"])
-def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(family_ckpt, tiny_ckpt, family):
+def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(family_ckpt, tiny_ckpt, family,
+                                                                            attention):
     """y, y' and y0 of very different lengths share rows: fewer positions than padding (rows counted), the
     same log-probs to 1e-5 and the same gradients to 1e-5 of each tensor's scale, in fp32."""
     from tspin_ray.logprobs import pack_batch, packs
@@ -240,6 +242,7 @@ def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(fami
 
     path = tiny_ckpt if family == "char" else family_ckpt(family)
     model, fmt = load_model(path), load_format(path)
+    model.config._attn_implementation = attention
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)

@@ -180,3 +180,31 @@ def test_shards_of_other_weights_are_set_aside_and_regenerated(ray_session, tmp_
     assert driver.missing(rows, phase, "gen_0").num_rows == 4  # nothing more moves; still to generate
     # Without reference scoring (T-SPIN) the scorer does not matter, only the weights.
     assert driver.missing(rows, dataclasses.replace(phase, score_ref=False), "gen_0").num_rows == 4
+
+
+def test_generation_datasets_with_gpus_and_a_ramp_build_without_a_gpu(ray_session, tiny_ckpt, tmp_path):
+    """Ray Data's map_batches refuses batch_size None with GPUs; the per-phase pool (one block per call,
+    so a ramp's small blocks stay small) is built anyway. Built, not run: this machine has no GPU."""
+    import ray
+
+    ds = generation_dataset(_rows(10), _kwargs(tiny_ckpt, tmp_path), batch_size=4, min_actors=1, max_actors=1,
+                            num_cpus=1, num_gpus=1, resources={}, max_attempts=2, first=(2,))
+    assert isinstance(ds, ray.data.Dataset)  # map_batches itself raises "You must provide `batch_size`" here
+
+
+def test_long_lived_pool_gets_every_actor_back_for_each_phase(ray_session, tmp_path):
+    """An index a killed forwarding task never returned (simulated: taken and kept) is back at the next phase."""
+    from tests.conftest import small_config
+    from tspin_ray.config import from_dict
+    from tspin_ray.generators import GeneratorPool
+
+    cfg = from_dict(small_config(tmp_path, generation={"persistent": True},
+                                 resources={"generators_min": 1, "generators_max": 2, "generator_cpus": 0.5}))
+    pool = GeneratorPool(cfg)
+    try:
+        pool.dataset(_rows(4), _kwargs("unused", None), 2, 1)
+        assert sorted([pool.idle.get(), pool.idle.get()]) == [0, 1] and pool.idle.empty()  # both leaked
+        pool.dataset(_rows(4), _kwargs("unused", None), 2, 1)
+        assert pool.idle.size() == 2
+    finally:
+        pool.shutdown()

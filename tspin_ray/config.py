@@ -214,6 +214,8 @@ class ObjectiveConfig:
     mix_previous: bool | None = _f(None, "SPIN: add the previous iteration's pairs (default on; refused for the "
                                          "other objectives).")
     overrides: dict = _f({}, "Per-iteration changes, e.g. {-1: {beta: 5.0}} (negative = from the end).")
+    y0_from: Literal["iteration_0", "proto_phase"] = _f("iteration_0", "T-SPIN: y0 are iteration 0's samples (no "
+        "phase of their own), or a proto phase's: samples of pi_0 that iteration 0 did not train against.")
 
     def __post_init__(self):
         if self.mu < 1:
@@ -221,6 +223,8 @@ class ObjectiveConfig:
         if self.mix_previous and self.name != "spin":
             raise ValueError(f"mix_previous: true works with name: spin only, not {self.name} (its batches have "
                              f"no place for the previous iteration's pairs)")
+        if self.y0_from != "iteration_0" and self.name != "tspin":
+            raise ValueError(f"y0_from: {self.y0_from} works with name: tspin only (no other objective reads y0)")
         for key, vals in self.overrides.items():
             if not isinstance(key, int) or not isinstance(vals, dict):
                 raise ValueError("overrides maps an iteration number to {field: value}")

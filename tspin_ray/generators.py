@@ -100,7 +100,7 @@ GeneratorActor = ray.remote(Generator)
 def _forward(batch: dict, *, actors: list, idle, phase: GenPhase, timeout_s: float) -> dict:
     """A Ray Data task: hand one batch to the first generator that is idle. Engines pull work: a slow one
     takes fewer batches instead of holding the phase until its round-robin share is done."""
-    i = idle.get()  # an index of `actors`; back in the queue once its batch returns or fails
+    i = idle.get(timeout=timeout_s)  # an index of `actors`; back in the queue once its batch returns or fails
     try:
         return ray.get(actors[i].run.remote(batch, phase), timeout=timeout_s)
     finally:
@@ -136,14 +136,19 @@ class GeneratorPool:
             for i in range(self.n)
         ]
         self.idle = Queue(actor_options={"num_cpus": 0})  # indices of the actors with no batch running
-        for i in range(self.n):
-            self.idle.put(i)
 
     def dataset(self, rows: pa.Table, phase: GenPhase, batch_size: int, max_attempts: int,
                 first: tuple[int, ...] = ()) -> ray.data.Dataset:
         """Lazy triplet rows: each batch goes to whichever actor is idle first, through light tasks that
         hold no engine (`first`: the sizes of the first batches, phases.ramp)."""
         parts = blocks(rows, batch_size, first)
+        # Every actor idle again: a forwarding task killed with its worker (or its stream) never put its
+        # index back, and a leaked index would leave that actor out for good. An index put back late by
+        # such a task only queues one batch behind another on its actor.
+        while not self.idle.empty():
+            self.idle.get_nowait()
+        for i in range(self.n):
+            self.idle.put(i)
         ds = ray.data.from_arrow(parts)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")

@@ -50,7 +50,7 @@ def pack_batch(
     """The sequences packed into rows as wide as the longest one (first fit, longest first), instead of
     one padded row each: ids [R, W], position ids [R, W] (restarting at 0 per sequence), the block-causal
     attention mask [R, 1, W, W] (True: may attend), the response mask [R, W] and each position's sequence
-    index [R, W] (-1 on the padding at a row's end, which attends only to itself).
+    index [R, W] (-1 on the padding at a row's end, a causal segment of its own).
 
     >>> ids, pos, mask, resp, owner = pack_batch([[1], [2], [3]], [[4, 5, 6], [7], [8]], pad_id=0)
     >>> ids.tolist(), pos.tolist(), owner.tolist()
@@ -189,18 +189,20 @@ def sequence_logprobs(
     pack = pack and len(prompts) > 1 and all(len(p) for p in prompts) and packs(model, width)
     if pack:
         input_ids, position_ids, allowed, response_mask, owner = pack_batch(prompts, responses, pad_id)
-    else:
+        pack = len(input_ids) < len(prompts)  # no row saved: the padded batch (a causal fast path if unpadded)
+    if not pack:
         input_ids, attention_mask, response_mask = pad_batch(prompts, responses, pad_id)
     # The scored positions' flat indices are found here, on the CPU: no device sync, and a meta-device
     # policy (tests) has no data to search.
     where = response_mask[:, 1:].reshape(-1).nonzero().squeeze(-1)
     weight = next(model.parameters())
     device = weight.device
-    if pack:  # additive: eager attention adds the mask to its scores, sdpa takes either kind
-        bias = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill_(~allowed, torch.finfo(weight.dtype).min)
+    if pack:  # sdpa takes the boolean mask as it is (1 byte a pair); eager adds a mask to its scores
+        if getattr(model, "module", model).config._attn_implementation != "sdpa":
+            allowed = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill_(~allowed, torch.finfo(weight.dtype).min)
         sequence_of = owner[:, 1:].reshape(-1)[where].to(device)
         inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                      attention_mask=bias.to(device))
+                      attention_mask=allowed.to(device))
     else:
         inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     response_mask, where = response_mask.to(device), where.to(device)

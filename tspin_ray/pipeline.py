@@ -142,8 +142,11 @@ def generation_dataset(rows: pa.Table, phase: GenPhase, *, batch_size: int, min_
     # that they go away in 2.64).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ds.map_batches(
-            GenerateStage, batch_size=None, batch_format="numpy", fn_constructor_args=(phase,),  # a block each
+        # One block per call (batch_size None: no bundling, so the small first blocks stay small).
+        # map_batches refuses batch_size None with GPUs; map_batches_internal is the same call without that
+        # check (Ray's own map_groups uses it for the same reason, Ray 2.60).
+        return ds.map_batches_internal(
+            GenerateStage, batch_size=None, batch_format="numpy", fn_constructor_args=(phase,),
             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_cpus=num_cpus, num_gpus=num_gpus or None, resources=dict(resources) or None,
             max_restarts=max_attempts, max_task_retries=max_attempts)

@@ -5,9 +5,11 @@
 ALGORITHMS.md: y0 is sampled once from pi_0, and iteration 0's y' may serve as y0 (both are samples of
 pi_0 under the same sampling settings). So a T-SPIN run takes y0 from iteration 0's generation whenever
 iteration 0 does not read y0 itself (beta = 0 there, the default): one generation phase less, and no y0
-forward in iteration 0 (objectives.needs_proto). A separate proto phase (proto/ shards) runs only when
-objective.overrides[0] sets beta != 0, or when the run directory already holds proto shards: a run
-begun by a tspin-ray from before keeps the y0 it made.
+forward in iteration 0 (objectives.needs_proto). One difference: iteration 0 trains against exactly these
+y', so lp(y0) starts lower than for independent samples of pi_0 and the historical margin starts higher.
+A separate proto phase (proto/ shards) runs when objective.y0_from is proto_phase, when
+objective.overrides[0] sets beta != 0, or when the run directory already holds proto shards: a run begun
+by a tspin-ray from before keeps the y0 it made.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ import pyarrow.compute as pc
 SEPARATE, ITERATION_0 = "proto phase", "iteration 0"
 
 
-def separate_phase(cfg) -> bool:
-    """Whether the config itself needs y0 before iteration 0 generates (T-SPIN, beta != 0 at t = 0)."""
+def y0_source(cfg, proto_dir: Path | None = None) -> str | None:
+    """SEPARATE, ITERATION_0, or None when no iteration reads y0 (not T-SPIN, or one iteration at beta 0)."""
     obj = cfg.objective
-    return obj.name == "tspin" and cfg.iterations > 0 and obj.for_iteration(0, cfg.iterations).beta != 0
-
-
-def y0_source(cfg, proto_dir: Path) -> str | None:
-    """SEPARATE, ITERATION_0, or None when no iteration reads y0 (not T-SPIN, or one iteration only)."""
-    if cfg.objective.name != "tspin" or cfg.iterations == 0:
+    if obj.name != "tspin" or cfg.iterations == 0:
         return None
-    if separate_phase(cfg) or any(Path(proto_dir).glob("part-*.parquet")):
-        return SEPARATE
-    return ITERATION_0 if cfg.iterations > 1 else None
+    if proto_dir is not None and any(Path(proto_dir).glob("part-*.parquet")):
+        return SEPARATE  # begun with a proto phase: keep its y0
+    if obj.for_iteration(0, cfg.iterations).beta != 0:
+        return SEPARATE  # iteration 0 reads y0 before it has samples of its own
+    if cfg.iterations == 1:
+        return None
+    return SEPARATE if obj.y0_from == "proto_phase" else ITERATION_0
+
+
+def separate_phase(cfg) -> bool:
+    """Whether the config itself asks for a proto phase (whatever a run directory holds)."""
+    return y0_source(cfg) == SEPARATE
 
 
 def y0_of_iteration_0(table: pa.Table) -> dict[str, list]:

@@ -7,7 +7,8 @@ runs from t0 to its last batch; training from the start of its first step (the f
 its `step_s`) to its end; the iteration from t0 to that end. `timing/overlap` = (generate + train -
 iteration) / min(generate, train) is 0 when the first step starts as the last batch is done, 1 when the
 shorter ran entirely inside the other, below 0 when there is a gap. `timing/train_wait` sums what rank 0
-waited for micro-batches (the `data_wait` of each step record).
+waited for micro-batches (the `data_wait` of each step record). The stamps come from three clocks (driver,
+generator nodes, trainer rank 0): across nodes, clock skew shifts the overlap.
 """
 
 from __future__ import annotations

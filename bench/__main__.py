@@ -40,6 +40,7 @@ BENCHMARKS = {
     "logprob_memory": ("bench.logprobs:run", "Log-probs at a 128k vocabulary: full logits vs chunked target log-probs"),
     "padding": ("bench.padding:run", "Mixed-length T-SPIN rows: a padded row per sequence vs packed rows"),
     "generator_pull": ("bench.pull:run", "Two long-lived generators, one slowed: round robin vs pulled by idle ones"),
+    "lora": ("bench.lora:run", "LoRA vs full weights: bytes and seconds per sync, trainer peak memory of a step"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 

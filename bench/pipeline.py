@@ -205,7 +205,8 @@ def generate_batch(engine, fmt, chunk: list[dict], kw: dict) -> dict[str, list]:
     from tspin_ray.pipeline import sample_seed, write_shard
 
     k, ids = kw.samples, [r["prompt_id"] for r in chunk]
-    pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw.max_response_tokens, kw.max_length)
+    pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw.max_response_tokens, kw.max_length,
+                             r["history"])
              for r in chunk]
     prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
     budget = [response_budget(len(p), kw.max_response_tokens, kw.max_length) for p in prompt_ids]

@@ -63,7 +63,7 @@ SPECS = [("RayCluster", RAYCLUSTER["spec"]), ("RayJob.rayClusterSpec", RAYJOB["s
 # Run configs; study-*.yaml are study configs (tspin_ray.study.load_study validates them in test_study).
 JOB_FILES = sorted(p for p in JOBS.glob("*.yaml") if not p.name.startswith("study-"))
 STUDY_FILES = sorted(JOBS.glob("study-*.yaml"))
-ZEPHYR_FILES = sorted(JOBS.glob("zephyr-7b-*.yaml"))
+ZEPHYR_FILES = sorted(p for p in JOBS.glob("zephyr-7b-*.yaml") if "-lora-" not in p.name)  # full fine-tuning
 
 
 def _groups(spec: dict) -> dict[str, dict]:
@@ -394,6 +394,22 @@ def test_7b_configs_use_the_papers_hyperparameters(path):
         assert (r.trainers, r.trainer_gpus, r.generators_min, r.generators_max) == (8, 1, 2, 8)
     else:
         assert r.trainers * r.trainer_gpus + r.generators_max * r.generator_gpus <= 8
+
+
+def test_the_lora_7b_config_fits_one_gpu_and_states_its_adapter_size():
+    """One GPU shared by one trainer and one engine; the adapter size in the file's arithmetic is what
+    r x (in + out) over Mistral-7B's seven projections gives."""
+    path = JOBS / "zephyr-7b-tspin-lora-1x1.yaml"
+    cfg, text = load_config(path), path.read_text()
+    t, g, r = cfg.training, cfg.generation, cfg.resources
+    assert t.lora is not None and t.lora.merge_export and g.colocate and g.weight_sync == "checkpoint"
+    assert r.trainers * r.trainer_gpus + r.generators_max * r.generator_gpus == 1
+    hidden, kv, mlp, layers = 4096, 8 * 128, 14336, 32
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+              "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp), "down_proj": (mlp, hidden)}
+    params = layers * sum(t.lora.r * sum(shapes[m]) for m in t.lora.target_modules)
+    assert params == 41_943_040
+    assert f"= {params / 1e6:.1f}M params" in text and f"{params * 4 / 1e6:.0f} MB" in text
 
 
 def test_objective_overrides_can_be_written_in_yaml(tmp_path):

@@ -61,6 +61,11 @@ BAD_ROWS = [
      "no_user_turn", "messages", "no user turn"),
     ("turn-content-number", b'{"messages": [{"role": "user", "content": 3}]}', 2, {"messages_column": "messages"},
      "wrong_type", "messages[0].content", "got number"),
+    ("last-turn-after-no-user", b'{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": '
+     b'"a"}]}', 3, {"messages_column": "messages", "turns": "last"}, "no_user_turn", "messages[1]",
+     "the final assistant turn does not follow a user turn"),
+    ("last-turn-missing", b'{"messages": [{"role": "user", "content": "q"}]}', 2,
+     {"messages_column": "messages", "turns": "last"}, "no_assistant_turn", "messages", "no assistant turn"),
 ]
 
 
@@ -95,7 +100,7 @@ def test_bad_row_is_skipped_and_counted(tmp_path, case, bad, line, kw, reason, f
 def test_token_counter_is_used_and_named(tmp_path):
     path = write(tmp_path / "d.jsonl", [good(0), json.dumps({"prompt": "a b c d", "response": "r"}).encode()])
     with pytest.raises(UserError, match=r"d.jsonl:2: prompt: 4 tokens > max_prompt_tokens 3"):
-        read_examples(path, cfg_for(path, max_prompt_tokens=3), count_tokens=lambda prompt, system: len(prompt.split()))
+        read_examples(path, cfg_for(path, max_prompt_tokens=3), count_tokens=lambda prompt, system, history: len(prompt.split()))
 
 
 def test_bom_crlf_and_blank_lines_are_accepted(tmp_path):
@@ -353,3 +358,32 @@ def test_format_report_lists_problems_and_overflow(tmp_path):
     assert text.splitlines()[0] == f"{path}: 32 rows, 20 kept, 12 skipped (invalid_json 12)"
     assert f"  {path}:21: row: invalid JSON" in text and "  ... and 2 more" in text
     assert text.splitlines()[-1] == "splits: 15 train, 5 eval"
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times 3?"},
+                {"role": "assistant", "content": "12"}]
+
+
+def test_turns_last_trains_the_final_answer_with_the_whole_conversation_as_prompt(tmp_path, family_ckpt):
+    """turns: last -> y is the final assistant turn; system, earlier turns and the last question are the
+    prompt, ids exactly as Llama-3's chat template renders the conversation (BOS once)."""
+    from tspin_ray.modeling import load_format
+
+    path = write(tmp_path / "chat.jsonl", [json.dumps({"messages": CONVERSATION}).encode(),
+                                            json.dumps({"messages": CONVERSATION[:1] + CONVERSATION[3:]}).encode()])
+    (first, _), _ = read_examples(path, cfg_for(path, messages_column="messages"))
+    (last, other), _ = read_examples(path, cfg_for(path, messages_column="messages", turns="last"))
+    assert (first.prompt, first.response, first.system, first.history) == ("What is 2+2?", "4", "Be brief.", "")
+    assert (last.prompt, last.response, last.system) == ("And times 3?", "12", "Be brief.")
+    assert json.loads(last.history) == CONVERSATION[1:3]
+    assert (other.prompt, other.history) == ("And times 3?", "") and other.prompt_id != last.prompt_id
+    fmt = load_format(family_ckpt("llama3", 0))
+    tok = fmt.tokenizer
+    prompt, y = fmt.example_ids(last.prompt, last.response, last.system, 512, 1024, last.history)
+    head = tok(tok.apply_chat_template(CONVERSATION[:4], add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    full = tok(tok.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert prompt == head and prompt.count(tok.bos_token_id) == 1
+    assert y == full[len(head):len(head) + len(y)] and y[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+    assert tok.decode(y[:-1]) == "12"

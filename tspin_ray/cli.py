@@ -48,8 +48,22 @@ def cmd_validate_data(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     fmt = load_format(cfg.model.path, cfg.model.trust_remote_code) if cfg.model.path else tiny_format(cfg.model.tiny)
-    splits = load_splits(cfg.data, count_tokens=lambda prompt, system: len(fmt.prompt_ids(prompt, system)))
+    splits = load_splits(cfg.data, count_tokens=lambda *context: len(fmt.prompt_ids(*context)))
     print(format_report(splits))
+    return 0
+
+
+def cmd_export_task(args) -> int:
+    """The config's held-out rows as an lm-evaluation-harness task (YAML + JSONL) for `lm_eval --include_path`."""
+    from tspin_ray.config import load_config
+    from tspin_ray.data import load_splits
+    from tspin_ray.harness import export_task
+
+    cfg = load_config(args.config, args.overrides)
+    rows = load_splits(cfg.data).eval
+    rows = rows[: cfg.eval.size] if cfg.eval.size else rows
+    path = export_task(rows, args.out, args.name, cfg.eval.max_new_tokens)
+    print(f"wrote {path} ({len(rows)} rows): lm_eval --include_path {args.out} --tasks {args.name} ...")
     return 0
 
 
@@ -142,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--out", required=True)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("export-task", help="the held-out rows as an lm-evaluation-harness task (YAML + JSONL)")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="directory for <name>.yaml and <name>.jsonl")
+    p.add_argument("--name", default="tspin_heldout", help="task name (default tspin_heldout)")
+    p.set_defaults(fn=cmd_export_task)
     p = sub.add_parser("report", help="plots and report.md for one or more run directories")
     p.add_argument("--run", action="append", required=True, help="run directory (repeat to compare)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")

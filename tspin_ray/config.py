@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from tspin_ray import typed_yaml
 from tspin_ray.errors import UserError
+from tspin_ray.typed_yaml import apply_override, build, read_yaml_mapping
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -71,9 +69,13 @@ class DataConfig:
     format: Literal["auto", "jsonl", "parquet", "csv", "hf"] = _f("auto", "File format; auto = by extension.")
     prompt_column: str = _f("prompt", "Column holding the prompt.")
     response_column: str = _f("response", "Column holding the annotated response y.")
-    messages_column: str | None = _f(None, "Chat column: first user turn = prompt (a system turn before it stays "
-                                           "with it), first assistant turn = y. Unset: `messages` is used when "
-                                           "the rows lack prompt_column or response_column (UltraChat's layout).")
+    messages_column: str | None = _f(None, "Chat column of {role, content} turns (which exchange trains: turns). "
+                                           "Unset: `messages` is used when the rows lack prompt_column or "
+                                           "response_column (UltraChat's layout).")
+    turns: Literal["first", "last"] = _f("first", "Which exchange of a chat row trains: first (the first user "
+                                         "turn and the answer to it) or last (the final assistant turn is y; every "
+                                         "turn before it, system included, is the prompt, as the chat template "
+                                         "renders it).")
     id_column: str | None = _f(None, "Column with a stable example id; default: `prompt_id` when the rows have "
                                      "it, else a hash of the prompt.")
     split: str = _f("train", "Split to read from a saved HF DatasetDict.")
@@ -136,6 +138,33 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    r: int = _f(16, "Adapter rank.")
+    alpha: float = _f(32.0, "Scale numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = _f(0.0, "Dropout on the adapter's input while training.")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "Module names (peft's target_modules) that get an adapter; [all-linear] = "
+                                   "every linear layer but the output head.")
+    merge_export: bool = _f(False, "Also write each iterate merged into the base (checkpoints/iter_t/merged/: "
+                                   "a full HF checkpoint that transformers and vLLM load alone).")
+
+    def __post_init__(self):
+        _positive(self, "r", "alpha")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+
+    def peft_config(self):
+        """The peft.LoraConfig of this spec (causal LM, no bias)."""
+        from peft import LoraConfig, TaskType
+
+        targets = "all-linear" if list(self.target_modules) == ["all-linear"] else list(self.target_modules)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          bias="none", task_type=TaskType.CAUSAL_LM)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     backend: Literal["deepspeed", "torch"] = _f("deepspeed", "DeepSpeed engine or plain torch (DDP when N > 1).")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (3: parameters sharded across trainers from the load on).")
@@ -163,6 +192,9 @@ class TrainingConfig:
     load_timeout_s: float = _f(3600.0, "Longest trainer checkpoint load or optimizer setup (a 70B from network "
                                        "storage at 100 MB/s takes ~25 min).")
     export_timeout_s: float = _f(3600.0, "Longest checkpoint export (ZeRO-3 gathers and writes 2 GiB shards).")
+    lora: LoraSpec | None = _f(None, "Train LoRA adapters (peft) instead of all weights in the self-play iterations "
+                                     "(the SFT stage of pi_0 trains all weights): iterates are adapters on pi_0, "
+                                     "synced to generators as adapters. Off when unset.")
 
     def __post_init__(self):
         _positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length", "stall_timeout_s",
@@ -270,9 +302,31 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class LmEvalSpec:
+    tasks: list[str] = _f([], "lm-evaluation-harness task names (their YAML in the harness or in include_path); "
+                              "tspin_heldout = this run's held-out rows, exported as a harness task.")
+    include_path: str | None = _f(None, "Directory of extra task YAMLs (and their local data files).")
+    num_fewshot: int | None = _f(None, "Few-shot examples (default: each task's own).")
+    limit: float | None = _f(None, "Documents per task: a count, or a fraction when < 1 (default: all).")
+    batch_size: int = _f(8, "Requests per forward.")
+    apply_chat_template: bool = _f(True, "Render each request with the checkpoint's chat template, as training does.")
+    backend: Literal["auto", "hf", "vllm"] = _f("auto", "Harness model: auto = vllm where CUDA and vLLM are "
+                                                       "there, else hf.")
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if self.limit is not None and (self.limit <= 0 or (self.limit >= 1 and self.limit != int(self.limit))):
+            raise ValueError("limit must be a fraction in (0, 1) or a whole count")
+        _positive(self, "batch_size")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = _f(64, "Greedy decoding length for exact-match evaluation.")
     size: int | None = _f(None, "Evaluate on at most this many held-out rows (default: all).")
+    lm_eval: LmEvalSpec | None = _f(None, "Also score every committed checkpoint with lm-evaluation-harness "
+                                          "(pip install -e .[eval]); scores go to eval/lm_eval/<task>/<metric>.")
 
 
 @dataclass(frozen=True)
@@ -310,6 +364,9 @@ class RunConfig:
         if g.colocate and r.generators_max != r.trainers:
             raise ValueError(f"generation.colocate pairs one engine with each trainer rank on its GPU: "
                              f"resources.generators_max ({r.generators_max}) must equal trainers ({r.trainers})")
+        if self.training.lora is not None and g.weight_sync == "broadcast":
+            raise ValueError("training.lora syncs each iterate as its adapter (megabytes, read from the committed "
+                             "checkpoint): set generation.weight_sync: checkpoint")
         if g.tensor_parallel_size > 1 and g.backend != "vllm":
             raise ValueError(f"generation.tensor_parallel_size ({g.tensor_parallel_size}) needs backend: vllm "
                              f"(an HF engine runs on one device)")
@@ -323,7 +380,7 @@ class RunConfig:
         return self.sft.enabled or self.model.tiny is not None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(dataclasses.asdict(self))
 
     def hash(self) -> str:
         """Hash of everything that changes results: not output_dir, allow_config_change or the limits of
@@ -346,124 +403,27 @@ RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
                "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s")}
 
 
+def _plain(value: Any) -> Any:
+    """Tuples (how list keys are held, frozen) back to lists, so config.yaml stays plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ValueError(f"{name} must be > 0")
 
 
-# ---------------------------------------------------------------- parsing
-
-
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise UserError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _check_type(value, a, where)
-            except UserError as e:
-                errors.append(str(e))
-        raise UserError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    raise TypeError(f"unsupported config type {tp}")
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{where or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            retired = RETIRED.get(where, {}).get(key)
-            if retired:
-                raise UserError(f"config key '{path}' was removed: it was never read ({retired})")
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{where + '.' if where else ''}{near[0]}'?)" if near else ""
-            raise UserError(f"unknown config key '{path}'{hint}")
-        kwargs[key] = _check_type(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise UserError(f"{where or 'config'}: {e}") from None
-
-
-def apply_override(raw: dict, dotted: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to the raw config dict, in place."""
-    if "=" not in dotted:
-        raise UserError(f"override '{dotted}' must look like key.sub=value")
-    key, value = dotted.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+# ---------------------------------------------------------------- parsing (typed_yaml.py)
 
 
 def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
     raw = copy.deepcopy(raw)  # keeps int keys such as objective.overrides {-1: ...}
     for o in overrides:
         apply_override(raw, o)
-    return _build(RunConfig, raw, "")
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
-    """A YAML file whose top level is a mapping, or a one-line UserError naming the file (and line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections")
-    return raw
+    return build(RunConfig, raw, "", RETIRED)
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -475,19 +435,6 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
         raise UserError(f"{path}: {e}") from None
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+def describe(cls: type | None = None, prefix: str = "") -> list[str]:
     """Every config key with its type, default and documentation (for docs and `--help`)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or (
-            [tp] if dataclasses.is_dataclass(tp) else [])
-        key = prefix + f.name
-        if sub:
-            lines.append(f"{key}: {f.metadata.get('doc', '')}")
-            lines.extend(describe(sub[0], key + "."))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
-    return lines
+    return typed_yaml.describe(cls or RunConfig, prefix)

@@ -29,7 +29,7 @@ from tspin_ray.errors import UserError
 
 MAX_PROBLEMS = 10  # problems kept in a DataReport; the counts cover the rest
 _BOM = b"\xef\xbb\xbf"
-TokenCounter = Callable[[str, str], int]  # (prompt, system) -> tokens of the rendered prompt
+TokenCounter = Callable[[str, str, str], int]  # (prompt, system, history) -> tokens of the rendered prompt
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -39,6 +39,7 @@ class Example:
     prompt: str
     response: str
     system: str = ""  # a system turn of chat data, rendered before the prompt by the chat template
+    history: str = ""  # earlier turns (data.turns: last) as a JSON list of {role, content}, after `system`
 
 
 @dataclass(frozen=True)
@@ -112,31 +113,48 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _from_messages(turns: Any, field: str) -> tuple[str, str, str]:
-    """First user turn = prompt, first assistant turn after it = response (how SPIN reads UltraChat); a
-    system turn before the prompt stays with it."""
+def _from_messages(turns: Any, field: str, which: str = "first") -> tuple[str, str, str, str]:
+    """(prompt, response, system, history). first: the first user turn is the prompt and the first
+    assistant turn after it the response (how SPIN reads UltraChat); a system turn before the prompt stays
+    with it. last: the final assistant turn is the response, the user turn right before it the prompt, and
+    every turn before that the history (a JSON list; a leading system turn stays `system`)."""
     if not isinstance(turns, list | tuple):
         raise _BadRow("wrong_type", field, f"expected a list of {{role, content}} turns, got {_kind(turns)}")
-    prompt, system = None, ""
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
             raise _BadRow("wrong_type", f"{field}[{i}]", f"expected {{role, content}}, got {str(turn)[:40]!r}")
+    if which == "last":
+        return _last_exchange(list(turns), field)
+    prompt, system = None, ""
+    for i, turn in enumerate(turns):
         if prompt is None and turn["role"] == "system":
             system = _text(turn.get("content"), f"{field}[{i}].content")
         elif prompt is None and turn["role"] == "user":
             prompt = _text(turn.get("content"), f"{field}[{i}].content")
         elif prompt is not None and turn["role"] == "assistant":
-            return prompt, _text(turn.get("content"), f"{field}[{i}].content"), system
+            return prompt, _text(turn.get("content"), f"{field}[{i}].content"), system, ""
     if prompt is None:
         raise _BadRow("no_user_turn", field, "no user turn")
     raise _BadRow("no_assistant_turn", field, "no assistant turn after the first user turn")
 
 
+def _last_exchange(turns: list[dict], field: str) -> tuple[str, str, str, str]:
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        raise _BadRow("no_assistant_turn", field, "no assistant turn")
+    if last == 0 or turns[last - 1]["role"] != "user":
+        raise _BadRow("no_user_turn", f"{field}[{last}]", "the final assistant turn does not follow a user turn")
+    texts = [_text(t.get("content"), f"{field}[{i}].content") for i, t in enumerate(turns[:last + 1])]
+    start = 1 if turns[0]["role"] == "system" else 0
+    history = [{"role": t["role"], "content": c} for t, c in zip(turns[start:last - 1], texts[start:last - 1], strict=True)]
+    return texts[last - 1], texts[last], texts[0] if start else "", json.dumps(history) if history else ""
+
+
 def _example(record: dict, cols: _Columns, cfg: DataConfig, count_tokens: TokenCounter | None) -> Example:
-    cols, system = cols.resolve(k for k, v in record.items() if v is not None), ""
+    cols, system, history = cols.resolve(k for k, v in record.items() if v is not None), "", ""
     if cols.messages:
         pfield = rfield = cols.messages
-        prompt, response, system = _from_messages(_get(record, cols.messages), cols.messages)
+        prompt, response, system, history = _from_messages(_get(record, cols.messages), cols.messages, cfg.turns)
     else:
         pfield, rfield = cols.prompt, cols.response
         try:
@@ -159,12 +177,13 @@ def _example(record: dict, cols: _Columns, cfg: DataConfig, count_tokens: TokenC
             raise _BadRow("empty_id", cols.id, "empty or whitespace only")
     else:
         # A hash of the text, not the row number: stable when the file is reordered, across runs and machines.
-        prompt_id = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-    n = count_tokens(prompt, system) if count_tokens else len(prompt)
+        # Earlier turns count too (two conversations may end with the same question); none: as before.
+        prompt_id = hashlib.sha256((prompt + (f"\0{history}" if history else "")).encode("utf-8")).hexdigest()[:16]
+    n = count_tokens(prompt, system, history) if count_tokens else len(prompt)
     if n > cfg.max_prompt_tokens:
         unit = "tokens" if count_tokens else "characters (no tokenizer given)"
         raise _BadRow("prompt_too_long", pfield, f"{n} {unit} > max_prompt_tokens {cfg.max_prompt_tokens}")
-    return Example(prompt_id, prompt, response, system)
+    return Example(prompt_id, prompt, response, system, history)
 
 
 def _collect(source: str, rows: Iterable[tuple[int, dict | _BadRow]], cols: _Columns, cfg: DataConfig,

@@ -72,11 +72,15 @@ def prepare(cfg: RunConfig) -> Prepared:
             # vLLM scores prompt + response as a prompt, which must be shorter than its max_model_len.
             raise UserError(f"training.max_length ({cfg.training.max_length}) must be below the model's "
                             f"max_position_embeddings ({positions}) for the vllm backend")
-    splits = load_splits(cfg.data, count_tokens=lambda prompt, system: len(fmt.prompt_ids(prompt, system)))
+    if cfg.eval.lm_eval is not None:
+        from tspin_ray.harness import check_tasks
+
+        check_tasks(cfg.eval.lm_eval)
+    splits = load_splits(cfg.data, count_tokens=lambda *context: len(fmt.prompt_ids(*context)))
     if not splits.train:
         raise UserError(f"no training rows left after data.fraction={cfg.data.fraction} / data.limit")
     for e in splits.train + splits.eval:  # y in context for every row, before any work (one-line refusal)
-        fmt.response_ids(e.prompt, e.response, e.system)
+        fmt.response_ids(e.prompt, e.response, e.system, history=e.history)
     return Prepared(cfg, splits.train, splits.eval, fmt)
 
 
@@ -193,7 +197,7 @@ class Driver:
                 save_tiny(tmp, c.model.tiny)
         rows = self.sft_rows(self.prep.train)
         t0 = time.time()
-        group = self.trainer_group(base)
+        group = self.trainer_group(base, lora=None)  # pi_0's SFT trains all weights, with LoRA too
         epochs, n = c.sft.epochs, c.resources.trainers
         steps = ((len(rows) // n) // (c.sft.global_batch_size // n)) * epochs
         order = []
@@ -214,15 +218,17 @@ class Driver:
         fmt, c = self.prep.format, self.cfg
         out = []
         for e in examples:
-            p, y = fmt.example_ids(e.prompt, e.response, e.system, c.data.max_response_tokens, c.training.max_length)
+            p, y = fmt.example_ids(e.prompt, e.response, e.system, c.data.max_response_tokens, c.training.max_length,
+                                  e.history)
             out.append({"prompt_ids": p, "real_ids": y})
         return out
 
-    def trainer_group(self, path: Path | None = None) -> TrainerGroup:
+    def trainer_group(self, path: Path | None = None, lora="run") -> TrainerGroup:
+        """The trainers, holding `path` (with the run's training.lora adapter unless lora=None)."""
         if self.trainers is None:
             self.trainers = TrainerGroup(self.cfg)
         if path is not None:
-            self.trainers.load(path)
+            self.trainers.load(path, self.cfg.training.lora if lora == "run" else lora)
         return self.trainers
 
     def proto_cache(self, pi0: Path) -> dict[str, list]:
@@ -259,7 +265,17 @@ class Driver:
         acc = float(np.mean([exact_match(got[e.prompt_id], e.response) for e in ev]))
         rows = self.sft_rows(ev)
         nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
-        return {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
+        out = {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
+        if self.cfg.eval.lm_eval is not None:  # benchmark scores with lm-evaluation-harness (harness.py)
+            from tspin_ray import harness
+
+            include = harness.include_paths(self.cfg.eval.lm_eval, self.run.root, ev, self.cfg.eval.max_new_tokens)
+            scores = harness.run_remote(self.cfg, path, include, label)
+            out.update(scores)
+            self.progress.say(f"[lm_eval {label}] " + ", ".join(
+                f"{k.removeprefix(harness.PREFIX + '/')} {v:.3f}" for k, v in scores.items() if k.startswith(harness.PREFIX))
+                + f" in {scores['timing/lm_eval']:.1f}s")
+        return out
 
     # ------------------------------------------------------------ one iteration, step by step
     def iteration(self, t: int, pi_t: Path, proto: dict | None) -> tuple[dict, list[dict]]:
@@ -359,8 +375,9 @@ class Driver:
     def export(self, t: int, t0: float) -> float:
         """pi_t written from the trainers and committed; returns the export's seconds."""
         run = self.run
+        lora = self.cfg.training.lora
         with atomic_dir(run.checkpoint(t)) as tmp:
-            seconds = self.trainers.export(tmp)
+            seconds = self.trainers.export(tmp, merged=tmp / "merged" if t > 0 and lora and lora.merge_export else None)
             if t > 0:  # the chaos point is an iteration's export (pi_0's SFT has its own, "sft")
                 maybe_fail("export")
         run.commit_checkpoint(t, seconds=time.time() - t0)

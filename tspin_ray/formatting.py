@@ -22,6 +22,7 @@ response fits in training.max_length whenever the prompt leaves room. A cut resp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,16 @@ class ChatFormat:
     def end_of_turn(self) -> int:
         return self.stop_ids[0]
 
-    def render(self, prompt: str, system: str = "", response: str | None = None) -> str:
-        """The text of the prompt (response None: ready for the answer) or of the whole exchange."""
+    def render(self, prompt: str, system: str = "", response: str | None = None, history: str = "") -> str:
+        """The text of the prompt (response None: ready for the answer) or of the whole exchange. `history`:
+        earlier turns as a JSON list of {role, content} (data.turns: last), between system and prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
+            if history:
+                raise UserError("data.turns: last needs a tokenizer with a chat template (earlier turns have "
+                                "no place in the plain layout)")
             return PLAIN_TEMPLATE.format(prompt=prompt) + (response or "")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + (json.loads(history) if history else [])
+        messages.append({"role": "user", "content": prompt})
         if response is None:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
@@ -69,25 +75,27 @@ class ChatFormat:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [self.bos_id] + ids if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
 
-    def prompt_ids(self, prompt: str, system: str = "") -> list[int]:
-        return self.encode(self.render(prompt, system))
+    def prompt_ids(self, prompt: str, system: str = "", history: str = "") -> list[int]:
+        return self.encode(self.render(prompt, system, history=history))
 
-    def response_ids(self, prompt: str, response: str, system: str = "", max_tokens: int | None = None) -> list[int]:
+    def response_ids(self, prompt: str, response: str, system: str = "", max_tokens: int | None = None,
+                     history: str = "") -> list[int]:
         """y's ids as the model sees them after the prompt, end of turn included; cut to `max_tokens`."""
-        return self._tail(self.prompt_ids(prompt, system), prompt, response, system, max_tokens)
+        return self._tail(self.prompt_ids(prompt, system, history), prompt, response, system, max_tokens, history)
 
     def example_ids(self, prompt: str, response: str, system: str, max_response_tokens: int,
-                    max_length: int) -> tuple[list[int], list[int]]:
+                    max_length: int, history: str = "") -> tuple[list[int], list[int]]:
         """(prompt ids, y ids) of one training row, y cut by `response_budget`; the prompt rendered once."""
-        head = self.prompt_ids(prompt, system)
+        head = self.prompt_ids(prompt, system, history)
         budget = response_budget(len(head), max_response_tokens, max_length)
-        return head, self._tail(head, prompt, response, system, budget)
+        return head, self._tail(head, prompt, response, system, budget, history)
 
-    def _tail(self, head: list[int], prompt: str, response: str, system: str, max_tokens: int | None) -> list[int]:
+    def _tail(self, head: list[int], prompt: str, response: str, system: str, max_tokens: int | None,
+              history: str = "") -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):  # plain layout: the answer follows as written
             tail = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
         else:
-            full = self.encode(self.render(prompt, system, response))
+            full = self.encode(self.render(prompt, system, response, history))
             if full[:len(head)] != head:
                 at = next((i for i, (a, b) in enumerate(zip(head, full, strict=False)) if a != b), len(full))
                 raise UserError(f"the chat template is not prefix-stable: the rendered prompt of {prompt[:40]!r} "

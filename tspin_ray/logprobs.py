@@ -146,10 +146,18 @@ class TargetLogProbs(torch.autograd.Function):
 AUDITED = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 
 
+def hf_core(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DeepSpeed engine or DDP wrapper and a peft PeftModel (whose LoRA
+    layers sit inside it; its forward is the HF model's)."""
+    core = getattr(model, "module", model)
+    unwrap = getattr(core, "get_base_model", None)
+    return unwrap() if unwrap is not None else core
+
+
 def _scored_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The output layer, when target log-probs can be computed from its weight alone; None means: compute
     the full logits (an unaudited class, a head with a bias or of another type, a weight that is a shard)."""
-    core = getattr(model, "module", model)  # a DeepSpeed engine or DDP wraps the HF model
+    core = hf_core(model)
     if type(core).__name__ not in AUDITED:
         return None
     head = core.get_output_embeddings()
@@ -165,7 +173,7 @@ def packs(model: torch.nn.Module, width: int) -> bool:
     """Whether sequences may share a row in `model`'s forward: an audited class (its mask code takes a 4D
     mask as given) with sdpa or eager attention (an additive mask; flash-attention takes none), and no
     sliding window narrower than the row (a 4D mask replaces the window's)."""
-    core = getattr(model, "module", model)
+    core = hf_core(model)
     config = getattr(core, "config", None)
     if type(core).__name__ not in AUDITED or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
@@ -198,7 +206,7 @@ def sequence_logprobs(
     weight = next(model.parameters())
     device = weight.device
     if pack:  # sdpa takes the boolean mask as it is (1 byte a pair); eager adds a mask to its scores
-        if getattr(model, "module", model).config._attn_implementation != "sdpa":
+        if hf_core(model).config._attn_implementation != "sdpa":
             allowed = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill_(~allowed, torch.finfo(weight.dtype).min)
         sequence_of = owner[:, 1:].reshape(-1)[where].to(device)
         inputs = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
@@ -241,7 +249,7 @@ def _token_logprobs(model: torch.nn.Module, inputs: dict, scored: torch.Tensor, 
     # The model must have called its head once and returned that unchanged (DeepSpeed's backward hook
     # wraps it in a view of the same storage); anything else would be silently wrong log-probs.
     if len(returned) != 1 or token_logp.shape != scored.shape or token_logp.data_ptr() != returned[0].data_ptr():
-        raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}: its forward did not return the "
+        raise RuntimeError(f"{type(hf_core(model)).__name__}: its forward did not return the "
                            f"output layer's result unchanged; remove it from tspin_ray.logprobs.AUDITED")
     return token_logp
 

@@ -111,9 +111,16 @@ def save_tiny(out_dir: str | Path, spec: TinyModelSpec, weights: bool = True) ->
 
 
 def _check_dir(path: str | Path, need_weights: bool) -> Path:
+    from tspin_ray import lora
+
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"model directory {p} does not exist")
+    if lora.is_adapter(p):  # a LoRA iterate: its weights file, and a base that is a checkpoint itself
+        if need_weights and not (p / lora.ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"{p} holds no {lora.ADAPTER_WEIGHTS} (only safetensors are loaded, never pickle)")
+        _check_dir(lora.base_of(p), need_weights)
+        return p
     if not (p / "config.json").is_file():
         raise UserError(f"{p} holds no config.json: not a Hugging Face checkpoint directory")
     if need_weights and not any(p.glob("*.safetensors")):
@@ -128,7 +135,11 @@ def check_checkpoint(path: str | Path) -> Path:
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a local checkpoint directory."""
+    from tspin_ray import lora
+
     p = _check_dir(path, need_weights=False)
+    if lora.is_adapter(p) and not (p / "tokenizer_config.json").is_file():
+        p = lora.base_of(p)  # an adapter saved without its tokenizer uses its base's
     try:
         return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
@@ -141,11 +152,12 @@ def load_format(path: str | Path, trust_remote_code: bool = False):
     import json
 
     from tspin_ray.formatting import chat_format
+    from tspin_ray.lora import base_of
 
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     eos = None
     for name in ("generation_config.json", "config.json"):  # vLLM and transformers read them in this order
-        f = Path(path) / name
+        f = base_of(path) / name
         if eos is None and f.is_file():
             eos = json.loads(f.read_text()).get("eos_token_id")
     return chat_format(tokenizer, eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -155,7 +167,9 @@ def max_positions(path: str | Path) -> int | None:
     """The longest sequence a checkpoint's config accepts (max_position_embeddings), if it says."""
     import json
 
-    value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    from tspin_ray.lora import base_of
+
+    value = json.loads((base_of(path) / "config.json").read_text()).get("max_position_embeddings")
     return value if isinstance(value, int) else None
 
 
@@ -168,13 +182,22 @@ def tiny_format(spec: TinyModelSpec):
         return load_format(tmp)
 
 
-def load_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
-    """The causal LM of a local checkpoint directory, from safetensors only."""
+def load_model(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+               trainable_adapter: bool = False) -> PreTrainedModel:
+    """The causal LM of a local checkpoint directory, from safetensors only. An adapter directory (a LoRA
+    iterate, tspin_ray/lora.py) gives its base with the adapter on it, as a peft `PeftModel`."""
+    from tspin_ray import lora
+
     p = _check_dir(path, need_weights=True)
-    return AutoModelForCausalLM.from_pretrained(
-        p,
+    model = AutoModelForCausalLM.from_pretrained(
+        lora.base_of(p).resolve(),  # absolute: an adapter trained on it records this path as its base
         dtype=getattr(torch, dtype),
         local_files_only=True,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
+    if not lora.is_adapter(p):
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, p, is_trainable=trainable_adapter)

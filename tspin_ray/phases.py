@@ -20,7 +20,7 @@ import pyarrow as pa
 # responses a SPIN row brings from the previous iteration (re-scored, not sampled). Empty when absent.
 PROMPT_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("system", pa.string()),
-    ("source_iteration", pa.int64()),
+    ("history", pa.string()), ("source_iteration", pa.int64()),
     ("proto_ids", pa.list_(pa.list_(pa.int64()))), ("given_ids", pa.list_(pa.list_(pa.int64()))),
 ])
 
@@ -35,6 +35,7 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     sleep_mode: bool = False
+    lora_rank: int | None = None  # training.lora.r: vLLM reserves room for adapters of this rank
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the engine constructors (everything but the backend's name)."""
@@ -72,7 +73,8 @@ def phase_for(cfg, model_path, iteration: int | str, *, samples: int, temperatur
                         gpu_memory_utilization=c.generation.gpu_memory_utilization,
                         tensor_parallel_size=c.generation.tensor_parallel_size,
                         # +1: vLLM scores a prompt only when it is shorter than max_model_len
-                        max_model_len=c.training.max_length + 1, sleep_mode=c.generation.colocate)
+                        max_model_len=c.training.max_length + 1, sleep_mode=c.generation.colocate,
+                        lora_rank=c.training.lora.r if c.training.lora else None)
     return GenPhase(model_path=str(model_path), iteration=iteration, engine=engine, seed=c.seed, samples=samples,
                     max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=c.generation.top_p if temperature > 0 else 1.0,
@@ -85,7 +87,7 @@ def prompt_rows(examples, t: int, proto: dict | None = None, given: dict | None 
     return pa.Table.from_pydict({
         "prompt_id": [e.prompt_id for e in examples], "prompt": [e.prompt for e in examples],
         "response": [e.response for e in examples], "system": [e.system for e in examples],
-        "source_iteration": [t] * len(examples),
+        "history": [e.history for e in examples], "source_iteration": [t] * len(examples),
         "proto_ids": [list(proto[e.prompt_id]) if proto else [] for e in examples],
         "given_ids": [list(given[e.prompt_id]) if given else [] for e in examples],
     }, schema=PROMPT_SCHEMA)

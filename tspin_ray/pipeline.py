@@ -92,8 +92,9 @@ class GenerateStage:
         ids = [str(x) for x in batch["prompt_id"]]
         crash_if("engine", ids)  # chaos tests: a prompt that always kills its engine
         source = [int(x) for x in batch["source_iteration"]]
-        pairs = [fmt.example_ids(str(p), str(r), str(s), ph.max_response_tokens, ph.max_length)
-                 for p, r, s in zip(batch["prompt"], batch["response"], batch["system"], strict=True)]
+        pairs = [fmt.example_ids(str(p), str(r), str(s), ph.max_response_tokens, ph.max_length, str(h))
+                 for p, r, s, h in zip(batch["prompt"], batch["response"], batch["system"], batch["history"],
+                                       strict=True)]
         prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
         # One truncation rule for y, y' and y0 (formatting.response_budget): prompt + response <= max_length.
         budget = [response_budget(len(p), ph.max_response_tokens, ph.max_length) for p in prompt_ids]

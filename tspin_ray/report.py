@@ -112,6 +112,30 @@ def _line_plot(runs, colors, path, key, title, ylabel, why) -> str | None:
     return None if drawn else why
 
 
+def benchmark_keys(runs: list[Run]) -> list[str]:
+    """The eval/lm_eval/<task>/<metric> keys any run's iteration rows hold (eval.lm_eval)."""
+    return sorted({k for r in runs for row in r.iterations.values() for k in row if k.startswith("eval/lm_eval/")})
+
+
+def plot_benchmarks(runs: list[Run], colors: dict, path: Path) -> str | None:
+    """One panel per lm-evaluation-harness score, one line per run."""
+    keys = benchmark_keys(runs)
+    fig = _figure(8, 2.6 * max(1, len(keys)))
+    for i, key in enumerate(keys or ["-"]):
+        ax = fig.add_subplot(max(1, len(keys)), 1, i + 1)
+        ax.set_title(key.removeprefix("eval/lm_eval/"))
+        for r in runs:
+            xs, ys = r.series(key)
+            if xs:
+                ax.plot(xs, ys, marker="o", color=colors[r.label])
+        _iteration_axis(ax, EVAL_X)
+    if not keys:
+        _no_data(fig.axes[0], "no eval/lm_eval scores in any iteration row")
+    _legend(fig, colors, [r.label for r in runs])
+    _save(fig, path)
+    return None if keys else "no eval/lm_eval scores in any iteration row"
+
+
 def plot_advantages(runs: list[Run], colors: dict, path: Path) -> str | None:
     """T-SPIN: current (solid) and historical (dashed) advantage; other objectives: reward margin (dotted)."""
     fig = _figure(8, 4.8)
@@ -275,7 +299,12 @@ def plot_loss(runs: list[Run], colors: dict, path: Path) -> str | None:
 
 PLOTTERS: dict[str, Callable] = {"eval": plot_eval, "nll": plot_nll, "advantages": plot_advantages,
                                  "alignment": plot_alignment, "lengths": plot_lengths,
-                                 "timings": plot_timings, "loss": plot_loss}
+                                 "timings": plot_timings, "loss": plot_loss, "benchmarks": plot_benchmarks}
+
+
+def plots_for(runs: list[Run]) -> tuple[str, ...]:
+    """PLOTS, and the benchmark plot where a run has lm-evaluation-harness scores."""
+    return PLOTS + (("benchmarks",) if benchmark_keys(runs) else ())
 
 
 # ------------------------------------------------------------ report.md
@@ -335,6 +364,17 @@ def iteration_table(r: Run) -> list[str]:
     return lines
 
 
+def benchmark_table(r: Run) -> list[str]:
+    keys = benchmark_keys([r])
+    if not keys:
+        return []
+    lines = ["| iter | " + " | ".join(k.removeprefix("eval/lm_eval/") for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    for t in r.iterations:
+        lines.append(f"| {'pi0' if t == PI0 else t} | " + " | ".join(_fmt(r.value(t, k)) for k in keys) + " |")
+    return [f"Benchmarks (lm-evaluation-harness, eval.lm_eval), {r.label}:", ""] + lines + [""]
+
+
 def summary_table(runs: list[Run]) -> list[str]:
     lines = ["| run | objective | iterations completed | status | pi0 eval EM | final eval EM | best eval EM |",
              "|---|---|---|---|---|---|---|"]
@@ -363,7 +403,8 @@ def alignment_text(r: Run) -> list[str]:
 
 HEADINGS = {"eval": "Evaluation: exact match", "nll": "Evaluation: NLL of real responses",
             "advantages": "Advantages and reward margins", "alignment": "Alignment: real vs synthetic",
-            "lengths": "Response lengths", "timings": "Time per iteration", "loss": "Training loss"}
+            "lengths": "Response lengths", "timings": "Time per iteration", "loss": "Training loss",
+            "benchmarks": "Benchmarks (lm-evaluation-harness)"}
 CAPTIONS = {
     "eval": "Greedy exact match on the held-out rows after each iteration (pi0 = the policy before self-play).",
     "nll": "Per-token NLL of the held-out real responses under each policy; lower is better.",
@@ -378,6 +419,7 @@ CAPTIONS = {
                "remainder; 'other' is the rest of timing/iteration.",
     "loss": "Training loss per optimizer step: the SFT stage that made pi_0 (left) and self-play (right, "
             "steps counted across iterations).",
+    "benchmarks": "Each lm-evaluation-harness score (task/metric) of every committed checkpoint (eval.lm_eval).",
 }
 
 
@@ -387,7 +429,7 @@ def render_markdown(runs: list[Run], missing: dict[str, str], command: str) -> s
              f"Made by `{command}` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.", ""]
     lines += summary_table(runs) + [""]
     for r in runs:
-        lines += [f"## Per-iteration table: {r.label}", ""] + iteration_table(r) + [""]
+        lines += [f"## Per-iteration table: {r.label}", ""] + iteration_table(r) + [""] + benchmark_table(r)
         if r.notes:
             lines += [f"Notes on `{r.root}`: " + "; ".join(r.notes) + ".", ""]
     lines += ["EM = exact match; 'real/syn' = real / synthetic response; 'real > syn' = the alignment check "
@@ -396,7 +438,7 @@ def render_markdown(runs: list[Run], missing: dict[str, str], command: str) -> s
     for r in runs:
         lines += alignment_text(r)
     lines += [""]
-    for name in PLOTS:
+    for name in plots_for(runs):
         lines += [f"## {HEADINGS[name]}", "", f"![{name}]({name}.png)", "", CAPTIONS[name]]
         if name in missing:
             lines += ["", f"**No data for this plot:** {missing[name]}."]
@@ -434,7 +476,7 @@ def write_report(runs: list[str | Path] | str | Path, out_dir: str | Path | None
         raise UserError(f"cannot create the report folder {out}: {e.strerror or e}") from None
     colors = _colors(loaded)
     missing = {}
-    for name in PLOTS:
+    for name in plots_for(loaded):
         why = PLOTTERS[name](loaded, colors, out / f"{name}.png")
         if why:
             missing[name] = why

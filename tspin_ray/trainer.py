@@ -114,12 +114,18 @@ class Trainer:
         elif not torch.distributed.is_initialized():
             torch.distributed.init_process_group(dist_backend)
 
-    def load(self, path: str, trust_remote_code: bool = False) -> None:
-        """Load the policy to train from an HF checkpoint (pi_t at the start of iteration t)."""
+    def load(self, path: str, trust_remote_code: bool = False, lora=None) -> None:
+        """Load the policy to train from an HF checkpoint (pi_t at the start of iteration t). With `lora`
+        (config.LoraSpec) only an adapter trains: the one of an adapter iterate, else a fresh one."""
+        from tspin_ray.lora import wrap
         from tspin_ray.modeling import load_format, load_model
 
         if self.loaded_from == path and self.model is not None:
-            return
+            if lora is None or self.has_adapter:
+                return
+            if not (self.backend == "deepspeed" and self.zero_stage == 3):  # pi_0 just trained in full: wrap it
+                self.model = wrap(self.model, lora, path)
+                return
         dtype = "bfloat16" if self.precision == "bf16" else "float32"
         release_engine(self.engine)  # unhook it so its memory can go
         self.engine = self.model = self.optimizer = self.scheduler = None
@@ -132,15 +138,28 @@ class Trainer:
 
             self._zero3_hook = HfDeepSpeedConfig(
                 ds_config(3, self.offload, self.precision, world_size=self.world_size))
-            self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    trainable_adapter=lora is not None)
         else:
-            self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+            self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    trainable_adapter=lora is not None).to(self.device)
+        if lora is not None and not self.has_adapter:
+            self.model = wrap(self.model, lora, path)
+        elif lora is None and self.has_adapter:  # an adapter iterate trained in full from here on
+            self.model = self.model.merge_and_unload()
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+            if self.has_adapter:  # frozen embeddings: the checkpointed blocks need an input that wants grad
+                self.model.enable_input_require_grads()
         fmt = load_format(path, trust_remote_code=trust_remote_code)
         self.tokenizer, self.pad_id = fmt.tokenizer, fmt.pad_id  # a pad id even when the tokenizer has none
         self.engine = None
         self.loaded_from = path
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the model is a peft PeftModel (LoRA: only its adapter trains)."""
+        return hasattr(self.model, "peft_config")
 
     # ------------------------------------------------------------ one iteration
     def begin(self, *, objective: str, params: dict, optimizer: str, lr: float, weight_decay: float,
@@ -159,7 +178,8 @@ class Trainer:
         self.engine = self.optimizer = self.scheduler = None
         gc.collect()
         module = self.model
-        opt = make_optimizer(optimizer, module.parameters(), lr, weight_decay)
+        # Frozen weights (LoRA's base) get no optimizer state.
+        opt = make_optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, weight_decay)
         sched_name = "constant_with_warmup" if schedule == "constant" else schedule
         sched = get_scheduler(sched_name, opt, num_warmup_steps=int(warmup_ratio * total_steps),
                               num_training_steps=max(total_steps, 1))
@@ -275,10 +295,15 @@ class Trainer:
         self.engine = deepspeed.initialize(model=self.model, config=ds_config(
             3, self.offload, self.precision, world_size=self.world_size))[0]
 
-    def export(self, out_dir: str, shard_bytes: int = EXPORT_SHARD_BYTES) -> float:
-        """Write the current weights as an HF checkpoint (safetensors) from rank 0; returns seconds."""
+    def export(self, out_dir: str, shard_bytes: int = EXPORT_SHARD_BYTES, merged: str | None = None) -> float:
+        """Write the current weights as an HF checkpoint (safetensors) from rank 0, or with LoRA the adapter
+        (plus, into `merged`, base and adapter merged into one checkpoint); returns seconds."""
         t0 = time.time()
-        if self.backend == "deepspeed" and self.zero_stage == 3:
+        if self.has_adapter:
+            from tspin_ray.lora import export_adapter
+
+            export_adapter(self.model, self.rank, out_dir)
+        elif self.backend == "deepspeed" and self.zero_stage == 3:
             export_zero3(self.model, self.rank, out_dir, shard_bytes)
         elif self.rank == 0:  # every rank holds the whole model: transformers writes it as it is
             from transformers.utils import logging as hf_logging
@@ -287,6 +312,10 @@ class Trainer:
             self.model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=shard_bytes)
         if self.rank == 0:
             self.tokenizer.save_pretrained(out_dir)
+            if merged and self.has_adapter:
+                from tspin_ray.lora import merge
+
+                merge(out_dir, merged, dtype="bfloat16" if self.precision == "bf16" else "float32")
         if self.world_size > 1:
             torch.distributed.barrier()
         return time.time() - t0

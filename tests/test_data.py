@@ -97,6 +97,27 @@ def test_bad_row_is_skipped_and_counted(tmp_path, case, bad, line, kw, reason, f
     assert len(examples) == 5 and report.problems[0].startswith(f"{path}:{line}: {field}: ")
 
 
+def test_a_conversation_the_chat_template_refuses_is_a_bad_row(tmp_path):
+    """Templates such as Mistral's raise on turns that do not alternate: a bad row, not a traceback."""
+    from jinja2 import TemplateError
+
+    def strict(prompt, system, history):
+        if history and json.loads(history)[-1]["role"] == "user":
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return 3
+
+    turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"},
+             {"role": "assistant", "content": "d"}]
+    path = write(tmp_path / "chat.jsonl", [json.dumps({"messages": CONVERSATION}).encode(),
+                                            json.dumps({"messages": turns}).encode()])
+    with pytest.raises(UserError, match=r"chat.jsonl:2: messages: the chat template refuses this conversation: "
+                                        r"Conversation roles must alternate"):
+        read_examples(path, cfg_for(path, messages_column="messages", turns="last"), count_tokens=strict)
+    examples, report = read_examples(path, cfg_for(path, messages_column="messages", turns="last", on_bad_rows="skip",
+                                                   max_bad_fraction=0.5), count_tokens=strict)
+    assert len(examples) == 1 and report.skipped == {"template_refused": 1}
+
+
 def test_token_counter_is_used_and_named(tmp_path):
     path = write(tmp_path / "d.jsonl", [good(0), json.dumps({"prompt": "a b c d", "response": "r"}).encode()])
     with pytest.raises(UserError, match=r"d.jsonl:2: prompt: 4 tokens > max_prompt_tokens 3"):

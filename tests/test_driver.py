@@ -20,8 +20,10 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# SPACE's whole run is also in tests/test_family_runs.py (qwen2, HF engine); its own here is -m slow.
-@pytest.mark.parametrize("objective", ["tspin", "spin", pytest.param("space", marks=pytest.mark.slow), "sft"])
+# SPACE's whole run is also in tests/test_family_runs.py (qwen2, HF engine); SPIN's in tests/test_family_runs.py
+# (zephyr, HF, mixed pairs) and tests/test_lora.py (llama3, vLLM, first loss log 2): their own here are -m slow.
+@pytest.mark.parametrize("objective", ["tspin", pytest.param("spin", marks=pytest.mark.slow),
+                                       pytest.param("space", marks=pytest.mark.slow), "sft"])
 def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
     extra = {"mu": 2} if objective == "space" else {}
     # Small generation batches so iteration 0 streams many batches to the trainer.

@@ -56,6 +56,31 @@ def test_exported_task_scores_what_the_policy_generates(tiny_ckpt, family_ckpt, 
     assert got == {"eval/lm_eval/tspin_heldout/exact_match": 0.5}
 
 
+def test_a_shipped_task_scores_the_choices_the_policy_prefers(tiny_ckpt, monkeypatch):
+    """tests/lm_eval_tasks/tiny_sums (multiple choice, its data beside it): the harness's accuracy is the
+    fraction of questions whose gold answer has the highest log-likelihood, computed here independently
+    from the prompt as the chat template renders it and the choice's own tokens."""
+    import torch
+
+    from tests.conftest import REPO
+    from tspin_ray.logprobs import sequence_logprobs
+    from tspin_ray.modeling import load_format, load_model
+
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
+    fmt, model = load_format(tiny_ckpt), load_model(tiny_ckpt).eval()
+    docs = [json.loads(line) for line in (REPO / "tests/lm_eval_tasks/tiny_sums.jsonl").read_text().splitlines()]
+    hits = []
+    with torch.no_grad():
+        for d in docs:
+            prompt = fmt.prompt_ids(d["question"])
+            choices = [fmt.tokenizer(c, add_special_tokens=False)["input_ids"] for c in d["choices"]]
+            lps = sequence_logprobs(model, [prompt] * len(choices), choices, fmt.pad_id).tolist()
+            hits.append(max(range(len(lps)), key=lps.__getitem__) == d["gold"])
+    got = scores(tiny_ckpt, LmEvalSpec(tasks=["tiny_sums"], backend="hf", batch_size=6), dtype="float32",
+                 trust_remote_code=False, include_path=[str(REPO / "tests/lm_eval_tasks")], seed=0)
+    assert got["eval/lm_eval/tiny_sums/acc"] == pytest.approx(sum(hits) / len(hits))
+
+
 def test_unknown_task_and_missing_harness_are_one_line_errors(tmp_path, monkeypatch):
     export_task([Example("a", "1+1=", "2")], tmp_path, name="tiny_add")
     check_tasks(LmEvalSpec(tasks=["tiny_add", "tspin_heldout"], include_path=str(tmp_path)))

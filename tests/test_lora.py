@@ -12,6 +12,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from tests.test_trainer import BEGIN
+from tests.test_trainer import _rows as rows  # 8 addition rows with y, y' and y0 in context
 from tspin_ray.batches import batch_logprobs
 from tspin_ray.config import LoraSpec, from_dict
 from tspin_ray.errors import UserError
@@ -22,9 +24,7 @@ from tspin_ray.objectives import tspin
 from tspin_ray.trainer import start_trainers
 
 SPEC = LoraSpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
-BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-2,
-             weight_decay=0.0, schedule="constant", warmup_ratio=0.0, total_steps=1, micro_batch_size=4,
-             global_batch_size=8, grad_clip=0.0)
+
 
 
 def make_adapter(base, out, seed: int, spec: LoraSpec = SPEC):
@@ -38,18 +38,6 @@ def make_adapter(base, out, seed: int, spec: LoraSpec = SPEC):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     model.save_pretrained(out)
     load_format(base).tokenizer.save_pretrained(out)
-    return out
-
-
-def rows(ckpt) -> list[dict]:
-    fmt = load_format(ckpt)
-    out = []
-    for i in range(8):
-        a, b = 10 + 7 * i, 3 + 11 * i
-        x = f"{a}+{b}="
-        out.append({"prompt_ids": fmt.prompt_ids(x), "real_ids": fmt.response_ids(x, str(a + b)),
-                    "generated_ids": [fmt.response_ids(x, str(a + b + i + 1))],
-                    "proto_ids": [fmt.response_ids(x, str(a * 2))]})
     return out
 
 
@@ -103,7 +91,8 @@ def _reference_adapter_step(adapter, batch) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
 
 
-@pytest.mark.parametrize("backend,world,zero", [("deepspeed", 2, 3), ("torch", 1, 0)])
+@pytest.mark.parametrize("backend,world,zero", [("deepspeed", 2, 3),
+                                               pytest.param("torch", 1, 0, marks=pytest.mark.slow)])
 def test_adapter_step_equals_a_single_process_peft_step(ray_session, llama3, adapters, tmp_path, backend, world, zero):
     """ZeRO-3 shards base and adapter over 2 ranks; the exported adapter equals peft's own step to 1e-6
     (fp32), the base weights are not touched, and the export is peft's format with pi_0 as its base."""
@@ -114,7 +103,8 @@ def test_adapter_step_equals_a_single_process_peft_step(ray_session, llama3, ada
     ray.get([a.begin.remote(**BEGIN) for a in actors])
     its = ray.data.from_items(batch).streaming_split(world, equal=True)
     records = ray.get([a.train_epoch.remote(it) for a, it in zip(actors, its, strict=True)])
-    ray.get([a.export.remote(str(tmp_path / "out")) for a in actors])
+    # merge_export too: under ZeRO-3 rank 0 merges alone, from the files, outside zero.Init
+    ray.get([a.export.remote(str(tmp_path / "out"), merged=str(tmp_path / "merged")) for a in actors])
     for a in actors:
         ray.kill(a)
     assert [len(r) for r in records] == [1] * world
@@ -127,6 +117,10 @@ def test_adapter_step_equals_a_single_process_peft_step(ray_session, llama3, ada
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(llama3.resolve()) and config["r"] == 4
     assert not list((tmp_path / "out").glob("model*.safetensors"))  # megabytes, not the model
+    with torch.no_grad():
+        merged = sequence_logprobs(load_model(tmp_path / "merged"), [batch[0]["prompt_ids"]], [batch[0]["real_ids"]], 0)
+        peft = sequence_logprobs(load_model(tmp_path / "out"), [batch[0]["prompt_ids"]], [batch[0]["real_ids"]], 0)
+    torch.testing.assert_close(merged, peft, atol=1e-4, rtol=1e-5)
 
 
 def test_merged_export_loads_alone_and_equals_base_plus_adapter(adapters, tmp_path):
@@ -186,7 +180,7 @@ def test_engines_serve_each_adapter_as_the_merged_model(llama3, adapters, tmp_pa
     assert fresh.generate(prompts, [0, 1, 2], max_new_tokens=6, temperature=0.0, top_p=1.0) == want
 
 
-def test_lora_with_a_broadcast_is_refused_in_one_line(tmp_path):
+def test_lora_and_harness_misfits_are_refused_in_one_line(tmp_path):
     from tests.conftest import small_config
 
     raw = small_config(tmp_path, training={"lora": {"r": 4}}, generation={"persistent": True, "weight_sync": "broadcast"})
@@ -194,6 +188,10 @@ def test_lora_with_a_broadcast_is_refused_in_one_line(tmp_path):
         from_dict(raw)
     raw = small_config(tmp_path, training={"lora": {"target_modules": "q_proj"}})
     with pytest.raises(UserError, match=r"training.lora.target_modules: expected a list, got 'q_proj'"):
+        from_dict(raw)
+    raw = small_config(tmp_path, eval={"lm_eval": {"tasks": ["tspin_heldout"]}}, generation={"persistent": True},
+                       resources={"generator_gpus": 1})
+    with pytest.raises(UserError, match="long-lived GPU generators leave none free"):
         from_dict(raw)
 
 
@@ -239,9 +237,16 @@ def test_a_lora_spin_run_serves_every_iterate_as_its_adapter(ray_session, tmp_pa
             base = sequence_logprobs(load_model(pi0), [prompt], [y], fmt.pad_id)
         torch.testing.assert_close(merged, peft, atol=1e-4, rtol=1e-5)
         assert abs(float(peft - base)) > 1e-3  # the adapter moved the policy
+    from tspin_ray.engines import make_engine  # vLLM serves the merged export alone, as the adapter on pi_0
+
+    alone = make_engine("vllm", str(pi / "merged"), max_model_len=128, seed=0)
+    assert not alone.lora_enabled
+    assert alone.score([prompt], [y]) == pytest.approx(peft.tolist(), abs=2e-3)
     import hashlib  # pi_0's base weights are never written again
 
     recorded = manifest["entries"]["pi_0"]["files"]["model.safetensors"]["sha256"]
+    files = manifest["entries"]["pi_2"]["files"]
+    assert "adapter_model.safetensors" in files and not any(f.startswith("merged/") for f in files)
     assert hashlib.sha256((pi0 / "model.safetensors").read_bytes()).hexdigest() == recorded
 
 

@@ -59,7 +59,9 @@ ZERO3 = {"backend": "deepspeed", "zero_stage": 3}
 
 
 @pytest.mark.parametrize("backend,n,training,tp", [
-    ("hf", 2, None, 1), ("hf", 2, ZERO3, 1), pytest.param("vllm", 1, None, 1, marks=pytest.mark.slow),
+    # hf-torch: the same broadcast as hf-zero3 without the ZeRO-3 gathers (tests/test_family_runs.py runs it too)
+    pytest.param("hf", 2, None, 1, marks=pytest.mark.slow), ("hf", 2, ZERO3, 1),
+    pytest.param("vllm", 1, None, 1, marks=pytest.mark.slow),
     pytest.param("vllm", 1, None, 2, marks=pytest.mark.slow)],
     ids=["hf-torch", "hf-zero3", "vllm-torch", "vllm-tp2"])
 def test_broadcast_from_trainer_ranks_reaches_every_generator(ray_session, tmp_path, tiny_ckpt, backend, n,

@@ -364,6 +364,10 @@ class RunConfig:
         if g.colocate and r.generators_max != r.trainers:
             raise ValueError(f"generation.colocate pairs one engine with each trainer rank on its GPU: "
                              f"resources.generators_max ({r.generators_max}) must equal trainers ({r.trainers})")
+        if self.eval.lm_eval is not None and g.persistent and r.generator_gpus > 0:
+            raise ValueError("eval.lm_eval runs the harness in a task of its own with a generator's resources; "
+                             "long-lived GPU generators leave none free: set generation.persistent: false, or "
+                             "score the checkpoints with lm_eval after the run")
         if self.training.lora is not None and g.weight_sync == "broadcast":
             raise ValueError("training.lora syncs each iterate as its adapter (megabytes, read from the committed "
                              "checkpoint): set generation.weight_sync: checkpoint")

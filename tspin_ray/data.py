@@ -179,7 +179,12 @@ def _example(record: dict, cols: _Columns, cfg: DataConfig, count_tokens: TokenC
         # A hash of the text, not the row number: stable when the file is reordered, across runs and machines.
         # Earlier turns count too (two conversations may end with the same question); none: as before.
         prompt_id = hashlib.sha256((prompt + (f"\0{history}" if history else "")).encode("utf-8")).hexdigest()[:16]
-    n = count_tokens(prompt, system, history) if count_tokens else len(prompt)
+    try:
+        n = count_tokens(prompt, system, history) if count_tokens else len(prompt)
+    except Exception as e:  # the chat template refuses these turns (jinja2's TemplateError, raised by it)
+        if not type(e).__module__.startswith("jinja2"):
+            raise
+        raise _BadRow("template_refused", pfield, f"the chat template refuses this conversation: {e}") from None
     if n > cfg.max_prompt_tokens:
         unit = "tokens" if count_tokens else "characters (no tokenizer given)"
         raise _BadRow("prompt_too_long", pfield, f"{n} {unit} > max_prompt_tokens {cfg.max_prompt_tokens}")

@@ -23,6 +23,7 @@ from tspin_ray.config import ObjectiveConfig, RunConfig
 from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
+from tspin_ray.lora import MERGED
 from tspin_ray.phases import GenPhase, in_row_order, phase_for, prompt_rows, ramp, row_keys, shuffled
 from tspin_ray.pipeline import (
     check_complete,
@@ -270,7 +271,11 @@ class Driver:
             from tspin_ray import harness
 
             include = harness.include_paths(self.cfg.eval.lm_eval, self.run.root, ev, self.cfg.eval.max_new_tokens)
-            scores = harness.run_remote(self.cfg, path, include, label)
+            try:
+                scores = harness.run_remote(self.cfg, path, include, label)
+            except RunFailed as e:  # the iterate is trained and exported: keep it, say what is missing
+                self.progress.say(f"warning: {e}; {label} has no eval/lm_eval scores")
+                return out
             out.update(scores)
             self.progress.say(f"[lm_eval {label}] " + ", ".join(
                 f"{k.removeprefix(harness.PREFIX + '/')} {v:.3f}" for k, v in scores.items() if k.startswith(harness.PREFIX))
@@ -377,7 +382,7 @@ class Driver:
         run = self.run
         lora = self.cfg.training.lora
         with atomic_dir(run.checkpoint(t)) as tmp:
-            seconds = self.trainers.export(tmp, merged=tmp / "merged" if t > 0 and lora and lora.merge_export else None)
+            seconds = self.trainers.export(tmp, merged=tmp / MERGED if t > 0 and lora and lora.merge_export else None)
             if t > 0:  # the chaos point is an iteration's export (pi_0's SFT has its own, "sft")
                 maybe_fail("export")
         run.commit_checkpoint(t, seconds=time.time() - t0)

@@ -91,6 +91,9 @@ class HFEngine:
         self.sync = None  # weight_sync.SyncGroup while broadcasts come from the same trainer and pool
         self.stop_ids = list(self.format.stop_ids)  # every end-of-turn id the model declares
         self.adapters = 0  # LoRA iterates loaded so far (each under a name of its own)
+        from tspin_ray.lora import base_of
+
+        self.base = str(base_of(path))  # the weights under any adapter
 
     @torch.no_grad()
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
@@ -132,11 +135,13 @@ class HFEngine:
 
     def reload(self, path: str) -> None:
         """New weights in place; a LoRA iterate (tspin_ray/lora.py) replaces only the adapter, through peft."""
-        from tspin_ray.lora import is_adapter
+        from tspin_ray.lora import base_of, is_adapter
         from tspin_ray.modeling import load_model
 
         peft = hasattr(self.model, "peft_config")
         if is_adapter(path):
+            if str(base_of(path)) != self.base:
+                raise ValueError(f"{path} adapts {base_of(path)}, not this engine's base {self.base}")
             if not peft:
                 from peft import PeftModel
 
@@ -150,6 +155,7 @@ class HFEngine:
             return
         if peft:  # a full checkpoint after adapters: drop the adapter layers, keep the base module
             self.model = self.model.unload()
+        self.base = str(path)
         new = load_model(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         self.model.load_state_dict(new.state_dict())
 

@@ -111,21 +111,23 @@ def run_remote(cfg, path: str | Path, include: list[str], what: str) -> dict[str
     task = ray.remote(scores).options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
                                       resources=r.generator_resources or None, max_retries=0)
     ref = task.remote(str(path), cfg.eval.lm_eval, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                      include_path=include, seed=cfg.seed)
+                      include_path=include, seed=cfg.seed,
+                      vllm_args={"gpu_memory_utilization": cfg.generation.gpu_memory_utilization})
     try:
         out = ray.get(ref, timeout=cfg.generation.timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.cancel(ref, force=True)
         raise RunFailed(f"lm-eval of {what}: no result after {cfg.generation.timeout_s:.0f}s "
                         f"(generation.timeout_s)") from None
-    except ray.exceptions.RayTaskError as e:
+    except ray.exceptions.RayError as e:  # the task raised, or its worker died (out of memory, killed)
         raise RunFailed(f"lm-eval of {what} failed: {root_cause(e)}") from None
     return {**out, "timing/lm_eval": time.time() - t0}
 
 
 def scores(path: str | Path, spec, *, dtype: str, trust_remote_code: bool, include_path: list[str],
-           seed: int) -> dict[str, float]:
-    """Run the harness on the checkpoint at `path` in this process; returns the flattened scores."""
+           seed: int, vllm_args: dict | None = None) -> dict[str, float]:
+    """Run the harness on the checkpoint at `path` in this process; returns the flattened scores.
+    `vllm_args`: extra arguments of lm-eval's vLLM model (the generators' gpu_memory_utilization)."""
     import torch
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # task data come from local files only
@@ -140,6 +142,8 @@ def scores(path: str | Path, spec, *, dtype: str, trust_remote_code: bool, inclu
     args = model_args(path, backend, dtype, trust_remote_code)
     if backend == "hf":
         args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        args.update(vllm_args or {})
     limit = spec.limit if spec.limit is None or spec.limit < 1 else int(spec.limit)
     out = simple_evaluate(model=backend, model_args=args, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot,
                           limit=limit, batch_size=spec.batch_size, apply_chat_template=spec.apply_chat_template,

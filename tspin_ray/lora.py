@@ -17,6 +17,7 @@ from pathlib import Path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED = "merged"  # pi_t/merged/: the merged export (training.lora.merge_export), not part of the checkpoint
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -89,14 +90,23 @@ def export_adapter(model, rank: int, out_dir: str) -> None:
         generation.save_pretrained(out_dir)
 
 
-def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> None:
+def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> None:
     """base + adapter merged into one HF checkpoint (safetensors, tokenizer) that needs neither peft nor
     the base: on the CPU, from the files on disk, so it is the same for every training backend."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
     from tspin_ray.modeling import load_model, load_tokenizer
 
-    model = load_model(adapter_dir, dtype=dtype).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(adapter_dir).save_pretrained(out_dir)
+    # A ZeRO-3 trainer keeps transformers' zero.Init switch on (HfDeepSpeedConfig); this load is one
+    # rank's own, so it must not partition (its gathers would wait for the other ranks).
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        model = load_model(adapter_dir, dtype=dtype, trust_remote_code=trust_remote_code).merge_and_unload()
+        model.save_pretrained(out_dir, safe_serialization=True)
+        load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def size_bytes(path: str | Path) -> int:

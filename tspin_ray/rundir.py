@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from tspin_ray.errors import UserError
+from tspin_ray.lora import MERGED
 
 
 def fsync_dir(path: Path) -> None:
@@ -71,16 +72,22 @@ def atomic_dir(final: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def checksum_dir(path: Path) -> dict[str, dict]:
-    """sha256 and size of every file under `path`, keyed by relative path."""
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksum_dir(path: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """sha256 and size of every file under `path`, keyed by relative path; top-level folders in `skip`
+    are left out (a LoRA iterate's merged/ export: deleting it leaves the checkpoint intact)."""
     out = {}
     for f in sorted(Path(path).rglob("*")):
-        if f.is_file():
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            out[str(f.relative_to(path))] = {"sha256": h.hexdigest(), "size": f.stat().st_size}
+        rel = f.relative_to(path)
+        if f.is_file() and rel.parts[0] not in skip:
+            out[str(rel)] = {"sha256": _sha256(f), "size": f.stat().st_size}
     return out
 
 
@@ -107,9 +114,8 @@ def verify_dir(path: Path, expected: dict[str, dict]) -> str | None:
             return f"{f}: missing"
         if f.stat().st_size != meta["size"]:
             return f"{f}: size {f.stat().st_size} != recorded {meta['size']} (truncated?)"
-    actual = checksum_dir(path)
-    for rel, meta in expected.items():
-        if actual[rel]["sha256"] != meta["sha256"]:
+    for rel, meta in expected.items():  # the recorded files only: an export beside them is not read
+        if _sha256(path / rel) != meta["sha256"]:
             return f"{path / rel}: sha256 mismatch (corrupted)"
     return None
 
@@ -206,7 +212,7 @@ class RunDir:
 
     def commit_checkpoint(self, t: int, **info) -> None:
         self.commit(f"pi_{t}", path=str(self.checkpoint(t).relative_to(self.root)),
-                    files=checksum_dir(self.checkpoint(t)), **info)
+                    files=checksum_dir(self.checkpoint(t), skip=(MERGED,)), **info)
 
     def checkpoint_id(self, t: int) -> str:
         """The identity of committed pi_t, recorded in every generation row it makes: `identity` of the

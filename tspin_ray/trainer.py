@@ -94,6 +94,7 @@ class Trainer:
         self.step = self.batches_seen = 0  # progress, read by the group's watchdog while an epoch runs
         self.sync = None  # weight_sync.SyncGroup to the generators (rank 0), kept across iterations
         self._zero3_hook = None  # transformers' HfDeepSpeedConfig, kept alive (it is held by weakref)
+        self.trust_remote_code = False
 
     # ------------------------------------------------------------ setup
     def address(self) -> tuple[str, int]:
@@ -152,6 +153,7 @@ class Trainer:
             if self.has_adapter:  # frozen embeddings: the checkpointed blocks need an input that wants grad
                 self.model.enable_input_require_grads()
         fmt = load_format(path, trust_remote_code=trust_remote_code)
+        self.trust_remote_code = trust_remote_code
         self.tokenizer, self.pad_id = fmt.tokenizer, fmt.pad_id  # a pad id even when the tokenizer has none
         self.engine = None
         self.loaded_from = path
@@ -315,7 +317,8 @@ class Trainer:
             if merged and self.has_adapter:
                 from tspin_ray.lora import merge
 
-                merge(out_dir, merged, dtype="bfloat16" if self.precision == "bf16" else "float32")
+                merge(out_dir, merged, dtype="bfloat16" if self.precision == "bf16" else "float32",
+                      trust_remote_code=self.trust_remote_code)
         if self.world_size > 1:
             torch.distributed.barrier()
         return time.time() - t0

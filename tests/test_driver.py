@@ -150,6 +150,7 @@ def test_y0_source_follows_the_config_and_the_run_directory(tmp_path):
     assert src() == src(iterations=1) == proto.SEPARATE
 
 
+@pytest.mark.slow  # resuming runs of earlier versions; y0 from proto/ shards: test_y0_source_* above, by default
 def test_a_run_begun_with_a_proto_phase_keeps_its_y0(ray_session, tmp_path):
     """A T-SPIN run begun by a tspin-ray from before y0 came from iteration 0 holds committed proto/
     shards (the old driver sampled them right after pi_0): today's driver resumes it on those y0 in both

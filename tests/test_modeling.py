@@ -106,6 +106,7 @@ def test_loaders_give_one_line_user_errors(tmp_path, tiny_dir):
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # vLLM == HF on tiny checkpoints: tests/test_engines.py, by default
 def test_vllm_loads_tiny_and_agrees_with_hf(tiny_dir):
     """In a subprocess: the vLLM CPU engine binds threads and would slow the rest of the suite."""
     pytest.importorskip("vllm")

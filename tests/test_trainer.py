@@ -207,7 +207,8 @@ def _epoch(actor, rows) -> list[dict]:
     return ray.get(actor.train_epoch.remote(ray.data.from_items(rows).streaming_split(1, equal=True)[0]))
 
 
-@pytest.mark.parametrize("backend,zero", [("torch", 0), ("deepspeed", 0), ("deepspeed", 2)])
+@pytest.mark.parametrize("backend,zero", [("torch", 0), pytest.param("deepspeed", 0, marks=pytest.mark.slow),
+                                         ("deepspeed", 2)])
 def test_logged_lr_is_the_lr_each_step_used(ray_session, tiny_ckpt, backend, zero):
     """Linear schedule, 1 warmup step of 2: the first step runs at lr 0, the second at the peak 1e-2
     (transformers' schedule). DeepSpeed steps its scheduler inside engine.step, so reading the lr after
@@ -235,7 +236,7 @@ def test_a_partial_micro_batch_does_not_move_steps_between_epochs(ray_session, t
         ray.kill(actor)
 
 
-@pytest.mark.parametrize("backend,zero", [("torch", 0), ("deepspeed", 2)])
+@pytest.mark.parametrize("backend,zero", [pytest.param("torch", 0, marks=pytest.mark.slow), ("deepspeed", 2)])
 def test_the_previous_optimizer_is_freed_before_the_next_is_built(ray_session, tiny_ckpt, backend, zero):
     """`begin` of iteration t+1 must not hold iteration t's optimizer (a 7B's Adam states are 56 GB in
     fp32) while it builds the next one: by the time the new optimizer is made, the old one and its

@@ -145,7 +145,7 @@ class LoraSpec:
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                    "Module names (peft's target_modules) that get an adapter; [all-linear] = "
                                    "every linear layer but the output head.")
-    merge_export: bool = _f(False, "Also write each iterate merged into the base (checkpoints/iter_t/merged/: "
+    merge_export: bool = _f(False, "Also write each iterate merged into the base (checkpoints/pi_t/merged/: "
                                    "a full HF checkpoint that transformers and vLLM load alone).")
 
     def __post_init__(self):

@@ -153,7 +153,7 @@ def _greedy(model, prompts, n: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_engines_serve_each_adapter_as_the_merged_model(llama3, adapters, tmp_path, backend):
+def test_engines_serve_each_adapter_as_the_merged_model(llama3, adapters, tiny_ckpt, tmp_path, backend):
     """An engine started on the base (LoRA enabled, no adapter yet) reloads adapter 1, then adapter 2 (a
     new vLLM adapter id): greedy samples and response log-probs equal HF's model of the base, then the
     merged model of each adapter (never stale)."""
@@ -178,6 +178,9 @@ def test_engines_serve_each_adapter_as_the_merged_model(llama3, adapters, tmp_pa
     del engine  # a per-phase generator starts on the adapter itself
     fresh = make_engine(backend, str(adapters[1]), max_model_len=128, seed=0)
     assert fresh.generate(prompts, [0, 1, 2], max_new_tokens=6, temperature=0.0, top_p=1.0) == want
+    other = make_adapter(tiny_ckpt, tmp_path / "other", seed=5)  # an adapter of another base is refused
+    with pytest.raises(ValueError, match="adapts .* not this engine's base"):
+        fresh.reload(str(other))
 
 
 def test_lora_and_harness_misfits_are_refused_in_one_line(tmp_path):

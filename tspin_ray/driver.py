@@ -198,7 +198,7 @@ class Driver:
                 save_tiny(tmp, c.model.tiny)
         rows = self.sft_rows(self.prep.train)
         t0 = time.time()
-        group = self.trainer_group(base, lora=None)  # pi_0's SFT trains all weights, with LoRA too
+        group = self.trainer_group(base, all_weights=True)  # pi_0's SFT trains all weights, with LoRA too
         epochs, n = c.sft.epochs, c.resources.trainers
         steps = ((len(rows) // n) // (c.sft.global_batch_size // n)) * epochs
         order = []
@@ -224,12 +224,12 @@ class Driver:
             out.append({"prompt_ids": p, "real_ids": y})
         return out
 
-    def trainer_group(self, path: Path | None = None, lora="run") -> TrainerGroup:
-        """The trainers, holding `path` (with the run's training.lora adapter unless lora=None)."""
+    def trainer_group(self, path: Path | None = None, all_weights: bool = False) -> TrainerGroup:
+        """The trainers, holding `path` (with the run's training.lora adapter unless all_weights)."""
         if self.trainers is None:
             self.trainers = TrainerGroup(self.cfg)
         if path is not None:
-            self.trainers.load(path, self.cfg.training.lora if lora == "run" else lora)
+            self.trainers.load(path, None if all_weights else self.cfg.training.lora)
         return self.trainers
 
     def proto_cache(self, pi0: Path) -> dict[str, list]:
@@ -267,19 +267,10 @@ class Driver:
         rows = self.sft_rows(ev)
         nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
         out = {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
-        if self.cfg.eval.lm_eval is not None:  # benchmark scores with lm-evaluation-harness (harness.py)
-            from tspin_ray import harness
+        if self.cfg.eval.lm_eval is not None:  # benchmark scores with lm-evaluation-harness
+            from tspin_ray.harness import checkpoint_scores
 
-            include = harness.include_paths(self.cfg.eval.lm_eval, self.run.root, ev, self.cfg.eval.max_new_tokens)
-            try:
-                scores = harness.run_remote(self.cfg, path, include, label)
-            except RunFailed as e:  # the iterate is trained and exported: keep it, say what is missing
-                self.progress.say(f"warning: {e}; {label} has no eval/lm_eval scores")
-                return out
-            out.update(scores)
-            self.progress.say(f"[lm_eval {label}] " + ", ".join(
-                f"{k.removeprefix(harness.PREFIX + '/')} {v:.3f}" for k, v in scores.items() if k.startswith(harness.PREFIX))
-                + f" in {scores['timing/lm_eval']:.1f}s")
+            out.update(checkpoint_scores(self.cfg, self.run.root, ev, path, label, self.progress.say))
         return out
 
     # ------------------------------------------------------------ one iteration, step by step

@@ -135,13 +135,11 @@ class HFEngine:
 
     def reload(self, path: str) -> None:
         """New weights in place; a LoRA iterate (tspin_ray/lora.py) replaces only the adapter, through peft."""
-        from tspin_ray.lora import base_of, is_adapter
+        from tspin_ray.lora import same_base
         from tspin_ray.modeling import load_model
 
         peft = hasattr(self.model, "peft_config")
-        if is_adapter(path):
-            if str(base_of(path)) != self.base:
-                raise ValueError(f"{path} adapts {base_of(path)}, not this engine's base {self.base}")
+        if same_base(path, self.base):
             if not peft:
                 from peft import PeftModel
 
@@ -284,14 +282,12 @@ class VLLMEngine:
         return scores
 
     def reload(self, path: str) -> None:
-        from tspin_ray.lora import base_of, is_adapter
+        from tspin_ray.lora import same_base
 
-        if is_adapter(path) and str(base_of(path)) == self.base:
+        if same_base(path, self.base):
             self._use_adapter(path)  # megabytes: the base weights stay as they are
             self.llm.reset_prefix_cache()
             return
-        if is_adapter(path):
-            raise ValueError(f"{path} adapts {base_of(path)}, not this engine's base {self.base}")
         if self.lora is not None:
             self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
             self.lora = None

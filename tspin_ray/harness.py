@@ -124,6 +124,22 @@ def run_remote(cfg, path: str | Path, include: list[str], what: str) -> dict[str
     return {**out, "timing/lm_eval": time.time() - t0}
 
 
+def checkpoint_scores(cfg, run_root: str | Path, heldout, path: str | Path, label: str, say) -> dict[str, float]:
+    """The driver's step: the scores of the checkpoint at `path` (and timing/lm_eval), each said in one
+    line. A failure is a warning and no scores: the iterate is trained and exported, and keeps that."""
+    from tspin_ray.errors import RunFailed
+
+    include = include_paths(cfg.eval.lm_eval, run_root, heldout, cfg.eval.max_new_tokens)
+    try:
+        out = run_remote(cfg, path, include, label)
+    except RunFailed as e:
+        say(f"warning: {e}; {label} has no eval/lm_eval scores")
+        return {}
+    named = ", ".join(f"{k.removeprefix(PREFIX + '/')} {v:.3f}" for k, v in out.items() if k.startswith(PREFIX))
+    say(f"[lm_eval {label}] {named} in {out['timing/lm_eval']:.1f}s")
+    return out
+
+
 def scores(path: str | Path, spec, *, dtype: str, trust_remote_code: bool, include_path: list[str],
            seed: int, vllm_args: dict | None = None) -> dict[str, float]:
     """Run the harness on the checkpoint at `path` in this process; returns the flattened scores.

@@ -45,6 +45,16 @@ def base_of(path: str | Path) -> Path:
     return base
 
 
+def same_base(path: str | Path, base: str) -> bool:
+    """Whether `path` can be served on weights `base`: an adapter of that base (False for a full
+    checkpoint); raises ValueError for an adapter of another base."""
+    if not is_adapter(path):
+        return False
+    if str(base_of(path)) != str(base):
+        raise ValueError(f"{path} adapts {base_of(path)}, not this engine's base {base}")
+    return True
+
+
 def rank_of(path: str | Path) -> int | None:
     """The adapter's rank r (None for a full checkpoint)."""
     return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["r"] if is_adapter(path) else None

@@ -101,6 +101,13 @@ CONFIG_CASES = {
                                 ["objective", "mix_previous: true works with name: spin only, not tspin"]),
     "y0_from_with_spin": ({"objective": {"name": "spin", "y0_from": "proto_phase"}},
                           ["objective", "y0_from: proto_phase works with name: tspin only"]),
+    "first_divergence_with_spin": ({"objective": {"name": "spin", "pair_scope": "first_divergence"}},
+                                   ["pair_scope: first_divergence works with name: tspin only"]),
+    "dpop_with_space": ({"objective": {"name": "space", "dpop_lambda": 5.0}},
+                        ["dpop_lambda works with name: spin or tspin only, not space"]),
+    "negative_dpop": ({"objective": {"dpop_lambda": -1.0}}, ["dpop_lambda must be >= 0"]),
+    "rft_without_task": ({"objective": {"name": "rft"}, "data": {"task": None, "path": "tests/x.jsonl"}},
+                         ["objective.name: rft keeps the samples a built-in task's checker accepts: set data.task"]),
     # Keys that were never read (they changed the config hash and nothing else) are gone.
     "removed_training_seed": ({"training": {"seed": 3}}, ["training.seed"]),
     "removed_sft_fraction": ({"sft": {"fraction": 0.5}}, ["sft.fraction"]),

@@ -228,9 +228,60 @@ def test_unknown_objective_lists_valid_names():
     assert get_objective("tspin") is tspin
 
 
+def test_dpop_hinge_hand_values():
+    # SPIN, beta 0.1, lambda 5: lp(y) -13 is 1 below lp_ref(y) -12; margins (-13+12) - (-20+19) = 0
+    # t = 0.1 * (0 - 5 * 1) = -0.5 -> softplus(0.5) = 0.974077
+    kw = dict(SPIN_KW, policy_real=t(-13.0))
+    assert spin(**kw, dpop_lambda=5.0)[0].item() == pytest.approx(softplus(0.5), abs=1e-12)
+    # lp(y) above lp_ref(y): the hinge is 0 and the loss is SPIN's own
+    assert spin(**SPIN_KW, dpop_lambda=5.0)[0].item() == pytest.approx(spin(**SPIN_KW)[0].item(), abs=1e-12)
+    # T-SPIN, alpha 2, beta 0: current = -13 - (-20) - 5 * max(0, -12 + 13) = 2 -> softplus(-4)
+    loss, m = tspin(policy_real=t(-13.0), policy_generated=t(-20.0), ref_real=t(-12.0), alpha=2.0, beta=0.0,
+                    dpop_lambda=5.0)
+    assert loss.item() == pytest.approx(softplus(-4.0), abs=1e-12) and m["advantage/current"].item() == 2.0
+    with pytest.raises(ValueError, match="ref_real"):
+        tspin(policy_real=t(-13.0), policy_generated=t(-20.0), beta=0.0, dpop_lambda=5.0)
+
+
+def test_dpop_hinge_pushes_y_up_only_below_the_reference():
+    below, above = t(-13.0, grad=True), t(-11.0, grad=True)
+    for real in (below, above):
+        tspin(policy_real=real, policy_generated=t(-13.0), ref_real=t(-12.0), beta=0.0, dpop_lambda=5.0)[0].backward()
+    # d/d lp(y) of softplus(-(lp(y) - lp(y') - 5 relu(lp_ref - lp(y)))): -(1 + 5) * sigmoid(-margin) below
+    assert below.grad.item() == pytest.approx(-6.0 * torch.sigmoid(t(5.0)).item(), rel=1e-9)
+    assert above.grad.item() == pytest.approx(-1.0 * torch.sigmoid(t(-2.0)).item(), rel=1e-9)
+
+
+def test_tspin_anchor_and_history_inputs_of_the_first_divergence_scope():
+    # cut lp(y) -2, cut lp(y') -5 (current 3); full lp(y) -10 over 4 tokens; y' cut against y0 -4, y0 -6
+    loss, m = tspin(policy_real=t(-2.0), policy_generated=t(-5.0), anchor_real=t(-10.0),
+                    policy_generated_history=t(-4.0), policy_proto=t(-6.0), beta=0.5, nll_weight=1.0,
+                    real_lengths=torch.tensor([4]))
+    expected = softplus(-3.0) + 0.5 * softplus(-2.0) + 10.0 / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert m["logps/real"].item() == -10.0 and m["advantage/historical"].item() == 2.0
+
+
+def test_rft_is_nll_on_verified_samples_plus_the_anchor():
+    kw = dict(policy_generated=t(-6.0, -9.0), generated_lengths=t(3.0, 2.0), generated_valid=t(1.0, 0.0))
+    loss, m = objectives.rft(**kw)
+    assert loss.tolist() == [2.0, 0.0] and m["rft/verified"].item() == 0.5
+    loss, _ = objectives.rft(**kw, policy_real=t(-8.0, -8.0), real_lengths=t(4.0, 4.0), nll_weight=1.0)
+    assert loss.tolist() == [4.0, 2.0]  # + 8 / 4 each
+    gen = t(-6.0, -9.0, grad=True)
+    objectives.rft(**{**kw, "policy_generated": gen})[0].sum().backward()
+    assert gen.grad.tolist() == [-1 / 3, 0.0]  # a rejected sample gets no gradient
+
+
+def test_needs_ref():
+    assert objectives.needs_ref("spin", {}) and objectives.needs_ref("space", {})
+    assert not objectives.needs_ref("tspin", {"dpop_lambda": 0.0}) and objectives.needs_ref("tspin", {"dpop_lambda": 1})
+    assert not objectives.needs_ref("rft", {}) and not objectives.needs_ref("sft", {})
+
+
 def test_registry_inputs_and_metrics_are_detached():
-    pool = dict(SPIN_KW, policy_proto=t(-15.0))
-    assert set(OBJECTIVES) == set(REQUIRED_INPUTS) == {"sft", "spin", "tspin", "space"}
+    pool = dict(SPIN_KW, policy_proto=t(-15.0), generated_lengths=t(3.0), generated_valid=t(1.0))
+    assert set(OBJECTIVES) == set(REQUIRED_INPUTS) == {"sft", "spin", "tspin", "space", "rft"}
     assert REQUIRED_INPUTS["tspin"] == ("policy_real", "policy_generated", "policy_proto")
     for name, fn in OBJECTIVES.items():
         inputs = {k: v.clone().requires_grad_(True) for k, v in pool.items() if k in REQUIRED_INPUTS[name]}

@@ -241,3 +241,91 @@ def test_full_study():
     n = len(cfg["seeds"]) * len(cfg["methods"]) * (cfg["iterations"] + 1)
     assert len(results["points"]) == n
     assert all(c["status"] in study.VERDICTS for c in results["claims"])
+
+
+# ------------------------------------------------------------ declared claims and distribution curves
+TEMPS = [0.5, 1.0, 1.5]
+
+
+def declared_raw(tmp_path, claims) -> dict:
+    return {**study_raw(tmp_path), "distribution": {"temperatures": TEMPS, "samples": 4, "prompts": 5},
+            "claims": claims}
+
+
+def fake_curves(root, run, seeds_curves: dict[int, list[float]], metric="validity", split="heldout", ckpt="pi_2"):
+    for seed, values in seeds_curves.items():
+        d = root / f"seed{seed}" / run
+        d.mkdir(parents=True, exist_ok=True)
+        f = d / "distribution.json"
+        got = json.loads(f.read_text()) if f.exists() else {"spec": {}, "checkpoints": {}}
+        got["checkpoints"].setdefault(ckpt, {}).setdefault(split, {})[metric] = values
+        f.write_text(json.dumps(got))
+
+
+@pytest.mark.parametrize("claims, message", [
+    ([{"id": "x", "claim": "c", "a": "tspn", "b": "spin", "metric": "exact_match"}],
+     "claims[0].a: 'tspn' is not a method of the study"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "heldout/validty"}],
+     "claims[0].metric: 'heldout/validty' is not exact_match, nll or"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "heldout/validity", "at": 0.7}],
+     "claims[0].at: expected best, all or one of distribution.temperatures, got 0.7"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin"}], "claims[0]: expected a mapping with keys"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "pi0", "metric": "nll"}] * 2, "claims: ids must be distinct"),
+])
+def test_bad_declared_claims_name_the_entry(tmp_path, claims, message):
+    with pytest.raises(UserError) as e:
+        study.parse_study(declared_raw(tmp_path, claims))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_distribution_section_is_checked(tmp_path):
+    raw = declared_raw(tmp_path, [])
+    raw["distribution"]["temperature"] = [1.0]
+    with pytest.raises(UserError, match="distribution.temperature: unknown key"):
+        study.parse_study(raw)
+    raw = declared_raw(tmp_path, [])
+    raw["distribution"]["temperatures"] = [0.0]
+    with pytest.raises(UserError, match="distribution.temperatures: a non-empty list of temperatures > 0"):
+        study.parse_study(raw)
+    raw = declared_raw(tmp_path, [])
+    raw["base"]["data"].pop("task")
+    raw["base"]["data"]["path"] = "x.jsonl"
+    with pytest.raises(UserError, match="distribution: scores answers with a built-in task's answer sets"):
+        study.parse_study(raw)
+    raw = study_raw(tmp_path)
+    raw["claims"] = [{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "train/coverage", "at": 1.0}]
+    with pytest.raises(UserError, match="needs the study's distribution: section"):
+        study.parse_study(raw)
+
+
+def test_declared_claims_judge_paired_differences_at_one_best_and_all_temperatures(tmp_path):
+    from tspin_ray.study_claims import judge
+
+    claims = [{"id": "one", "claim": "validity at 1", "a": "tspin", "b": "sft_continued",
+               "metric": "heldout/validity", "at": 1.0},
+              {"id": "best", "claim": "validity at best", "a": "tspin", "b": "sft_continued",
+               "metric": "heldout/validity", "at": "best"},
+              {"id": "all", "claim": "validity everywhere", "a": "tspin", "b": "sft_continued",
+               "metric": "heldout/validity", "at": "all"},
+              {"id": "kl", "claim": "closer to uniform", "a": "tspin", "b": "sft_continued",
+               "metric": "heldout/kl_uniform_model", "at": 1.0},
+              {"id": "gone", "claim": "not run", "a": "space", "b": "spin", "metric": "heldout/validity"}]
+    s = study.parse_study(declared_raw(tmp_path, claims))
+    out = s.out
+    # T-SPIN is hotter-shifted: better at T 1 (+0.10, +0.12 per seed), but SFT's best (T 0.5) beats T-SPIN's best
+    fake_curves(out, "tspin", {0: [0.30, 0.40, 0.20], 1: [0.32, 0.44, 0.22]})
+    fake_curves(out, "sft_continued", {0: [0.50, 0.30, 0.10], 1: [0.52, 0.32, 0.12]})
+    fake_curves(out, "tspin", {0: [3.0, 2.0, 2.5], 1: [3.0, 2.2, 2.5]}, metric="kl_uniform_model")
+    fake_curves(out, "sft_continued", {0: [3.0, 2.5, 2.5], 1: [3.0, 2.6, 2.5]}, metric="kl_uniform_model")
+    got = {c.id: judge(s, c) for c in s.claims}
+    one = got["one"]["comparisons"][0]
+    assert got["one"]["status"] == "holds" and one["difference"] == pytest.approx(0.11)
+    best = got["best"]["comparisons"][0]
+    assert (best["t_a"], best["t_b"]) == (1.0, 0.5) and best["difference"] == pytest.approx(0.42 - 0.51)
+    assert got["best"]["status"] == "does not hold"
+    # per temperature: -0.2 (does not hold), +0.11 (holds), +0.1 (+0.1 each seed: std 0 -> holds): mixed
+    assert [c["status"] for c in got["all"]["comparisons"]] == ["does not hold", "holds", "holds"]
+    assert got["all"]["status"] == "inconclusive"
+    # lower is better: T-SPIN's KL is 0.5 and 0.4 lower -> holds
+    assert got["kl"]["status"] == "holds" and "(lower is better)" in got["kl"]["sentence"]
+    assert got["gone"]["status"] == "not measured"

@@ -67,3 +67,42 @@ def test_unknown_task_and_exhausted_space_fail_clearly(tmp_path):
 
     with pytest.raises(ValueError, match="fewer than"):
         multiplication(digits_a=1, digits_b=1, name="tiny").make(100, 0)
+
+
+def test_every_task_checker_accepts_its_rows_and_rejects_near_misses():
+    for name, task in TASKS.items():
+        for row in task.make(100, 2):
+            assert task.check(row["prompt"], " " + row["response"] + "\n"), (name, row)
+            assert not task.check(row["prompt"], row["response"] + "0"), (name, row)
+
+
+def test_paths_answers_are_exactly_the_shortest_paths_of_one_fixed_graph():
+    """Brute force on the task's own graph: every path of the BFS length between s and t that uses only
+    edges, enumerated by all node sequences, equals `answers`; the annotated one is among them."""
+    import itertools
+
+    from tspin_ray.tasks import random_graph
+
+    adj = random_graph(90, 5, 0)
+    assert sum(len(n) for n in adj.values()) == 90 * 5  # 225 undirected edges
+    task = TASKS["paths"]
+    rows = task.make(60, 0)
+    assert rows[:10] == task.make(10, 0) and task.make(60, 1) != rows
+    for row in rows:
+        s, t = (int(v) - 10 for v in row["prompt"].removesuffix("=").split(">"))
+        answers = task.answers(row["prompt"])
+        assert 2 <= len(answers) <= 16 and row["response"] in answers
+        hops = len(answers[0].split(",")) - 1
+        brute = {",".join(str(v + 10) for v in (s, *mid, t))
+                 for mid in itertools.product(*[[v for v in range(90)] for _ in range(hops - 1)])
+                 if all(b in adj[a] for a, b in itertools.pairwise((s, *mid, t)))} if hops <= 3 else None
+        if brute is not None:  # 90^2 middles at most: exhaustive
+            assert set(answers) == brute, row
+            assert t not in adj[s] and (hops == 2 or not adj[s] & adj[t])  # and nothing shorter exists
+        for a in answers:
+            nodes = [int(v) - 10 for v in a.split(",")]
+            assert nodes[0] == s and nodes[-1] == t and all(b in adj[x] for x, b in itertools.pairwise(nodes))
+    # the checker rejects a valid walk that is not shortest
+    row = rows[0]
+    first = row["response"].split(",")
+    assert not task.check(row["prompt"], ",".join([first[0], first[1], first[0], *first[1:]]))

@@ -298,3 +298,36 @@ def test_a_stalled_stream_fails_on_the_watchdog_with_its_key(ray_session, tiny_c
                                   "(training.stall_timeout_s)")
     finally:
         group.shutdown()
+
+
+def test_first_divergence_scope_contrasts_the_first_differing_token_only(tiny_ckpt):
+    """pair_scope first_divergence: the current margin is lp(y_d) - lp(y'_d) at the first differing
+    position d, read off the full sequences' log-probs; what y' says after d changes nothing; the NLL
+    anchor still sees all of y."""
+    from tspin_ray.batches import first_divergence
+    from tspin_ray.logprobs import sequence_logprobs
+
+    model, rows = load_model(tiny_ckpt), _rows(tiny_ckpt)
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+
+    def token_at(p, seq, d):  # lp(seq_d | prompt, seq_<d) = lp(seq[:d+1]) - lp(seq[:d])
+        lp = sequence_logprobs(model, [p, p], [seq[:d + 1], seq[:d] or seq[:1]], 0)
+        return float(lp[0] - lp[1]) if d else float(lp[0])
+
+    with torch.no_grad():
+        cut = batch_logprobs(model, batch, "tspin", pad_id=0, scope="first_divergence")
+        whole = batch_logprobs(model, batch, "tspin", pad_id=0)
+        # every y' rewritten after its first divergence from y: same cut log-probs
+        ds = [first_divergence(r["real_ids"], r["generated_ids"][0]) for r in rows]
+        other = {**batch, "generated_ids": [[r["generated_ids"][0][:d + 1] + [r["generated_ids"][0][-1]] * 3]
+                                            for r, d in zip(rows, ds, strict=True)]}
+        moved = batch_logprobs(model, other, "tspin", pad_id=0, scope="first_divergence")
+        for i, (r, d) in enumerate(zip(rows, ds, strict=True)):
+            y, g, p = r["real_ids"], r["generated_ids"][0], r["prompt_ids"]
+            margin = float(cut["policy_real"][i] - cut["policy_generated"][i])
+            assert margin == pytest.approx(token_at(p, y, d) - token_at(p, g, d), abs=1e-4)
+        torch.testing.assert_close(moved["policy_generated"], cut["policy_generated"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cut["anchor_real"], whole["policy_real"], rtol=0, atol=1e-5)
+    assert set(cut) >= {"policy_proto", "policy_generated_history"}
+    with pytest.raises(ValueError, match="first_divergence works with tspin only"):
+        batch_logprobs(model, batch, "spin", pad_id=0, scope="first_divergence")

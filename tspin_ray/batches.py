@@ -12,12 +12,42 @@ import torch
 from tspin_ray.phases import to_list
 
 
-def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool = True) -> dict[str, torch.Tensor]:
+def first_divergence(a, b) -> int:
+    """Index of the first token where `a` and `b` differ (the shorter length when one is a prefix of the
+    other; len(a) when they are equal).
+
+    >>> first_divergence([5, 6, 7, 2], [5, 6, 9, 2]), first_divergence([5, 2], [5, 2])
+    (2, 2)
+    """
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def to_first_divergence(a, b) -> tuple[list[int], list[int]]:
+    """`a` and `b` cut after their first differing token. Summed log-probs of the cut pair differ by
+    exactly lp(a_d | x, a_<d) - lp(b_d | x, a_<d): the shared prefix cancels and nothing after the first
+    divergence counts (objective.pair_scope first_divergence). An equal pair stays whole (margin 0).
+
+    >>> to_first_divergence([5, 6, 7, 2], [5, 6, 9, 9, 2])
+    ([5, 6, 7], [5, 6, 9])
+    """
+    d = first_divergence(a, b)
+    return list(a[:d + 1]), list(b[:d + 1])
+
+
+def _float_column(values, device) -> torch.Tensor:
+    return torch.tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32, device=device)
+
+
+def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool = True, *,
+                   scope: str = "sequence", ref: bool | None = None) -> dict[str, torch.Tensor]:
     """Policy log-probs of every response an objective needs, from one forward over all of them.
 
-    Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN and T-SPIN treat
+    Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN, T-SPIN and RFT treat
     each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]). proto=False:
-    T-SPIN without its y0 forward (beta = 0; objectives.needs_proto).
+    T-SPIN without its y0 forward (beta = 0; objectives.needs_proto). scope "first_divergence" (T-SPIN):
+    each pair's sequences are cut after their first differing token (`to_first_divergence`), and the full
+    y is scored as `anchor_real`. ref: pass lp_ref(y) (and lp_ref(y')) from the rows; default SPIN/SPACE.
     """
     from tspin_ray.logprobs import sequence_logprobs
 
@@ -31,31 +61,55 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
         return {"policy_real": sequence_logprobs(model, prompts, real, pad_id), "real_lengths": lengths}
     gen = to_list(batch["generated_ids"])
     k = len(gen[0])
-    seq_p, seq_r = list(prompts), list(real)
-    for p, g in zip(prompts, gen, strict=True):
-        seq_p += [p] * k
-        seq_r += g
     proto = proto and objective == "tspin"
-    if proto:
-        for p, y0 in zip(prompts, to_list(batch["proto_ids"]), strict=True):
-            if len(y0) != k:
-                raise ValueError(f"a T-SPIN row has {len(y0)} y0 samples for its {k} y' samples")
-            seq_p += [p] * k
-            seq_r += y0
-    lp = sequence_logprobs(model, seq_p, seq_r, pad_id)
-    real_lp, gen_lp = lp[:b], lp[b:b + b * k].view(b, k)
+    y0s = to_list(batch["proto_ids"]) if proto else None
+    for y0 in y0s or []:
+        if len(y0) != k:
+            raise ValueError(f"a T-SPIN row has {len(y0)} y0 samples for its {k} y' samples")
+    # Sequences of one forward, in named groups of b (y) or b*k (per sample) entries.
+    groups: dict[str, tuple[list, list]] = {"real": (list(prompts), list(real))}
+    if scope == "first_divergence":
+        if objective != "tspin":
+            raise ValueError(f"pair_scope first_divergence works with tspin only, not {objective}")
+        cut = [to_first_divergence(y, g) for y, gs in zip(real, gen, strict=True) for g in gs]
+        groups["real_cut"] = ([p for p in prompts for _ in range(k)], [c[0] for c in cut])
+        groups["generated"] = ([p for p in prompts for _ in range(k)], [c[1] for c in cut])
+        if proto:
+            cut = [to_first_divergence(g, y0) for gs, y0k in zip(gen, y0s, strict=True)
+                   for g, y0 in zip(gs, y0k, strict=True)]
+            groups["generated_cut"] = ([p for p in prompts for _ in range(k)], [c[0] for c in cut])
+            groups["proto"] = ([p for p in prompts for _ in range(k)], [c[1] for c in cut])
+    else:
+        groups["generated"] = ([p for p in prompts for _ in range(k)], [g for gs in gen for g in gs])
+        if proto:
+            groups["proto"] = ([p for p in prompts for _ in range(k)], [y0 for y0k in y0s for y0 in y0k])
+    flat_p = [p for ps, _ in groups.values() for p in ps]
+    flat_r = [r for _, rs in groups.values() for r in rs]
+    lp, at = sequence_logprobs(model, flat_p, flat_r, pad_id), 0
+    got = {}
+    for name, (ps, _) in groups.items():
+        got[name], at = lp[at:at + len(ps)], at + len(ps)
+    real_lp, gen_lp = got["real"], got["generated"].view(b, k)
     out: dict[str, torch.Tensor] = {"real_lengths": lengths}
     if objective == "space":
         out.update(policy_real=real_lp, policy_generated=gen_lp)
     else:  # one pair (or triplet) per sample: repeat y's log-prob instead of recomputing it
         out.update(policy_real=real_lp.repeat_interleave(k), policy_generated=gen_lp.reshape(-1),
                    real_lengths=lengths.repeat_interleave(k))
+    if "real_cut" in got:  # the pairwise terms read the cut sequences; the anchor reads the whole y
+        out.update(policy_real=got["real_cut"], anchor_real=real_lp.repeat_interleave(k))
     if proto:
-        out["policy_proto"] = lp[b + b * k:].reshape(-1)
-    if objective in ("spin", "space"):
-        ref_real = torch.tensor(np.asarray(batch["ref_real"], dtype=np.float64), dtype=torch.float32, device=device)
-        ref_gen = torch.tensor(np.asarray(to_list(batch["ref_generated"]), dtype=np.float64),
-                               dtype=torch.float32, device=device).view(b, k)
+        out["policy_proto"] = got["proto"]
+        if "generated_cut" in got:
+            out["policy_generated_history"] = got["generated_cut"]
+    if objective == "rft":
+        out["generated_lengths"] = torch.tensor([len(g) for gs in gen for g in gs], dtype=torch.float32,
+                                                device=device)
+        out["generated_valid"] = _float_column([float(v) for vs in to_list(batch["generated_valid"]) for v in vs],
+                                               device)
+    if ref if ref is not None else objective in ("spin", "space"):
+        ref_real = _float_column(batch["ref_real"], device)
+        ref_gen = _float_column(to_list(batch["ref_generated"]), device).view(b, k)
         if objective == "space":
             out.update(ref_real=ref_real, ref_generated=ref_gen)
         else:

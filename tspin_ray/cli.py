@@ -5,7 +5,7 @@
     tspin-ray eval --config jobs/demo-cpu.yaml --checkpoint runs/demo/checkpoints/pi_3
     tspin-ray generate --config jobs/demo-cpu.yaml --checkpoint DIR --out gen.jsonl
     tspin-ray report --run runs/demo [--run runs/other ...]
-    tspin-ray study --config jobs/study-sorting.yaml [--seeds 0 1] [--iterations N] [--methods a b]
+    tspin-ray study --config jobs/study-sorting.yaml [--seeds 0 1] [--iterations N] [--methods a b] [--fraction F]
     tspin-ray config  (every config key with its default and meaning)
 
 With RAY_ADDRESS set, train/eval/generate connect to that cluster; without it they start a local Ray.
@@ -124,7 +124,7 @@ def cmd_study(args) -> int:
 
     full = load_study(args.config)
     study = narrow(full, seeds=args.seeds, iterations=args.iterations, methods=args.methods,
-                   output_dir=args.output_dir)
+                   output_dir=args.output_dir, fraction=args.fraction)
     path = run_study(study, quiet=args.quiet, command=command_line(study, full))
     print(f"results: {path}")
     return 0
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="self-play iterations per method")
     p.add_argument("--methods", nargs="+", default=None, help="run only these methods")
     p.add_argument("--output-dir", default=None, help="study directory (default: the config's output_dir)")
+    p.add_argument("--fraction", type=float, default=None, help="annotated fraction of pi_0 and the methods "
+                   "(default: the config's; pair it with its own --output-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_study)
     p = sub.add_parser("config", help="list every config key")

@@ -234,15 +234,24 @@ class SFTConfig:
         _positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size")
 
 
+# The ObjectiveConfig fields the trainers' loss reads (Trainer.begin's params), in one place.
+LOSS_PARAMS = ("beta", "alpha", "mu", "loss_type", "nll_weight", "dpop_lambda", "pair_scope")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: Literal["sft", "spin", "tspin", "space"] = _f("tspin", "Training objective (ALGORITHMS.md).")
+    name: Literal["sft", "spin", "tspin", "space", "rft"] = _f("tspin", "Training objective (ALGORITHMS.md; rft: "
+                                                                "NLL on the samples the built-in task's checker accepts).")
     beta: float | None = _f(None, "SPIN: reward scale (0.1); T-SPIN: weight of the historical term (0.1; "
                                   "always 0 in iteration 0 unless overrides[0] sets it).")
     alpha: float = _f(1.0, "T-SPIN: scale of both advantages.")
     mu: int = _f(1, "SPACE: synthetic samples per prompt (noise ratio).")
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "SPIN: logistic or hinge loss.")
     nll_weight: float = _f(0.0, "Extra token-mean NLL on y (0 = the papers' loss exactly).")
+    dpop_lambda: float = _f(0.0, "SPIN, T-SPIN: DPOP's hinge lambda * max(0, lp_ref(y) - lp(y)) inside the sigmoid "
+                                 "(0 = off; T-SPIN then scores lp_ref(y) on the generator).")
+    pair_scope: Literal["sequence", "first_divergence"] = _f("sequence", "T-SPIN: compare whole sequences, or only "
+        "the first token where they differ (each pair cut after it).")
     mix_previous: bool | None = _f(None, "SPIN: add the previous iteration's pairs (default on; refused for the "
                                          "other objectives).")
     overrides: dict = _f({}, "Per-iteration changes, e.g. {-1: {beta: 5.0}} (negative = from the end).")
@@ -255,12 +264,19 @@ class ObjectiveConfig:
         if self.mix_previous and self.name != "spin":
             raise ValueError(f"mix_previous: true works with name: spin only, not {self.name} (its batches have "
                              f"no place for the previous iteration's pairs)")
+        if self.dpop_lambda < 0:
+            raise ValueError("dpop_lambda must be >= 0")
+        if self.dpop_lambda and self.name not in ("spin", "tspin"):
+            raise ValueError(f"dpop_lambda works with name: spin or tspin only, not {self.name}")
+        if self.pair_scope != "sequence" and self.name != "tspin":
+            raise ValueError(f"pair_scope: {self.pair_scope} works with name: tspin only (SPIN and SPACE take lp_ref "
+                             f"of whole sequences from the generator)")
         if self.y0_from != "iteration_0" and self.name != "tspin":
             raise ValueError(f"y0_from: {self.y0_from} works with name: tspin only (no other objective reads y0)")
         for key, vals in self.overrides.items():
             if not isinstance(key, int) or not isinstance(vals, dict):
                 raise ValueError("overrides maps an iteration number to {field: value}")
-            bad = set(vals) - {"beta", "alpha", "mu", "loss_type", "nll_weight"}
+            bad = set(vals) - set(LOSS_PARAMS)
             if bad:
                 raise ValueError(f"overrides[{key}] cannot set {sorted(bad)}")
 
@@ -371,6 +387,9 @@ class RunConfig:
         if self.training.lora is not None and g.weight_sync == "broadcast":
             raise ValueError("training.lora syncs each iterate as its adapter (megabytes, read from the committed "
                              "checkpoint): set generation.weight_sync: checkpoint")
+        if self.objective.name == "rft" and self.data.task is None:
+            raise ValueError("objective.name: rft keeps the samples a built-in task's checker accepts: set data.task "
+                             "(user data has no checker)")
         if g.tensor_parallel_size > 1 and g.backend != "vllm":
             raise ValueError(f"generation.tensor_parallel_size ({g.tensor_parallel_size}) needs backend: vllm "
                              f"(an HF engine runs on one device)")

@@ -19,11 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from tspin_ray.config import ObjectiveConfig, RunConfig
+from tspin_ray.config import LOSS_PARAMS, ObjectiveConfig, RunConfig
 from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
 from tspin_ray.lora import MERGED
+from tspin_ray.objectives import needs_ref
 from tspin_ray.phases import GenPhase, in_row_order, phase_for, prompt_rows, ramp, row_keys, shuffled
 from tspin_ray.pipeline import (
     check_complete,
@@ -301,7 +302,7 @@ class Driver:
         if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
             return Plan(t, obj, rows, None, None, False, steps)
         phase = self.phase(pi_t, t, samples=c.samples_per_prompt, temperature=c.generation.temperature,
-                           max_new_tokens=c.generation.max_new_tokens, score_ref=obj.name in ("spin", "space"),
+                           max_new_tokens=c.generation.max_new_tokens, score_ref=needs_ref(obj.name, obj.__dict__),
                            out_dir=self.run.generations(t), checkpoint=self.run.checkpoint_id(t))
         todo = self.missing(rows, phase, f"gen_{t}")
         stream = todo.num_rows == rows.num_rows and not c.generation.colocate
@@ -323,7 +324,7 @@ class Driver:
         """Trainers on pi_t with a fresh optimizer and schedule (the papers restart them every iteration)."""
         c, obj, tr = self.cfg, plan.objective, self.cfg.training
         self.trainer_group(pi_t).begin(
-            objective=obj.name, params={k: getattr(obj, k) for k in ("beta", "alpha", "mu", "loss_type", "nll_weight")},
+            objective=obj.name, params={k: getattr(obj, k) for k in LOSS_PARAMS},
             optimizer=tr.optimizer, lr=tr.lr_for_iteration(plan.t, c.iterations), weight_decay=tr.weight_decay,
             schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=plan.steps_per_epoch * tr.epochs,
             micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)

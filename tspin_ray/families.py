@@ -108,6 +108,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+CORPUS_TASKS = ("addition", "multiplication", "sorting")
+
+
 def corpus(rows_per_task: int = 400, newlines: bool = True) -> list[str]:
     """Local training text for the tokenizers: the built-in tasks' prompts and answers plus plain prose.
     `newlines=False` for SentencePiece-style vocabularies, which keep a newline as the byte token <0x0A>
@@ -118,8 +121,8 @@ def corpus(rows_per_task: int = 400, newlines: bool = True) -> list[str]:
              "with the number only. What is the sum, the product or the sorted list? Sort these letters: "
              "<|system|> <|user|> <|assistant|> system user assistant tools function call response")
     lines = [prose + ("\n\n" if newlines else " ")] * 20
-    for task in TASKS.values():
-        for row in task.make(rows_per_task, 0):
+    for name in CORPUS_TASKS:  # fixed: a new built-in task must not change the families' vocabularies
+        for row in TASKS[name].make(rows_per_task, 0):
             lines += [row["prompt"], row["response"], f"{row['prompt']} {row['response']}"]
     return lines
 

@@ -11,6 +11,9 @@ and each function also accepts `**unused`, so a caller may pass one superset of 
 Each returns `(loss, metrics)`: `loss` is the per-example loss [B] (reduce it yourself, e.g. `.mean()`),
 `metrics` maps names to detached 0-dim tensors (batch means; call `.item()` when logging).
 `nll_weight > 0` adds `nll_weight * (-policy_real / real_lengths)` per example; 0 gives the papers' loss.
+`dpop_lambda > 0` (SPIN, T-SPIN) puts DPOP's hinge inside the sigmoid instead (Smaug, arXiv 2402.13228):
+the margin loses `dpop_lambda * max(0, lp_ref(y) - lp(y))`, so y may not fall below pi_t's likelihood.
+`rft` is the positive control of the study: NLL on the samples the task's checker accepts.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ def _add_nll(loss, policy_real, real_lengths, nll_weight):
     return loss + nll_weight * (-policy_real / real_lengths)
 
 
+def _dpop(policy_real, ref_real, dpop_lambda):
+    """DPOP's penalty lambda * max(0, lp_ref(y) - lp(y)) (0 when off)."""
+    if dpop_lambda == 0.0:
+        return 0.0
+    if ref_real is None:
+        raise ValueError("dpop_lambda > 0 needs ref_real (lp_ref(y) under pi_t)")
+    return dpop_lambda * torch.relu(ref_real - policy_real)
+
+
 def sft(*, policy_real: torch.Tensor, real_lengths: torch.Tensor, **unused) -> tuple[torch.Tensor, Metrics]:
     """Token-mean negative log-likelihood of the annotated response: ``loss = -lp(y) / n_tokens(y)``.
 
@@ -58,15 +70,17 @@ def spin(
     loss_type: str = "sigmoid",
     nll_weight: float = 0.0,
     real_lengths: torch.Tensor | None = None,
+    dpop_lambda: float = 0.0,
     **unused,
 ) -> tuple[torch.Tensor, Metrics]:
     """SPIN (Chen et al. 2024, arXiv 2401.01335): DPO with chosen = real y, rejected = generated y',
     reference = the previous iterate pi_t that sampled y'::
 
-        t    = beta * ((lp(y) - lp_ref(y)) - (lp(y') - lp_ref(y')))
+        t    = beta * ((lp(y) - lp_ref(y)) - (lp(y') - lp_ref(y')) - dpop_lambda * max(0, lp_ref(y) - lp(y)))
         loss = -logsigmoid(t)       # loss_type "sigmoid"
         loss = relu(1 - t)          # loss_type "hinge"
 
+    dpop_lambda 0 (default) is the paper's loss; > 0 is DPOP (Smaug, arXiv 2402.13228, eq. 3).
     When policy == reference, t = 0 and the sigmoid loss is log 2.
 
     Example (beta 0.1, lp(y) -10, lp_ref(y) -12, lp(y') -20, lp_ref(y') -19):
@@ -79,10 +93,16 @@ def spin(
         tensor([0.5544])
         >>> spin(**kw, loss_type="hinge")[0]
         tensor([0.7000])
+
+    With DPOP (dpop_lambda 5, lp(y) -13 below lp_ref(y) -12): t = 0.1 * ((-1) - (-1) - 5 * 1) = -0.5;
+    loss = log(1 + e^0.5) = 0.9741.
+
+        >>> spin(**{**kw, "policy_real": torch.tensor([-13.0])}, dpop_lambda=5.0)[0]
+        tensor([0.9741])
     """
     reward_real = beta * (policy_real - ref_real)
     reward_gen = beta * (policy_generated - ref_generated)
-    t = reward_real - reward_gen
+    t = reward_real - reward_gen - beta * _dpop(policy_real, ref_real, dpop_lambda)
     if loss_type == "sigmoid":
         loss = -F.logsigmoid(t)
     elif loss_type == "hinge":
@@ -109,6 +129,10 @@ def tspin(
     beta: float = 0.1,
     nll_weight: float = 0.0,
     real_lengths: torch.Tensor | None = None,
+    dpop_lambda: float = 0.0,
+    ref_real: torch.Tensor | None = None,
+    anchor_real: torch.Tensor | None = None,
+    policy_generated_history: torch.Tensor | None = None,
     **unused,
 ) -> tuple[torch.Tensor, Metrics]:
     """T-SPIN (Wang et al. 2025, "Triplets Better Than Pairs", arXiv 2601.08198). Reference-free;
@@ -117,6 +141,15 @@ def tspin(
         current = lp(y)  - lp(y')
         history = lp(y') - lp(y0)
         loss    = -logsigmoid(alpha * current) - beta * logsigmoid(alpha * history)
+
+    Study variants (defaults off = the paper's loss):
+    - dpop_lambda > 0: current -= dpop_lambda * max(0, lp_ref(y) - lp(y)), lp_ref = pi_t (DPOP's hinge;
+      the only reference T-SPIN then reads).
+    - pair_scope first_divergence (batches.py): the log-probs given are those of the sequences cut after
+      their first differing token, so each term contrasts that one token (Step-DPO's first wrong step,
+      arXiv 2406.18629); `anchor_real` then carries the full lp(y) for the NLL anchor, the hinge and the
+      logged lp(y), and `policy_generated_history` lp(y') cut against y0 for the historical term (the
+      logged lp(y') is then the cut one).
 
     beta = 0 gives the reference-free pairwise logistic loss -logsigmoid(alpha * (lp(y) - lp(y'))); then
     y0 is not needed (policy_proto None: iteration 0, where the trainers skip its forward) and the
@@ -131,20 +164,21 @@ def tspin(
         ...       policy_proto=torch.tensor([-15.0]))[0]
         tensor([0.1318])
     """
-    current = policy_real - policy_generated
+    full_real = policy_real if anchor_real is None else anchor_real
+    current = policy_real - policy_generated - _dpop(full_real, ref_real, dpop_lambda)
     loss = -F.logsigmoid(alpha * current)
     metrics = {"advantage/current": _mean(current), "advantage/current_accuracy": _mean(current > 0)}
     if policy_proto is not None:
-        history = policy_generated - policy_proto
+        history = (policy_generated if policy_generated_history is None else policy_generated_history) - policy_proto
         loss = loss - beta * F.logsigmoid(alpha * history)
         metrics.update({"advantage/historical": _mean(history), "advantage/historical_accuracy": _mean(history > 0),
                         "logps/proto": _mean(policy_proto)})
     elif beta != 0:
         raise ValueError(f"T-SPIN with beta={beta} needs lp(y0) (policy_proto)")
-    loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
+    loss = _add_nll(loss, full_real, real_lengths, nll_weight)
     return loss, {
         **metrics,
-        "logps/real": _mean(policy_real),
+        "logps/real": _mean(full_real),
         "logps/generated": _mean(policy_generated),
         "rewards/real": _mean(alpha * policy_real),
         "rewards/generated": _mean(alpha * policy_generated),
@@ -215,11 +249,43 @@ def space(
     }
 
 
+def rft(
+    *,
+    policy_generated: torch.Tensor,
+    generated_lengths: torch.Tensor,
+    generated_valid: torch.Tensor,
+    policy_real: torch.Tensor | None = None,
+    real_lengths: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+    **unused,
+) -> tuple[torch.Tensor, Metrics]:
+    """Rejection-sampling fine-tuning (Yuan et al. 2023, arXiv 2308.01825): token-mean NLL of the samples
+    y' that the task's checker accepts (v = 1), nothing for the others; with `nll_weight` the usual NLL on
+    y as well, so RFT = SFT on y plus the verified samples, the study's positive control::
+
+        loss = v * (-lp(y') / |y'|) + nll_weight * (-lp(y) / |y|)
+
+    Example (lp(y') -6 over 3 tokens, verified; a second y' rejected; nll_weight 0):
+
+        >>> rft(policy_generated=torch.tensor([-6.0, -9.0]), generated_lengths=torch.tensor([3.0, 3.0]),
+        ...     generated_valid=torch.tensor([1.0, 0.0]))[0]
+        tensor([2., 0.])
+    """
+    nll_gen = -policy_generated / generated_lengths
+    loss = generated_valid * nll_gen
+    if nll_weight != 0.0:
+        loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
+    return loss, {"rft/verified": _mean(generated_valid), "nll/generated": _mean(nll_gen),
+                  "logps/generated": _mean(policy_generated),
+                  **({"logps/real": _mean(policy_real)} if policy_real is not None else {})}
+
+
 OBJECTIVES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {
     "sft": sft,
     "spin": spin,
     "tspin": tspin,
     "space": space,
+    "rft": rft,
 }
 
 REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
@@ -227,6 +293,7 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "spin": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
     "tspin": ("policy_real", "policy_generated", "policy_proto"),
     "space": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
+    "rft": ("policy_generated", "generated_lengths", "generated_valid"),
 }
 
 
@@ -234,6 +301,11 @@ def needs_proto(name: str, params: dict) -> bool:
     """Whether an objective with these hyper-parameters reads lp(y0): T-SPIN with beta != 0 only (at
     beta = 0, e.g. iteration 0, the y0 forward would be multiplied by zero)."""
     return name == "tspin" and params.get("beta", 0.1) != 0
+
+
+def needs_ref(name: str, params: dict) -> bool:
+    """Whether the generator must score lp_ref under pi_t: SPIN and SPACE always, T-SPIN with DPOP's hinge."""
+    return name in ("spin", "space") or (name == "tspin" and params.get("dpop_lambda", 0.0) != 0)
 
 
 def get_objective(name: str) -> Callable[..., tuple[torch.Tensor, Metrics]]:

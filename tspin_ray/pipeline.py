@@ -30,10 +30,11 @@ import ray
 from tspin_ray.faults import crash_if
 from tspin_ray.phases import GenPhase, blocks, row_keys, to_list
 
-# Columns of a triplet row (one per prompt and source iteration; k samples each).
+# Columns of a triplet row (one per prompt and source iteration; k samples each). generated_valid (the
+# task checker's verdict per sample) only on a built-in task's rows.
 ROW_COLUMNS = ("prompt_id", "source_iteration", "prompt_ids", "real_ids", "generated_ids", "generated",
                "proto_ids", "ref_real", "ref_generated", "gen_tokens", "gen_done", "engine_load_s", "generator",
-               "checkpoint", "scorer")
+               "checkpoint", "scorer", "generated_valid")
 
 
 def derive_seed(*key) -> int:
@@ -127,6 +128,12 @@ class GenerateStage:
             "generator": [self.name] * len(ids), "checkpoint": [ph.checkpoint] * len(ids),
             "scorer": [ph.engine.scorer if ph.score_ref else ""] * len(ids),
         }
+        if ph.task:  # the verifier of objective rft, and generate/valid in the metrics
+            from tspin_ray.tasks import get_task
+
+            task = get_task(ph.task)
+            out["generated_valid"] = [[task.check(str(p), g) for g in gs]
+                                      for p, gs in zip(batch["prompt"], out["generated"], strict=True)]
         if ph.out_dir is not None:
             write_shard(pa.Table.from_pydict(out), Path(ph.out_dir), [f"{s}:{i}" for s, i in zip(source, ids, strict=False)])
         return out

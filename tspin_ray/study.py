@@ -12,6 +12,10 @@ Per seed s, all under `output_dir`:
 Then results.json (every number), results.md (tables and claim checks) and results_em.png /
 results_nll.png (mean over seeds with a +-1 std band; SFT-100% dashed).
 
+With `distribution:` set (a task with enumerable answers, e.g. jobs/study-paths.yaml), every checkpoint
+is also scored by tspin_ray/distribution.py into <run>/distribution.json; `claims:` declares the
+comparisons to judge before any run (tspin_ray/study_claims.py).
+
 Every run is an ordinary run directory made by `tspin_ray.driver.train`, run one after another in this
 process (one local Ray for all). Rerunning the study skips complete runs without starting Ray and resumes
 unfinished ones. T-SPIN runs take y0 from their own iteration 0 (tspin_ray/proto.py); those with a proto
@@ -40,7 +44,8 @@ from tspin_ray.config import RunConfig, from_dict, read_yaml_mapping
 from tspin_ray.errors import UserError
 from tspin_ray.rundir import RunDir, atomic_dir, write_atomic
 
-STUDY_KEYS = ("base", "seeds", "iterations", "fraction", "full_fraction", "output_dir", "methods")
+STUDY_KEYS = ("base", "seeds", "iterations", "fraction", "full_fraction", "output_dir", "methods", "distribution",
+              "claims")
 DEFAULTS = {"iterations": 5, "fraction": 0.25, "full_fraction": 1.0, "output_dir": "runs/study"}
 # The study owns these keys of every run; a value in `base` or a method would be silently overwritten.
 STUDY_OWNED = ("output_dir", "iterations", "seed", "data.fraction", "data.seed", "objective.name")
@@ -62,6 +67,8 @@ class Study:
     output_dir: str
     methods: dict  # name -> section overrides, in config order (that is also the run order)
     source: str = "study config"  # the YAML path, for messages and the command line
+    distribution: object = None  # distribution.DistributionSpec: score every checkpoint's answer distribution
+    claims: tuple = ()  # study_claims.Claim, declared in the config before any run
 
     @property
     def out(self) -> Path:
@@ -121,9 +128,16 @@ def parse_study(raw, source: str = "study config") -> Study:
     output_dir = raw.get("output_dir", DEFAULTS["output_dir"])
     if not isinstance(output_dir, str) or not output_dir:
         raise UserError(f"output_dir: expected a path, got {output_dir!r}")
+    from tspin_ray.study_claims import parse_claims, parse_distribution
+
+    methods = _parse_methods(raw["methods"])
+    distribution = parse_distribution(raw.get("distribution"))
+    if distribution is not None and _get(base, "data.task") is None:
+        raise UserError("distribution: scores answers with a built-in task's answer sets: set base.data.task")
     study = Study(base=base, seeds=tuple(seeds), iterations=iterations, fraction=_number(raw, "fraction", 0, 1),
-                  full_fraction=_number(raw, "full_fraction", 0, 1), output_dir=output_dir,
-                  methods=_parse_methods(raw["methods"]), source=source)
+                  full_fraction=_number(raw, "full_fraction", 0, 1), output_dir=output_dir, methods=methods,
+                  source=source, distribution=distribution,
+                  claims=parse_claims(raw.get("claims"), methods, distribution))
     check_runs(study)
     return study
 
@@ -156,9 +170,15 @@ def load_study(path: str | Path) -> Study:
 
 
 def narrow(study: Study, seeds: Sequence[int] | None = None, iterations: int | None = None,
-           methods: Sequence[str] | None = None, output_dir: str | None = None) -> Study:
-    """The study restricted by command-line flags (smoke runs); unknown method names are an error."""
+           methods: Sequence[str] | None = None, output_dir: str | None = None,
+           fraction: float | None = None) -> Study:
+    """The study restricted or varied by command-line flags (smoke runs; another annotated fraction);
+    unknown method names are an error."""
     changes: dict = {}
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise UserError(f"--fraction: expected a number in (0, 1], got {fraction}")
+        changes["fraction"] = fraction
     if seeds:
         changes["seeds"] = tuple(dict.fromkeys(seeds))
         if any(s < 0 for s in changes["seeds"]):
@@ -189,6 +209,8 @@ def command_line(study: Study, full: Study | None = None) -> str:
         parts += ["--seeds", *map(str, study.seeds)]
     if study.iterations != ref.iterations:
         parts += ["--iterations", str(study.iterations)]
+    if study.fraction != ref.fraction:
+        parts += ["--fraction", f"{study.fraction:g}"]
     if list(study.methods) != list(ref.methods):
         parts += ["--methods", *study.methods]
     if study.output_dir != ref.output_dir:
@@ -421,6 +443,12 @@ def execute(study: Study, quiet: bool = False, say=print) -> None:
                 train(cfg, quiet=quiet)
             finally:  # an interrupted attempt's time counts too: the table reports the cost of the run
                 timings.add(spec.key, time.time() - t0)
+        if study.distribution is not None:
+            from tspin_ray.distribution import evaluate_run
+
+            t0 = time.time()
+            if evaluate_run(spec.root, cfg, study.distribution, first=0 if spec.name in RESERVED_RUNS else 1):
+                timings.add(spec.key + ":distribution", time.time() - t0)
         if pkey:
             proto_sources.setdefault((spec.seed, pkey), spec)
 

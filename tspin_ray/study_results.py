@@ -299,7 +299,12 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
               "so comparisons are made seed by seed: each cell is the mean ± std over seeds of (exact match "
               "after iteration t) - (that seed's pi_0).", ""]
     lines += delta_table(results["deltas"])
-    lines += ["", "![change from pi_0](results_delta.png)", "", "## Claim checks", "",
+    lines += ["", "![change from pi_0](results_delta.png)", ""]
+    if study.claims or study.distribution is not None:
+        from tspin_ray.study_claims import markdown
+
+        lines += markdown(study, results) + [""]
+    lines += ["## Claim checks", "",
               "Computed from the numbers above, on per-seed (paired) differences: a mean difference within one "
               "std of those differences is inconclusive (and every difference is, with one seed).", ""]
     lines += [f"- {c['sentence']}" for c in results["claims"]]
@@ -352,7 +357,8 @@ def plot_series(cols: list[int], series: dict[str, list[dict]], path: Path, titl
 
 
 def write_results(study: Study, command: str) -> Path:
-    """Collect every run's numbers and write results.json, results.md and the two plots."""
+    """Collect every run's numbers and write results.json, results.md and the plots."""
+    from tspin_ray.study_claims import distribution_summary, judge, plot_curves
     data = collect(study)
     summary = summarise(study, data)
     reuse_path = study.out / "proto_reuse.json"
@@ -371,6 +377,8 @@ def write_results(study: Study, command: str) -> Path:
         "claims": claims(summary, data["alignment"]),
         "claims_by_setting": {x: claims(summary, data["alignment"], x)
                               for x in sorted({setting(m) for m in study.methods} - {""})},
+        "declared_claims": [judge(study, c) for c in study.claims],
+        "distribution": distribution_summary(study) if study.distribution is not None else {},
         "proto_reused": {k: v for k, v in all_reused.items() if k in keys},
         "wall_s": wall,
         "timing": data["timing"],
@@ -381,6 +389,8 @@ def write_results(study: Study, command: str) -> Path:
          "exact match")
     plot(study, summary, "nll", out / "results_nll.png", "Held-out NLL of the real responses (mean ± std over seeds)",
          "NLL per token (nats)")
+    if study.distribution is not None:
+        plot_curves(study, results)
     plot_series(summary["columns"], results["deltas"], out / "results_delta.png",
                 "Exact match minus the seed's own pi_0 (mean ± std over seeds)", "change in exact match",
                 ("no change", {"mean": 0.0, "std": None}))

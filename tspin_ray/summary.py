@@ -45,6 +45,10 @@ def iteration_summary(*, t0: float, t_train: float, records: list[dict], table: 
         "generate/tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else math.nan,
         "train/rows": rows,
     }
+    if table is not None and "generated_valid" in table.column_names:  # a built-in task's checker ran
+        flags = [v for vs in table.column("generated_valid").to_pylist() if vs for v in vs]
+        if flags:
+            summary["generate/valid"] = sum(flags) / len(flags)
     for key in sorted({k for r in records for k in r} - NOT_MEANS):
         vals = [r[key] for r in records if key in r]
         summary[f"train/{key}"] = float(np.mean(vals)) if vals else math.nan

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from tspin_ray.batches import batch_logprobs, length_sorted
-from tspin_ray.objectives import get_objective, needs_proto
+from tspin_ray.objectives import get_objective, needs_proto, needs_ref
 from tspin_ray.weights_io import broadcast_weights, export_zero3, gathered, weight_specs
 
 # Largest safetensors file of an export: what rank 0 holds in host memory at once under ZeRO-3.
@@ -202,7 +202,9 @@ class Trainer:
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         module = self.engine
-        inputs = batch_logprobs(module, batch, self.objective, self.pad_id, needs_proto(self.objective, self.params))
+        inputs = batch_logprobs(module, batch, self.objective, self.pad_id, needs_proto(self.objective, self.params),
+                                scope=self.params.get("pair_scope", "sequence"),
+                                ref=needs_ref(self.objective, self.params))
         losses, metrics = get_objective(self.objective)(**inputs, **self.params)
         return losses.mean(), {k: float(v) for k, v in metrics.items()}
 

@@ -106,6 +106,10 @@ CONFIG_CASES = {
     "dpop_with_space": ({"objective": {"name": "space", "dpop_lambda": 5.0}},
                         ["dpop_lambda works with name: spin or tspin only, not space"]),
     "negative_dpop": ({"objective": {"dpop_lambda": -1.0}}, ["dpop_lambda must be >= 0"]),
+    "override_scope_with_spin": ({"objective": {"name": "spin", "overrides": {1: {"pair_scope": "first_divergence"}}}},
+                                 ["overrides[1]: pair_scope: first_divergence works with name: tspin only"]),
+    "override_scope_typo": ({"objective": {"overrides": {1: {"pair_scope": "first_divergance"}}}},
+                            ["overrides[1]: pair_scope must be sequence or first_divergence, not 'first_divergance'"]),
     "rft_without_task": ({"objective": {"name": "rft"}, "data": {"task": None, "path": "tests/x.jsonl"}},
                          ["objective.name: rft keeps the samples a built-in task's checker accepts: set data.task"]),
     # Keys that were never read (they changed the config hash and nothing else) are gone.

@@ -89,3 +89,18 @@ def test_exact_metrics_agree_with_real_samples(tiny_ckpt, tmp_path):
     sizes = [len(task.answers(p)) for p in prompts]
     assert exact["coverage"][1] == pytest.approx(np.mean([2 / v for v in sizes]), abs=0.05)
     assert exact["kl_model_uniform"][1] == pytest.approx(np.mean([math.log(v / 2) for v in sizes]), abs=0.1)
+    # The generation stage marks the same model's samples with the checker's verdict (what RFT keeps)
+    from tspin_ray.data import Example
+    from tspin_ray.phases import GenPhase, prompt_rows
+    from tspin_ray.pipeline import GenerateStage
+
+    stage = GenerateStage(GenPhase(model_path=str(tmp_path / "pi"), iteration=0, samples=4, max_new_tokens=24,
+                                   max_length=72, task="paths"))
+    table = prompt_rows([Example(f"p{i}", p, task.answers(p)[0]) for i, p in enumerate(prompts)], 0)
+    # numpy columns as Ray Data hands them over (a 1-D object array even where every row is a list)
+    out = stage({k: np.array(v + [None], dtype=object)[:-1] for k, v in table.to_pydict().items()})
+    flags = [f for fs in out["generated_valid"] for f in fs]
+    assert 0 < sum(flags) < len(flags) == 96  # both kinds occur: the check below is not vacuous
+    for p, texts, ids, fs in zip(prompts, out["generated"], out["generated_ids"], out["generated_valid"], strict=True):
+        assert fs == [t.strip() in task.answers(p) and i == engine.format.response_ids(p, t.strip())
+                      for t, i in zip(texts, ids, strict=True)]

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import small_config
 from tspin_ray.config import from_dict
 from tspin_ray.driver import train
-from tspin_ray.modeling import load_model
+from tspin_ray.modeling import load_format, load_model
 from tspin_ray.pipeline import read_shards
 
 
@@ -198,3 +198,47 @@ def test_iteration_summary_overlap_and_waits_by_hand():
                                 export_s=0.3, sync={"seconds": 2.0, "bytes": 10, "gbps": 1.5})
     assert "timing/overlap" not in resumed and resumed["timing/weight_sync"] == 2.0
     assert resumed["weight_sync/gbps"] == 1.5
+
+
+PATHS = {"task": "paths", "task_size": 300, "eval_size": 40}
+
+
+@pytest.mark.parametrize("objective", [{"name": "rft", "nll_weight": 1.0},
+                                       {"name": "tspin", "dpop_lambda": 5.0, "pair_scope": "first_divergence"}],
+                         ids=["rft", "tspin-dpop-first-divergence"])
+def test_study_objectives_run_on_a_task_with_a_checker(ray_session, tmp_path, objective):
+    """The study's variants in a whole run on `paths`: every sample carries the checker's verdict (RFT
+    trains on exactly those), T-SPIN with DPOP's hinge gets lp_ref(y) from the generator, and the
+    distribution of every checkpoint is scored once (sampled for the final one only)."""
+    from tspin_ray.distribution import DistributionSpec, evaluate_run
+    from tspin_ray.tasks import TASKS
+
+    cfg = from_dict(small_config(tmp_path, data=PATHS, objective=objective, iterations=1,
+                                 generation={"max_new_tokens": 24}, eval={"max_new_tokens": 24},
+                                 training={**small_config(tmp_path)["training"], "max_length": 72}))
+    train(cfg, quiet=True)
+    run = tmp_path / "run"
+    rows = read_shards(run / "generations" / "iter_0").to_pylist()
+    prompts = {e["id"]: e["prompt"] for e in TASKS["paths"].make(300, 0)}
+    verdicts = [v for r in rows for v in r["generated_valid"]]
+    assert len(verdicts) == len(rows) == 260
+    fmt = load_format(run / "checkpoints" / "pi_0")
+    for r in rows:  # accepted, and written as the ids y would have (what RFT trains on)
+        x = prompts[r["prompt_id"]]
+        assert r["generated_valid"] == [TASKS["paths"].check(x, g) and ids == fmt.response_ids(x, g.strip())
+                                        for g, ids in zip(r["generated"], r["generated_ids"], strict=True)]
+    it = [r for r in _metrics(run) if r["phase"] == "iteration" and r["iteration"] == 0][-1]
+    assert it["generate/valid"] == pytest.approx(sum(verdicts) / len(verdicts))
+    steps = [r for r in _metrics(run) if r["phase"] == "train" and r["iteration"] == 0]
+    if objective["name"] == "rft":
+        assert all(0.0 <= r["rft/verified"] <= 1.0 for r in steps)
+        assert all(r["ref_real"] != r["ref_real"] for r in rows)  # NaN: RFT scores no reference
+        spec = DistributionSpec(temperatures=(0.5, 1.0), samples=2, prompts=8, max_new_tokens=24)
+        assert evaluate_run(run, cfg, spec) and not evaluate_run(run, cfg, spec)  # scored once
+        got = json.loads((run / "distribution.json").read_text())["checkpoints"]
+        assert set(got) == {"pi_0", "pi_1"} and "sampled_validity" not in got["pi_0"]["heldout"]
+        assert got["pi_1"]["train"]["prompts"] == 8 and len(got["pi_1"]["heldout"]["sampled_coverage"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in got["pi_1"]["heldout"]["validity"])
+    else:
+        assert all(r["ref_real"] < 0 for r in rows)  # lp_ref(y) under pi_t, for the hinge
+        assert all(r["loss"] == r["loss"] and "advantage/current" in r for r in steps)

@@ -238,7 +238,8 @@ def test_dpop_hinge_hand_values():
     # T-SPIN, alpha 2, beta 0: current = -13 - (-20) - 5 * max(0, -12 + 13) = 2 -> softplus(-4)
     loss, m = tspin(policy_real=t(-13.0), policy_generated=t(-20.0), ref_real=t(-12.0), alpha=2.0, beta=0.0,
                     dpop_lambda=5.0)
-    assert loss.item() == pytest.approx(softplus(-4.0), abs=1e-12) and m["advantage/current"].item() == 2.0
+    assert loss.item() == pytest.approx(softplus(-4.0), abs=1e-12)
+    assert m["advantage/current"].item() == 7.0 and m["dpop/penalty"].item() == 5.0  # logged apart
     with pytest.raises(ValueError, match="ref_real"):
         tspin(policy_real=t(-13.0), policy_generated=t(-20.0), beta=0.0, dpop_lambda=5.0)
 
@@ -259,7 +260,9 @@ def test_tspin_anchor_and_history_inputs_of_the_first_divergence_scope():
                     real_lengths=torch.tensor([4]))
     expected = softplus(-3.0) + 0.5 * softplus(-2.0) + 10.0 / 4
     assert loss.item() == pytest.approx(expected, abs=1e-12)
-    assert m["logps/real"].item() == -10.0 and m["advantage/historical"].item() == 2.0
+    # logged like with like: the divergent tokens' log-probs, and the whole y apart
+    assert m["logps/real"].item() == -2.0 and m["logps/real_full"].item() == -10.0
+    assert m["advantage/historical"].item() == 2.0
 
 
 def test_rft_is_nll_on_verified_samples_plus_the_anchor():

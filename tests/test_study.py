@@ -270,6 +270,10 @@ def fake_curves(root, run, seeds_curves: dict[int, list[float]], metric="validit
     ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "heldout/validity", "at": 0.7}],
      "claims[0].at: expected best, all or one of distribution.temperatures, got 0.7"),
     ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin"}], "claims[0]: expected a mapping with keys"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "train/coverage", "at": True}],
+     "claims[0].at: expected best, all or one of distribution.temperatures, got True"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "train/coverage", "at": "max"}],
+     "claims[0].at: expected best, all or one of distribution.temperatures, got 'max'"),
     ([{"id": "x", "claim": "c", "a": "tspin", "b": "pi0", "metric": "nll"}] * 2, "claims: ids must be distinct"),
 ])
 def test_bad_declared_claims_name_the_entry(tmp_path, claims, message):
@@ -329,3 +333,5 @@ def test_declared_claims_judge_paired_differences_at_one_best_and_all_temperatur
     # lower is better: T-SPIN's KL is 0.5 and 0.4 lower -> holds
     assert got["kl"]["status"] == "holds" and "(lower is better)" in got["kl"]["sentence"]
     assert got["gone"]["status"] == "not measured"
+    fake_curves(out, "sft_continued", {1: [0.5, float("nan"), 0.1]})  # a NaN score is no measurement
+    assert judge(s, s.claims[0])["status"] == "not measured"

@@ -106,3 +106,12 @@ def test_paths_answers_are_exactly_the_shortest_paths_of_one_fixed_graph():
     row = rows[0]
     first = row["response"].split(",")
     assert not task.check(row["prompt"], ",".join([first[0], first[1], first[0], *first[1:]]))
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from tspin_ray import batches, tasks
+
+    assert doctest.testmod(tasks).attempted >= 1 and doctest.testmod(tasks).failed == 0
+    assert doctest.testmod(batches).attempted >= 2 and doctest.testmod(batches).failed == 0

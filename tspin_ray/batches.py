@@ -23,16 +23,19 @@ def first_divergence(a, b) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def to_first_divergence(a, b) -> tuple[list[int], list[int]]:
-    """`a` and `b` cut after their first differing token. Summed log-probs of the cut pair differ by
-    exactly lp(a_d | x, a_<d) - lp(b_d | x, a_<d): the shared prefix cancels and nothing after the first
-    divergence counts (objective.pair_scope first_divergence). An equal pair stays whole (margin 0).
+def divergent_tokens(a, b) -> tuple[list[int], list[int], list[int]]:
+    """(shared prefix, a's token at the first divergence, b's token there): each side's token as a list of
+    zero or one id (none when that side ends there: an equal pair, or one side a prefix of the other).
+    lp(a_d | x, prefix) - lp(b_d | x, prefix) is what objective.pair_scope first_divergence contrasts:
+    scored from the shared prefix directly, so nothing before or after the divergence enters, exactly (no
+    cancellation of two long sums). An equal pair gives 0 - 0; when b is a strict prefix of a, only a_d
+    is scored (the term then only pushes a_d up).
 
-    >>> to_first_divergence([5, 6, 7, 2], [5, 6, 9, 9, 2])
-    ([5, 6, 7], [5, 6, 9])
+    >>> divergent_tokens([5, 6, 7, 2], [5, 6, 9, 9, 2]), divergent_tokens([5, 2], [5, 2])
+    (([5, 6], [7], [9]), ([5, 2], [], []))
     """
     d = first_divergence(a, b)
-    return list(a[:d + 1]), list(b[:d + 1])
+    return list(a[:d]), list(a[d:d + 1]), list(b[d:d + 1])
 
 
 def _float_column(values, device) -> torch.Tensor:
@@ -46,8 +49,8 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
     Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN, T-SPIN and RFT treat
     each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]). proto=False:
     T-SPIN without its y0 forward (beta = 0; objectives.needs_proto). scope "first_divergence" (T-SPIN):
-    each pair's sequences are cut after their first differing token (`to_first_divergence`), and the full
-    y is scored as `anchor_real`. ref: pass lp_ref(y) (and lp_ref(y')) from the rows; default SPIN/SPACE.
+    each pair scores only its two tokens at the first divergence (`divergent_tokens`), and the full y is
+    scored as `anchor_real`. ref: pass lp_ref(y) (and lp_ref(y')) from the rows; default SPIN/SPACE.
     """
     from tspin_ray.logprobs import sequence_logprobs
 
@@ -68,17 +71,21 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
             raise ValueError(f"a T-SPIN row has {len(y0)} y0 samples for its {k} y' samples")
     # Sequences of one forward, in named groups of b (y) or b*k (per sample) entries.
     groups: dict[str, tuple[list, list]] = {"real": (list(prompts), list(real))}
+    if scope not in ("sequence", "first_divergence"):
+        raise ValueError(f"unknown pair_scope {scope!r}; valid: sequence, first_divergence")
     if scope == "first_divergence":
         if objective != "tspin":
             raise ValueError(f"pair_scope first_divergence works with tspin only, not {objective}")
-        cut = [to_first_divergence(y, g) for y, gs in zip(real, gen, strict=True) for g in gs]
-        groups["real_cut"] = ([p for p in prompts for _ in range(k)], [c[0] for c in cut])
-        groups["generated"] = ([p for p in prompts for _ in range(k)], [c[1] for c in cut])
+        # each pair's two divergent tokens, scored after prompt + shared prefix
+        cut = [(p + pre, a, b) for p, y, gs in zip(prompts, real, gen, strict=True) for g in gs
+               for pre, a, b in [divergent_tokens(y, g)]]
+        groups["real_cut"] = ([c[0] for c in cut], [c[1] for c in cut])
+        groups["generated"] = ([c[0] for c in cut], [c[2] for c in cut])
         if proto:
-            cut = [to_first_divergence(g, y0) for gs, y0k in zip(gen, y0s, strict=True)
-                   for g, y0 in zip(gs, y0k, strict=True)]
-            groups["generated_cut"] = ([p for p in prompts for _ in range(k)], [c[0] for c in cut])
-            groups["proto"] = ([p for p in prompts for _ in range(k)], [c[1] for c in cut])
+            cut = [(p + pre, a, b) for p, gs, y0k in zip(prompts, gen, y0s, strict=True)
+                   for g, y0 in zip(gs, y0k, strict=True) for pre, a, b in [divergent_tokens(g, y0)]]
+            groups["generated_cut"] = ([c[0] for c in cut], [c[1] for c in cut])
+            groups["proto"] = ([c[0] for c in cut], [c[2] for c in cut])
     else:
         groups["generated"] = ([p for p in prompts for _ in range(k)], [g for gs in gen for g in gs])
         if proto:

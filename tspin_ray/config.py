@@ -273,12 +273,18 @@ class ObjectiveConfig:
                              f"of whole sequences from the generator)")
         if self.y0_from != "iteration_0" and self.name != "tspin":
             raise ValueError(f"y0_from: {self.y0_from} works with name: tspin only (no other objective reads y0)")
+        if self.pair_scope not in ("sequence", "first_divergence"):  # overrides bypass the YAML type check
+            raise ValueError(f"pair_scope must be sequence or first_divergence, not {self.pair_scope!r}")
         for key, vals in self.overrides.items():
             if not isinstance(key, int) or not isinstance(vals, dict):
                 raise ValueError("overrides maps an iteration number to {field: value}")
             bad = set(vals) - set(LOSS_PARAMS)
             if bad:
                 raise ValueError(f"overrides[{key}] cannot set {sorted(bad)}")
+            try:  # the same rules for what an iteration will run, checked now, not at that iteration
+                dataclasses.replace(self, **vals, overrides={})
+            except ValueError as e:
+                raise ValueError(f"overrides[{key}]: {e}") from None
 
     def for_iteration(self, t: int, iterations: int) -> ObjectiveConfig:
         """The hyper-parameters in force at iteration t (defaults, then per-iteration overrides)."""

@@ -60,11 +60,10 @@ def answer_set_metrics(logps: Sequence[Sequence[float]], n: int) -> dict[str, fl
     """
     lp = np.asarray(logps, dtype=np.float64)
     p = np.exp(lp)
-    m = float(p.sum())
-    q = p / m if m > 0 else np.full_like(p, 1.0 / len(p))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reverse = float(np.sum(np.where(q > 0, q * np.log(q * len(p)), 0.0)))
-    return {"validity": m, "coverage": float(np.mean(1.0 - (1.0 - p) ** n)),
+    log_m = float(np.logaddexp.reduce(lp))
+    log_q = lp - log_m  # in log space: q stays exact when every p underflows
+    reverse = float(np.sum(np.exp(log_q) * (log_q + math.log(len(p)))))
+    return {"validity": float(p.sum()), "coverage": float(np.mean(-np.expm1(n * np.log1p(-np.minimum(p, 1.0))))),
             "kl_uniform_model": float(-math.log(len(p)) - lp.mean()), "kl_model_uniform": reverse}
 
 

@@ -147,9 +147,10 @@ def tspin(
       the only reference T-SPIN then reads).
     - pair_scope first_divergence (batches.py): the log-probs given are those of the sequences cut after
       their first differing token, so each term contrasts that one token (Step-DPO's first wrong step,
-      arXiv 2406.18629); `anchor_real` then carries the full lp(y) for the NLL anchor, the hinge and the
-      logged lp(y), and `policy_generated_history` lp(y') cut against y0 for the historical term (the
-      logged lp(y') is then the cut one).
+      arXiv 2406.18629); `anchor_real` then carries the full lp(y) for the NLL anchor and the hinge
+      (logged as logps/real_full), and `policy_generated_history` y''s token against y0 for the historical
+      term. logps/* and rewards/* then log the divergent tokens' log-probs, like with like.
+    Logged advantages are the log-prob differences alone; DPOP's penalty is logged as dpop/penalty.
 
     beta = 0 gives the reference-free pairwise logistic loss -logsigmoid(alpha * (lp(y) - lp(y'))); then
     y0 is not needed (policy_proto None: iteration 0, where the trainers skip its forward) and the
@@ -165,9 +166,14 @@ def tspin(
         tensor([0.1318])
     """
     full_real = policy_real if anchor_real is None else anchor_real
-    current = policy_real - policy_generated - _dpop(full_real, ref_real, dpop_lambda)
-    loss = -F.logsigmoid(alpha * current)
+    current = policy_real - policy_generated
+    penalty = _dpop(full_real, ref_real, dpop_lambda)
+    loss = -F.logsigmoid(alpha * (current - penalty))
     metrics = {"advantage/current": _mean(current), "advantage/current_accuracy": _mean(current > 0)}
+    if dpop_lambda:
+        metrics["dpop/penalty"] = _mean(penalty)
+    if anchor_real is not None:
+        metrics["logps/real_full"] = _mean(anchor_real)
     if policy_proto is not None:
         history = (policy_generated if policy_generated_history is None else policy_generated_history) - policy_proto
         loss = loss - beta * F.logsigmoid(alpha * history)
@@ -178,7 +184,7 @@ def tspin(
     loss = _add_nll(loss, full_real, real_lengths, nll_weight)
     return loss, {
         **metrics,
-        "logps/real": _mean(full_real),
+        "logps/real": _mean(policy_real),
         "logps/generated": _mean(policy_generated),
         "rewards/real": _mean(alpha * policy_real),
         "rewards/generated": _mean(alpha * policy_generated),

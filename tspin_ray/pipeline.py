@@ -132,8 +132,13 @@ class GenerateStage:
             from tspin_ray.tasks import get_task
 
             task = get_task(ph.task)
-            out["generated_valid"] = [[task.check(str(p), g) for g in gs]
-                                      for p, gs in zip(batch["prompt"], out["generated"], strict=True)]
+            # valid = an accepted answer written as the ids y would have (RFT trains on these ids; the
+            # exact metrics of distribution.py score the same ids), ending with its end of turn
+            out["generated_valid"] = [
+                [task.check(str(p), text) and ids == fmt.response_ids(str(p), text.strip(), str(s), history=str(h))
+                 for ids, text in zip(gs, texts, strict=True)]
+                for p, s, h, gs, texts in zip(batch["prompt"], batch["system"], batch["history"], generated,
+                                              out["generated"], strict=True)]
         if ph.out_dir is not None:
             write_shard(pa.Table.from_pydict(out), Path(ph.out_dir), [f"{s}:{i}" for s, i in zip(source, ids, strict=False)])
         return out

@@ -157,7 +157,7 @@ def _parse_methods(methods) -> dict:
                 raise UserError(f"methods.{name}.{dotted}: set by the study (every method starts from the "
                                 f"same pi_0 with the same data and seed); remove it")
         if _get(sections, "objective.name") is None:
-            raise UserError(f"methods.{name}.objective.name: required (sft, spin, tspin or space)")
+            raise UserError(f"methods.{name}.objective.name: required (sft, spin, tspin, space or rft)")
     return dict(methods)
 
 

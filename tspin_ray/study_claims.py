@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from tspin_ray.errors import UserError
@@ -84,7 +85,8 @@ def parse_claims(raw, methods: dict, distribution) -> tuple[Claim, ...]:
                             f"{'|'.join(DISTRIBUTION_METRICS)}>")
         if metric not in GREEDY and distribution is None:
             raise UserError(f"{where}.metric: '{metric}' needs the study's distribution: section")
-        if at not in ("best", "all") and (distribution is None or float(at) not in distribution.temperatures):
+        if at not in ("best", "all") and (isinstance(at, bool) or not isinstance(at, int | float) or distribution is None
+                                          or float(at) not in distribution.temperatures):
             raise UserError(f"{where}.at: expected best, all or one of distribution.temperatures, got {at!r}")
         out.append(Claim(str(c["id"]), str(c["claim"]), c["a"], c["b"], metric, at))
     if len({c.id for c in out}) != len(out):
@@ -119,8 +121,9 @@ def curve(study, run: str, seed: int, metric: str, checkpoint: str | None = None
         return None
     split, _, name = metric.rpartition("/")
     ckpt = checkpoint or _checkpoint(study, run)
-    got = json.loads(path.read_text())["checkpoints"].get(ckpt, {}).get(split, {})
-    return got.get(name)
+    got = json.loads(path.read_text())["checkpoints"].get(ckpt, {}).get(split, {}).get(name)
+    # a non-finite score (NaN) is no measurement: judged "not measured", never "does not hold"
+    return got if got is None or all(math.isfinite(v) for v in got) else None
 
 
 def judge(study, claim: Claim) -> dict:

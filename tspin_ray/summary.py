@@ -46,7 +46,11 @@ def iteration_summary(*, t0: float, t_train: float, records: list[dict], table: 
         "train/rows": rows,
     }
     if table is not None and "generated_valid" in table.column_names:  # a built-in task's checker ran
-        flags = [v for vs in table.column("generated_valid").to_pylist() if vs for v in vs]
+        # this iteration's own samples (SPIN's mixed-in rows carry the previous iteration's)
+        own = max(table.column("source_iteration").to_pylist())
+        flags = [v for vs, s in zip(table.column("generated_valid").to_pylist(),
+                                    table.column("source_iteration").to_pylist(), strict=True)
+                 if vs and s == own for v in vs]
         if flags:
             summary["generate/valid"] = sum(flags) / len(flags)
     for key in sorted({k for r in records for k in r} - NOT_MEANS):

@@ -251,7 +251,7 @@ class ObjectiveConfig:
     dpop_lambda: float = _f(0.0, "SPIN, T-SPIN: DPOP's hinge lambda * max(0, lp_ref(y) - lp(y)) inside the sigmoid "
                                  "(0 = off; T-SPIN then scores lp_ref(y) on the generator).")
     pair_scope: Literal["sequence", "first_divergence"] = _f("sequence", "T-SPIN: compare whole sequences, or only "
-        "the first token where they differ (each pair cut after it).")
+        "the first token where they differ (each pair scored at that token only).")
     mix_previous: bool | None = _f(None, "SPIN: add the previous iteration's pairs (default on; refused for the "
                                          "other objectives).")
     overrides: dict = _f({}, "Per-iteration changes, e.g. {-1: {beta: 5.0}} (negative = from the end).")

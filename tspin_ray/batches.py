@@ -77,13 +77,13 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
         if objective != "tspin":
             raise ValueError(f"pair_scope first_divergence works with tspin only, not {objective}")
         # each pair's two divergent tokens, scored after prompt + shared prefix
-        cut = [(p + pre, a, b) for p, y, gs in zip(prompts, real, gen, strict=True) for g in gs
-               for pre, a, b in [divergent_tokens(y, g)]]
+        cut = [(p + pre, ty, tg) for p, y, gs in zip(prompts, real, gen, strict=True) for g in gs
+               for pre, ty, tg in [divergent_tokens(y, g)]]
         groups["real_cut"] = ([c[0] for c in cut], [c[1] for c in cut])
         groups["generated"] = ([c[0] for c in cut], [c[2] for c in cut])
         if proto:
-            cut = [(p + pre, a, b) for p, gs, y0k in zip(prompts, gen, y0s, strict=True)
-                   for g, y0 in zip(gs, y0k, strict=True) for pre, a, b in [divergent_tokens(g, y0)]]
+            cut = [(p + pre, tg, t0) for p, gs, y0k in zip(prompts, gen, y0s, strict=True)
+                   for g, y0 in zip(gs, y0k, strict=True) for pre, tg, t0 in [divergent_tokens(g, y0)]]
             groups["generated_cut"] = ([c[0] for c in cut], [c[1] for c in cut])
             groups["proto"] = ([c[0] for c in cut], [c[2] for c in cut])
     else:
@@ -114,7 +114,7 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
                                                 device=device)
         out["generated_valid"] = _float_column([float(v) for vs in to_list(batch["generated_valid"]) for v in vs],
                                                device)
-    if ref if ref is not None else objective in ("spin", "space"):
+    if objective in ("spin", "space") if ref is None else ref:
         ref_real = _float_column(batch["ref_real"], device)
         ref_gen = _float_column(to_list(batch["ref_generated"]), device).view(b, k)
         if objective == "space":

@@ -58,9 +58,7 @@ def begin_kwargs(cfg, n_rows: int, t: int = 0) -> dict:
     obj = cfg.objective.for_iteration(t, cfg.iterations)
     n, tr = cfg.resources.trainers, cfg.training
     steps = (n_rows // n) // (tr.global_batch_size // n)
-    from tspin_ray.config import LOSS_PARAMS
-
-    return dict(objective=obj.name, params={k: getattr(obj, k) for k in LOSS_PARAMS},
+    return dict(objective=obj.name, params=obj.loss_params,
                 optimizer=tr.optimizer, lr=tr.lr_for_iteration(t, cfg.iterations), weight_decay=tr.weight_decay,
                 schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=steps * tr.epochs,
                 micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,

@@ -298,6 +298,11 @@ class ObjectiveConfig:
         return dataclasses.replace(self, **values, overrides={})
 
     @property
+    def loss_params(self) -> dict:
+        """The hyper-parameters the trainers' loss reads (Trainer.begin's params)."""
+        return {k: getattr(self, k) for k in LOSS_PARAMS}
+
+    @property
     def mixes_previous(self) -> bool:
         return self.name == "spin" if self.mix_previous is None else self.mix_previous
 

@@ -34,12 +34,17 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class DistributionSpec:
-    """What to measure: temperatures, samples per prompt (0: exact metrics only), prompts per split."""
+    """What to measure: temperatures, samples per prompt (0: exact metrics only; also the N of the exact
+    coverage, 16 when 0), prompts per split."""
     temperatures: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     samples: int = 16
     prompts: int = 200
     max_new_tokens: int = 32
     seed: int = 0
+
+    @property
+    def coverage_n(self) -> int:
+        return self.samples or 16
 
     def __post_init__(self):
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
@@ -96,7 +101,7 @@ def exact_metrics(model, fmt, task, prompts: Sequence[str], spec: DistributionSp
     for j in range(len(spec.temperatures)):
         at, per_prompt = 0, []
         for vs in answers:
-            per_prompt.append(answer_set_metrics(lp[j, at:at + len(vs)], spec.samples or 16))
+            per_prompt.append(answer_set_metrics(lp[j, at:at + len(vs)], spec.coverage_n))
             at += len(vs)
         for key in per_prompt[0]:
             out.setdefault(key, []).append(float(np.mean([m[key] for m in per_prompt])))

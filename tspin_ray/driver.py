@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from tspin_ray.config import LOSS_PARAMS, ObjectiveConfig, RunConfig
+from tspin_ray.config import ObjectiveConfig, RunConfig
 from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
@@ -302,7 +302,7 @@ class Driver:
         if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
             return Plan(t, obj, rows, None, None, False, steps)
         phase = self.phase(pi_t, t, samples=c.samples_per_prompt, temperature=c.generation.temperature,
-                           max_new_tokens=c.generation.max_new_tokens, score_ref=needs_ref(obj.name, obj.__dict__),
+                           max_new_tokens=c.generation.max_new_tokens, score_ref=needs_ref(obj.name, obj.loss_params),
                            out_dir=self.run.generations(t), checkpoint=self.run.checkpoint_id(t))
         todo = self.missing(rows, phase, f"gen_{t}")
         stream = todo.num_rows == rows.num_rows and not c.generation.colocate
@@ -324,7 +324,7 @@ class Driver:
         """Trainers on pi_t with a fresh optimizer and schedule (the papers restart them every iteration)."""
         c, obj, tr = self.cfg, plan.objective, self.cfg.training
         self.trainer_group(pi_t).begin(
-            objective=obj.name, params={k: getattr(obj, k) for k in LOSS_PARAMS},
+            objective=obj.name, params=obj.loss_params,
             optimizer=tr.optimizer, lr=tr.lr_for_iteration(plan.t, c.iterations), weight_decay=tr.weight_decay,
             schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=plan.steps_per_epoch * tr.epochs,
             micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)

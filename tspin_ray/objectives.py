@@ -278,9 +278,7 @@ def rft(
         tensor([2., 0.])
     """
     nll_gen = -policy_generated / generated_lengths
-    loss = generated_valid * nll_gen
-    if nll_weight != 0.0:
-        loss = _add_nll(loss, policy_real, real_lengths, nll_weight)
+    loss = _add_nll(generated_valid * nll_gen, policy_real, real_lengths, nll_weight)
     return loss, {"rft/verified": _mean(generated_valid), "nll/generated": _mean(nll_gen),
                   "logps/generated": _mean(policy_generated),
                   **({"logps/real": _mean(policy_real)} if policy_real is not None else {})}

@@ -34,6 +34,7 @@ BENCHMARKS = {
     "weight_sync": ("bench.weights:run", "Weight sync: in-place reload vs a cold engine start; checkpoint I/O"),
     "iteration": ("bench.pipeline:run_iteration", "One self-play iteration: wall time, breakdown, overlap"),
     "ray_overhead": ("bench.pipeline:run_ray_overhead", "Ray pipeline vs a single-process loop, same work"),
+    "self_play": ("bench.self_play:run", "tspin-ray train vs the same iterations in one process, equal work"),
     "scaling": ("bench.scaling:run", "Generation throughput with 1, 2 and 4 generator actors"),
     "persistent": ("bench.pipeline:run_persistent", "Long-lived generators + broadcast vs the per-phase pool"),
     "resume": ("bench.resume:run", "Resume with 90% of a generation on disk: start to the first new batch"),

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench.common import Context, actor_threads, compare, gpu_count, make_checkpoint, now, ray_session
+from bench.sequential import ListShard, begin_kwargs, generate_batch
 
 SIZES = {
     "quick": dict(task_size=240, eval_size=40, max_new_tokens=8, gen_batch=16, global_batch=32, micro_batch=16,
@@ -51,18 +52,6 @@ def run_config(s: dict, out_dir) -> dict:
         "output_dir": str(out_dir),
         "seed": 0,
     }
-
-
-def begin_kwargs(cfg, n_rows: int, t: int = 0) -> dict:
-    """The optimizer setup Driver.iteration gives the trainers for iteration t over n_rows rows."""
-    obj = cfg.objective.for_iteration(t, cfg.iterations)
-    n, tr = cfg.resources.trainers, cfg.training
-    steps = (n_rows // n) // (tr.global_batch_size // n)
-    return dict(objective=obj.name, params=obj.loss_params,
-                optimizer=tr.optimizer, lr=tr.lr_for_iteration(t, cfg.iterations), weight_decay=tr.weight_decay,
-                schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=steps * tr.epochs,
-                micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
-                grad_clip=tr.grad_clip)
 
 
 def gen_phase(cfg, model_path, out_dir):
@@ -164,20 +153,6 @@ def run_iteration(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------ Ray overhead
-class ListShard:
-    """What Trainer.train_epoch uses of a Ray Data DataIterator (iter_batches), over rows in memory."""
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False):
-        for i in range(0, len(self.rows), batch_size):
-            chunk = self.rows[i:i + batch_size]
-            if drop_last and len(chunk) < batch_size:
-                return
-            yield {k: [r[k] for r in chunk] for k in chunk[0]}
-
-
 def overhead_inputs(ctx: Context, s: dict):
     """Config, pi_t, and the iteration's rows with a fixed y0 per prompt (no generation needed for it)."""
     from tspin_ray.config import from_dict
@@ -192,36 +167,6 @@ def overhead_inputs(ctx: Context, s: dict):
     k = cfg.samples_per_prompt
     proto = {e.prompt_id: [fmt.response_ids(e.prompt, e.response[::-1])] * k for e in prep.train}
     return cfg, path, prompt_rows(prep.train, 0, proto)
-
-
-def generate_batch(engine, fmt, chunk: list[dict], kw: dict) -> dict[str, list]:
-    """GenerateStage.__call__ without Ray and without reference scoring: the same encoding, seeds, engine
-    call, decoding and Parquet shard. (GenerateStage itself asks ray.get_runtime_context() for its name,
-    which starts a whole local Ray when it runs outside one.)"""
-    import pyarrow as pa
-
-    from tspin_ray.formatting import response_budget
-    from tspin_ray.pipeline import sample_seed, write_shard
-
-    k, ids = kw.samples, [r["prompt_id"] for r in chunk]
-    pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw.max_response_tokens, kw.max_length,
-                             r["history"])
-             for r in chunk]
-    prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
-    budget = [response_budget(len(p), kw.max_response_tokens, kw.max_length) for p in prompt_ids]
-    outs = engine.generate([p for p in prompt_ids for _ in range(k)],
-                           [sample_seed(kw.seed, kw.iteration, i, s) for i in ids for s in range(k)],
-                           max_new_tokens=kw.max_new_tokens, temperature=kw.temperature, top_p=kw.top_p)
-    generated = [[fmt.cut(outs[i * k + s])[:budget[i]] or [fmt.end_of_turn] for s in range(k)]
-                 for i in range(len(chunk))]
-    out = {"prompt_id": ids, "source_iteration": [r["source_iteration"] for r in chunk], "prompt_ids": prompt_ids,
-           "real_ids": real_ids, "generated_ids": generated,
-           "generated": [[fmt.decode(g) for g in gs] for gs in generated],
-           "proto_ids": [r["proto_ids"] for r in chunk],
-           "gen_tokens": [sum(len(g) for g in gs) for gs in generated]}
-    write_shard(pa.Table.from_pydict(out), Path(kw.out_dir), [f"{r['source_iteration']}:{r['prompt_id']}"
-                                                                  for r in chunk])
-    return out
 
 
 def single_process(cfg, path, rows, out_dir) -> dict:

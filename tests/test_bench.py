@@ -69,6 +69,22 @@ def test_ray_benchmark_is_well_formed(tmp_path):
     assert overhead["details"]["single"]["steps"] == overhead["details"]["ray"]["steps"] > 0  # the same work
 
 
+def test_self_play_bench_compares_equal_work(tmp_path):
+    """Issue 16's overhead figure is only fair if both sides do the same work: `tspin-ray train` (actors,
+    Ray Data stream, broadcast) and the single-process loop must write the same samples and end on the
+    same weights. This also pins the whole distributed iteration to a plain loop, bit for bit."""
+    doc = json.loads((run_suite(tmp_path, ["self_play"]) / "latest.json").read_text())
+    result = doc["benchmarks"]["self_play"]
+    assert "skipped" not in result, result
+    d = result["details"]
+    seq, ray_its = d["sequential"]["iterations"], d["ray_iterations"]
+    assert [i["tokens"] for i in seq] == [r["tokens"] for r in ray_its] and d["same_generated_tokens"]
+    assert [i["steps"] for i in seq] == [r["steps"] for r in ray_its] == [6, 6]  # 200 rows // 32, 1 epoch
+    assert d["max_weight_difference"] < 1e-6
+    names = [c["name"] for c in result["comparisons"]]
+    assert names[:2] == ["seconds per iteration (iterations 1+)", "whole command"]
+
+
 def test_markdown_has_the_tables(suite):
     md = (suite / "latest.md").read_text()
     assert md.startswith("# tspin-ray benchmarks (quick)")

@@ -101,25 +101,25 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, fault):
     assert not list((tmp_path / "run").rglob("*.tmp-*"))  # no leftovers of the interrupted commit
 
 
-def test_trainer_actor_killed_mid_iteration_restarts_the_iteration(ray_session, reference, tmp_path):
+def test_trainer_actor_killed_mid_iteration_restarts_the_iteration(ray_session, reference, tmp_path, monkeypatch):
+    """Rank 0 dies right after iteration 0's second optimizer step (as the driver reads that step's
+    record from the rank's stream): the iteration restarts from pi_0 and the run ends as the reference."""
+    from tspin_ray import trainer_group
+
     cfg = from_dict(_config(tmp_path, "run"))
     driver = Driver(prepare(cfg), quiet=True)
-    killed = []
+    killed, steps, point = [], [], trainer_group.maybe_fail
 
-    def killer():  # kill rank 0 once iteration 0 has taken an optimizer step
-        while not killed:
-            tr = driver.trainers
-            if tr is not None and driver.run.done("pi_0") and driver.run.done("eval_0"):
-                try:
-                    step = ray.get(tr.actors[0].__ray_call__.remote(lambda s: s.step), timeout=5)
-                except Exception:
-                    step = 0
-                if step >= 2 and getattr(driver, "_in_iteration", True):
-                    ray.kill(tr.actors[0])
-                    killed.append(time.time())
-            time.sleep(0.2)
+    def kill_at_step_2(name):
+        if name == "train" and driver.run.done("eval_0") and not killed:
+            steps.append(name)
+            if len(steps) == 2:
+                ray.kill(driver.trainers.actors[0])
+                killed.append(time.time())
+        point(name)
 
-    _run_with(driver, killer, killed)
+    monkeypatch.setattr(trainer_group, "maybe_fail", kill_at_step_2)
+    _run_with(driver, lambda: None, killed)
     _assert_same_run(reference, tmp_path / "run")
 
 

@@ -27,6 +27,7 @@ from tspin_ray.lora import MERGED
 from tspin_ray.objectives import needs_ref
 from tspin_ray.phases import GenPhase, in_row_order, phase_for, prompt_rows, ramp, row_keys, shuffled
 from tspin_ray.pipeline import (
+    block_dataset,
     check_complete,
     derive_seed,
     done_keys,
@@ -136,6 +137,19 @@ class Driver:
         return generation_dataset(rows, phase, batch_size=g.batch_size, min_actors=r.generators_min,
                                   max_actors=r.generators_max, num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
                                   resources=r.generator_resources, max_attempts=g.max_attempts, first=first)
+
+    def start_generators(self, latest: int | None) -> None:
+        """Long-lived generators start with the run, beside the trainers: their process start, imports and
+        engine load (of pi_latest, or of pi_0 given as model.path) overlap the trainers' start instead of
+        following it."""
+        c = self.cfg
+        if not c.generation.persistent or c.generation.colocate or self.generators is not None:
+            return  # colocated engines wait for the trainers' bundles
+        from tspin_ray.generators import GeneratorPool
+
+        self.generators = GeneratorPool(c)
+        path = self.run.checkpoint(latest) if latest else None if c.needs_sft_stage else Path(c.model.path).resolve()
+        self.generators.warm(path and self.phase(path, 0, samples=1, temperature=0.0, max_new_tokens=1))
 
     def missing(self, rows: pa.Table, phase: GenPhase, name: str) -> pa.Table:
         """The rows of `rows` with no usable shard in phase.out_dir. Shards that other weights made (a
@@ -348,7 +362,7 @@ class Driver:
         if plan.phase is None:
             return ray.data.from_items(shuffled(self.sft_rows(self.prep.train), seed))
         table = in_row_order(self.complete_shards(plan.rows, plan.phase, f"iteration {plan.t}"), plan.rows)
-        return ray.data.from_arrow(table if epoch == 0 else shuffled(table, seed))
+        return block_dataset([table if epoch == 0 else shuffled(table, seed)])
 
     def train_epochs(self, plan: Plan, stream: ray.data.Dataset | None) -> list[dict]:
         epochs = self.cfg.training.epochs
@@ -442,6 +456,7 @@ class Driver:
             self.progress.say(f"run {run.root} is already complete ({c.iterations} iterations); nothing to do")
             return run.entry("complete")
         run.prune_metrics(self.committed)
+        self.start_generators(latest)
         pi0 = self.with_trainer_retries("SFT of pi_0", self.initial_policy)
         if not run.done("eval_0"):
             ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))

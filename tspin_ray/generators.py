@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tspin_ray.errors import RunFailed
 from tspin_ray.phases import GenPhase, blocks
-from tspin_ray.pipeline import GenerateStage
+from tspin_ray.pipeline import GenerateStage, block_dataset
 
 
 class Generator:
@@ -39,6 +39,18 @@ class Generator:
         self.stage: GenerateStage | None = None
         self.loaded: str | None = None
         self.asleep = False
+
+    def warm(self, phase: GenPhase | None, backend: str) -> str:
+        """Get ready before the first batch: load `phase`'s engine, or (its checkpoint not written yet)
+        import the engine's libraries. Returns which checkpoint the engine holds ("" for none)."""
+        if phase is not None and self.stage is None:
+            self.stage = GenerateStage(phase)
+            self.loaded = phase.model_path
+        elif phase is None:
+            import importlib
+
+            importlib.import_module("vllm" if backend == "vllm" else "transformers")
+        return self.loaded or ""
 
     def run(self, batch: dict, phase: GenPhase) -> dict:
         if self.stage is None:
@@ -136,6 +148,14 @@ class GeneratorPool:
             for i in range(self.n)
         ]
         self.idle = Queue(actor_options={"num_cpus": 0})  # indices of the actors with no batch running
+        self.warming: list = []
+
+    def warm(self, phase: GenPhase | None) -> None:
+        """Every actor starts loading `phase`'s engine (or importing its libraries) now, without waiting:
+        the driver goes on starting the trainers meanwhile. A failed load fails again, with its message,
+        at the actor's first batch."""
+        backend = phase.engine.backend if phase is not None else self.cfg.generation.backend
+        self.warming = [a.warm.remote(phase, backend) for a in self.actors]
 
     def dataset(self, rows: pa.Table, phase: GenPhase, batch_size: int, max_attempts: int,
                 first: tuple[int, ...] = ()) -> ray.data.Dataset:
@@ -149,7 +169,7 @@ class GeneratorPool:
             self.idle.get_nowait()
         for i in range(self.n):
             self.idle.put(i)
-        ds = ray.data.from_arrow(parts)
+        ds = block_dataset(parts)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             return ds.map_batches(

@@ -91,7 +91,7 @@ class Trainer:
         self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         self.model = self.engine = self.optimizer = self.scheduler = None
         self.loaded_from: str | None = None
-        self.step = self.batches_seen = 0  # progress, read by the group's watchdog while an epoch runs
+        self.step = 0
         self.sync = None  # weight_sync.SyncGroup to the generators (rank 0), kept across iterations
         self._zero3_hook = None  # transformers' HfDeepSpeedConfig, kept alive (it is held by weakref)
         self.trust_remote_code = False
@@ -239,18 +239,25 @@ class Trainer:
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
     def train_epoch(self, iterator, max_steps: int | None = None) -> list[dict]:
-        """Consume this rank's shard; returns one record per optimizer step (same count on every rank).
+        """Consume this rank's shard; returns one record per optimizer step (same count on every rank)."""
+        return [r for r in self.steps(iterator, max_steps) if r is not None]
 
-        The shard is an `equal=True` split, so every rank sees the same number of micro-batches and the
-        ranks step in lock-step. Only full micro-batches train and a trailing partial global batch is
-        skipped on every rank alike, so each epoch makes the same (rows // global batch) steps the
-        schedule was sized for (a partial micro-batch would add a step and take it from the next epoch).
+    def steps(self, iterator, max_steps: int | None = None):
+        """train_epoch as it happens: yields None as each micro-batch arrives and each step's record as
+        it completes. The group runs it as a streaming generator, so its watchdog sees progress without
+        calling into the actor while it trains (a threaded actor, to answer such calls, trained ~8%
+        slower: bench/self_play.py).
+
+        The shard is an equal split, so every rank sees the same number of micro-batches and the ranks
+        step in lock-step. Only full micro-batches train and a trailing partial global batch is skipped
+        on every rank alike, so each epoch makes the same (rows // global batch) steps the schedule was
+        sized for (a partial micro-batch would add a step and take it from the next epoch).
         """
-        records, pending = [], []
+        pending = []
         limit = self.total_steps if max_steps is None else max_steps
         ready = time.time()  # since when this rank has waited for data: the epoch's start, then each step's end
         for batch in iterator.iter_batches(batch_size=self.micro, batch_format="numpy", drop_last=True):
-            self.batches_seen += 1
+            yield None
             if self.step >= limit:
                 continue  # drain the shard so the split coordinator is not left waiting
             pending.append(batch)
@@ -259,10 +266,9 @@ class Trainer:
                 rec = self.train_step(length_sorted(pending))
                 rec.update(step=self.step, time=time.time(), rows=sum(len(b["prompt_ids"]) for b in pending),
                            data_wait=start - ready, step_s=time.time() - start)
-                records.append(rec)
+                yield rec
                 pending = []
                 ready = time.time()
-        return records
 
     # ------------------------------------------------------------ evaluation and export
     @torch.no_grad()

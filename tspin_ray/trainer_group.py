@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import ray
+from ray.data.dataset import MaterializedDataset
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -81,6 +82,19 @@ def check_resources(cfg: RunConfig, strict: bool) -> None:
         print(f"warning: cluster has too few resources now ({', '.join(short)}); waiting for the autoscaler")
 
 
+def rank_iterators(ds: ray.data.Dataset, n: int) -> list:
+    """One DataIterator per trainer rank, each with the same number of rows.
+
+    Rows already in the object store (an epoch read back from disk, SFT rows) are cut into n equal
+    slices: no coordinator actor, no per-batch round trip to it. A lazy stream (generation) goes
+    through `streaming_split`, or with one rank straight to it (`iterator()` executes in the rank)."""
+    if isinstance(ds, MaterializedDataset):
+        return [part.iterator() for part in ds.split(n, equal=True)]
+    if n == 1:
+        return [ds.iterator()]
+    return ds.streaming_split(n, equal=True)
+
+
 class TrainerGroup:
     def __init__(self, cfg: RunConfig, timeout_s: float = 600.0):
         r, t = cfg.resources, cfg.training
@@ -100,7 +114,6 @@ class TrainerGroup:
         self.actors = [
             TrainerActor.options(
                 num_cpus=r.trainer_cpus, num_gpus=r.trainer_gpus, resources=r.trainer_resources or None,
-                max_concurrency=2,  # one thread trains, the other answers progress queries
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(i, self.n, t.backend, t.zero_stage, t.precision, t.gradient_checkpointing, t.offload)
             for i in range(self.n)
@@ -143,25 +156,27 @@ class TrainerGroup:
         arrived and no step has completed for training.stall_timeout_s (a hung collective, a stream
         whose producers stopped)."""
         stall = self.cfg.training.stall_timeout_s
-        iterators = ds.streaming_split(self.n, equal=True)
-        refs = [a.train_epoch.remote(it) for a, it in zip(self.actors, iterators, strict=True)]
-        last, last_change = None, time.time()
-        while True:
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-            for ref in done:  # a dead rank raises here at once; the others would wait in a collective
-                ray.get(ref)
-            if len(done) == len(refs):
-                return ray.get(refs)[0]
-            progress = ray.get(self.actors[0].__ray_call__.remote(lambda self: (self.step, self.batches_seen)),
-                               timeout=60)
-            if progress != last:
-                if on_step is not None and (last is None or progress[0] != last[0]):
-                    on_step(progress[0])
+        streams = [a.steps.options(num_returns="streaming").remote(it)
+                   for a, it in zip(self.actors, rank_iterators(ds, self.n), strict=True)]
+        rank0, records, last_change = streams[0], [], time.time()
+        while streams:
+            ready, _ = ray.wait(streams, num_returns=1, timeout=1.0)
+            for stream in ready:
+                try:
+                    item = ray.get(next(stream))  # a dead rank raises here at once, not in a collective
+                except StopIteration:
+                    streams.remove(stream)
+                    continue
+                last_change = time.time()
+                if stream is rank0 and item is not None:
+                    records.append(item)
+                    if on_step is not None:
+                        on_step(item["step"])
                     maybe_fail("train")
-                last, last_change = progress, time.time()
-            elif time.time() - last_change > stall:
+            if not ready and time.time() - last_change > stall:
                 raise RunFailed(f"{what}: no micro-batch arrived and no step completed for {stall:.0f}s "
                                 f"(training.stall_timeout_s)")
+        return records
 
     def export(self, out_dir, merged=None) -> float:
         return self.call("export", str(out_dir), merged=merged and str(merged), what=f"checkpoint export to {out_dir}",

@@ -1,13 +1,17 @@
-"""Long-lived generators with one slow engine: batches pulled by idle engines vs static round robin.
+"""Long-lived generators with one slow engine: how batches reach the engines.
 
     .venv/bin/python -m bench --only generator_pull [--quick]
 
 Two long-lived Generator actors (`GeneratorPool`, vLLM-CPU engines; HF with --quick) serve the same
-prompts with the same per-sample seeds; actor 1's engine is slowed (each of its generate calls sleeps
-`slow - 1` times what the call took, like a busier or smaller device). Baseline = what the pool did
-before: batch b goes to actor b mod 2 (rebuilt here over the same actors); candidate = the pool's own
-dataset, where each batch goes to whichever actor is idle. Both over the same warmed engines, each
-variant twice, alternating. Phase wall = dataset creation to the last row; tokens/s over that wall.
+prompts with the same per-sample seeds; actor 1's engine is slowed (each engine step, or HF generate
+call, sleeps `slow - 1` times what it took, like a busier or smaller device). Three ways, over warmed
+engines, each run `repeats` times, alternating:
+- round robin: batch b to actor b mod 2 (what the pool did first, rebuilt here over the same actors);
+- pulled: each batch to whichever actor is idle, one batch per engine call (`slots=1`);
+- pulled, shared steps (vLLM only): two batches run at once on each actor and their requests share the
+  engine's steps, so the next batch fills the tail of the one before (`slots=2`, the pool's default
+  for vLLM; engines.VLLMEngine._run).
+Phase wall = dataset creation to the last row; tokens/s over that wall.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import warnings
 from bench.common import Context, compare, make_checkpoint, now, ray_session
 from bench.scaling import gen_phase, rows_for
 
+SHARED = "pulled, 2 batches per engine sharing its steps"
 SIZES = {
     "quick": dict(backend="hf", prompts=64, batch=8, max_new_tokens=8, slow=3.0, repeats=1),
     "full": dict(backend="vllm", prompts=768, batch=64, max_new_tokens=32, slow=3.0, repeats=2),
@@ -27,15 +32,16 @@ SIZES = {
 
 def _slow_down(generator, factor: float) -> str:  # runs in the actor (__ray_call__ passes it first)
     engine = generator.stage.engine
-    real = engine.generate
+    target, name = (engine.llm.llm_engine, "step") if hasattr(engine, "llm") else (engine, "generate")
+    real = getattr(target, name)
 
-    def generate(*args, **kwargs):
+    def slowed(*args, **kwargs):
         t0 = time.perf_counter()
         out = real(*args, **kwargs)
         time.sleep((factor - 1) * (time.perf_counter() - t0))
         return out
 
-    engine.generate = generate
+    setattr(target, name, slowed)
     return generator.stage.name
 
 
@@ -86,24 +92,34 @@ def run(ctx: Context) -> dict:
         from dataclasses import replace
 
         phase = replace(phase, engine=replace(phase.engine, backend="vllm", max_model_len=256))  # the tiny model's max_position_embeddings
-    runs = {"round robin": [], "pulled by idle engines": []}
-    with ray_session():
-        pool = GeneratorPool(cfg)
-        try:
-            measure(pool.dataset(rows.slice(0, 2 * s["batch"]), phase, s["batch"], 2))  # both engines load
-            import ray
+    import ray
 
-            slowed = ray.get(pool.actors[1].__ray_call__.remote(_slow_down, s["slow"]))
+    runs: dict[str, list] = {}
+    slowed: set[str] = set()  # the slowed engines' names (rows record which engine made them)
+    with ray_session():
+        pools = {"round robin": GeneratorPool(cfg, slots=1)}
+        pools["pulled by idle engines"] = pools["round robin"]  # the same actors, the pool's own dataset
+        if s["backend"] == "vllm":
+            pools[SHARED] = GeneratorPool(cfg, slots=2)
+        distinct = list({id(p): p for p in pools.values()}.values())
+        try:
+            for pool in distinct:
+                measure(pool.dataset(rows.slice(0, 2 * s["batch"]), phase, s["batch"], 2))  # both engines load
+                slowed.add(ray.get(pool.actors[1].__ray_call__.remote(_slow_down, s["slow"])))
             for _ in range(s["repeats"]):
-                runs["round robin"].append(measure(round_robin(pool, rows, phase, s["batch"])))
-                runs["pulled by idle engines"].append(measure(pool.dataset(rows, phase, s["batch"], 2)))
+                for name, pool in pools.items():
+                    ds = round_robin(pool, rows, phase, s["batch"]) if name == "round robin" else \
+                        pool.dataset(rows, phase, s["batch"], 2)
+                    runs.setdefault(name, []).append(measure(ds))
         finally:
-            pool.shutdown()
+            for pool in distinct:
+                pool.shutdown()
     figures = {}
     for name, rs in runs.items():
         figures[name] = {"seconds": statistics.median(r["seconds"] for r in rs),
                          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                         "slow_actor_rows": statistics.median(r["rows_by_actor"].get(slowed, 0) for r in rs),
+                         "slow_actor_rows": statistics.median(sum(n for a, n in r["rows_by_actor"].items()
+                                                                  if a in slowed) for r in rs),
                          "runs": rs}
     base, new = figures["round robin"], figures["pulled by idle engines"]
     comparisons = [
@@ -112,9 +128,17 @@ def run(ctx: Context) -> dict:
         compare("throughput", "tokens/s, one slowed engine of 2", "round robin", base["tokens_per_s"],
                 "pulled by idle engines", new["tokens_per_s"]),
     ]
+    if SHARED in figures:
+        shared = figures[SHARED]
+        comparisons += [
+            compare("phase wall, batches sharing steps", "seconds, one slowed engine of 2", "pulled, one batch per call",
+                    new["seconds"], SHARED, shared["seconds"], higher_is_better=False),
+            compare("throughput, batches sharing steps", "tokens/s, one slowed engine of 2",
+                    "pulled, one batch per call", new["tokens_per_s"], SHARED, shared["tokens_per_s"]),
+        ]
     notes = [f"{s['prompts']} `addition` prompts in batches of {s['batch']}, max_new_tokens {s['max_new_tokens']}, "
              f"random tiny model, {s['backend']} engines, 2 long-lived actors x 1 CPU; actor 1 {s['slow']:g}x slower "
-             f"(sleeps after each generate call); medians of {s['repeats']} run(s) per variant, alternating.",
+             f"(sleeps after each engine step); medians of {s['repeats']} run(s) per variant, alternating.",
              "Which actor runs a batch changes no sample (per-sample seeds) and no row count (every phase ends in "
              "check_complete; tests/test_family_runs.py runs long-lived pools)."]
     table = [[n, f["seconds"], f["tokens_per_s"], f["slow_actor_rows"], s["prompts"]] for n, f in figures.items()]

@@ -17,19 +17,20 @@ mean of iterations 1+), the whole command, and where each iteration's time went 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from bench.common import REPO, Context, compare, make_checkpoint, now
+from bench.common import REPO, Context, compare, make_checkpoint, median, now
 
 SIZES = {
     "quick": dict(task_size=800, fraction=0.25, iterations=2, max_new_tokens=12, gen_batch=64, global_batch=32,
-                  micro_batch=32, epochs=1),
+                  micro_batch=32, epochs=1, repeats=1),
     "full": dict(task_size=4000, fraction=0.25, iterations=3, max_new_tokens=20, gen_batch=256, global_batch=64,
-                 micro_batch=64, epochs=2),
+                 micro_batch=64, epochs=2, repeats=3),
 }
 MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)  # the demo's tiny Llama
 BREAKDOWN = ("timing/generate", "timing/first_generation", "timing/first_train_step", "timing/train",
@@ -99,21 +100,28 @@ def run(ctx: Context) -> dict:
     seq_json = ctx.work / "sequential.json"
     seq_cmd = [sys.executable, "-m", "bench.sequential", "--config", str(cfgs["sequential"]), "--out", str(seq_json)]
     ray_cmd = [str(Path(sys.executable).parent / "tspin-ray"), "train", "--config", str(cfgs["ray"]), "--quiet"]
-    seq_wall = timed_command(seq_cmd, ctx.work / "sequential.log")
-    ray_wall = timed_command(ray_cmd, ctx.work / "ray.log")
-    seq = json.loads(seq_json.read_text())
-    its = ray_iterations(ctx.work / "run-ray")
+    figures = []  # (sequential wall, its result, tspin-ray wall, its iterations) per repeat, alternating
+    for _ in range(s["repeats"]):
+        shutil.rmtree(ctx.work / "run-sequential", ignore_errors=True)
+        shutil.rmtree(ctx.work / "run-ray", ignore_errors=True)
+        seq_wall = timed_command(seq_cmd, ctx.work / "sequential.log")
+        ray_wall = timed_command(ray_cmd, ctx.work / "ray.log")
+        figures.append((seq_wall, json.loads(seq_json.read_text()), ray_wall, ray_iterations(ctx.work / "run-ray")))
     n = s["iterations"]
+    seq, its = figures[-1][1], figures[-1][3]  # the breakdown table shows the last repeat
     diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray" / "checkpoints" / f"pi_{n}")
-    seq_steady = mean(i["seconds"] for i in seq["iterations"][1:])
-    ray_steady = mean(r["timing/iteration"] for r in its[1:])
+    seq_steady = median(mean(i["seconds"] for i in f[1]["iterations"][1:]) for f in figures)
+    ray_steady = median(mean(r["timing/iteration"] for r in f[3][1:]) for f in figures)
+    seq_wall, ray_wall = median(f[0] for f in figures), median(f[2] for f in figures)
+    ratios = [mean(r["timing/iteration"] for r in f[3][1:]) / mean(i["seconds"] for i in f[1]["iterations"][1:])
+              for f in figures]
     comparisons = [
         compare("seconds per iteration (iterations 1+)", "seconds", "single process", seq_steady,
                 "tspin-ray train", ray_steady, higher_is_better=False, target="<= 1.2x"),
         compare("whole command", "seconds", "python -m bench.sequential", seq_wall, "tspin-ray train", ray_wall,
                 higher_is_better=False, target="<= 1.5x"),
-        compare("iteration 0", "seconds", "single process", seq["iterations"][0]["seconds"], "tspin-ray train",
-                its[0]["timing/iteration"], higher_is_better=False),
+        compare("iteration 0", "seconds", "single process", median(f[1]["iterations"][0]["seconds"] for f in figures),
+                "tspin-ray train", median(f[3][0]["timing/iteration"] for f in figures), higher_is_better=False),
     ]
     rows = [[f"single process, iteration {i['iteration']}", i["seconds"], sum(i["step_s_per_epoch"]), i["generate_s"],
              "", i["export_and_load_s"], i["seconds"] - sum(i["step_s_per_epoch"]), i["steps"]] for i in seq["iterations"]]
@@ -126,12 +134,16 @@ def run(ctx: Context) -> dict:
         "details": {"sequential": seq, "ray_iterations": [{k: r[k] for k in (*BREAKDOWN, "steps", "steps_s", "tokens") if k in r}
                                                       for r in its],
                     "sequential_wall_s": seq_wall, "ray_wall_s": ray_wall, "max_weight_difference": diff,
-                    "same_generated_tokens": same_tokens},
+                    "same_generated_tokens": same_tokens,
+                    "per_iteration_ratio_each_repeat": ratios,
+                    "whole_command_ratio_each_repeat": [f[2] / f[0] for f in figures]},
         "tables": [{"title": "Where each iteration's time goes (seconds)", "columns": [
             "what", "iteration", "optimizer steps (sum of step_s)", "generation (Ray: its last batch, inside the "
             "stream)", "steps waited for data", "export + weight sync", "iteration - steps", "steps"],
             "rows": rows}],
         "notes": [
+            f"Medians of {s['repeats']} repeat(s), the two commands alternating; per-iteration ratio of each "
+            f"repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; the table shows the last repeat.",
             f"Work: {n} T-SPIN iterations x {s['epochs']} epochs on sorting (task_size {s['task_size']}, fraction "
             f"{s['fraction']}), global batch {s['global_batch']}, max_new_tokens {s['max_new_tokens']}, generation "
             f"batch {s['gen_batch']}, the demo's tiny Llama from a random pi_0, DeepSpeed ZeRO-0, no evaluation.",

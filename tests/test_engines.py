@@ -85,6 +85,48 @@ def test_vllm_matches_hf_after_reload(tiny_ckpt, tiny_ckpt_b):
     assert vllm_engine.generate(prompts, [5, 6, 7, 8], **SAMPLING) == s1
 
 
+def test_vllm_batches_from_two_threads_share_steps_and_keep_their_samples(tiny_ckpt):
+    """A long-lived generator runs two batches at once (GeneratorPool.slots): their requests are stepped
+    together, so the second fills the first one's tail, and each caller gets exactly its own samples and
+    scores, as it would alone (per-sample seeds)."""
+    import threading
+
+    pytest.importorskip("vllm")
+    engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64)
+    prompts = _ids(engine) * 4  # 16 requests per batch
+    seeds = {"a": list(range(16)), "b": list(range(100, 116))}
+    params = dict(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    step, steps = engine.llm.llm_engine.step, []
+    engine.llm.llm_engine.step = lambda: steps.append(1) or step()
+    alone = {k: engine.generate(prompts, s, **params) for k, s in seeds.items()}
+    alone_steps, steps[:] = len(steps), []
+    scores_alone = engine.score(prompts[:4], alone["a"][:4])
+    steps[:] = []
+    got, errors = {}, []
+
+    def call(key):
+        try:
+            got[key] = engine.generate(prompts, seeds[key], **params)
+            got[key + "-score"] = engine.score(prompts[:4], alone["a"][:4])
+        except Exception as e:  # surfaced below: a thread's exception would vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert got["a"] == alone["a"] and got["b"] == alone["b"]
+    assert got["a-score"] == pytest.approx(scores_alone, abs=1e-4) and got["b-score"] == pytest.approx(scores_alone, abs=1e-4)
+    assert len(steps) < alone_steps  # the batches ran in shared steps, not one after the other
+    assert not engine._owner and not engine.llm.llm_engine.has_unfinished_requests()
+    # A request vLLM refuses (longer than max_model_len) fails its own call only, and leaves nothing behind.
+    with pytest.raises(Exception, match="maximum context length"):
+        engine.generate([prompts[0] * 20], [0], **params)
+    assert not engine._owner and engine.generate(prompts, seeds["a"], **params) == alone["a"]
+
+
 def reference_logprob_gap(ckpt, dtype: str, **engine_kwargs) -> float:
     """Max |lp_vLLM - lp_trainer| over 4 sampled responses: SPIN and SPACE take lp_ref from vLLM's
     prompt_logprobs on the generator, the policy log-probs from the trainer's forward (sequence_logprobs)."""

@@ -10,7 +10,7 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from tspin_ray.phases import GenPhase, prompt_rows
+from tspin_ray.phases import GenPhase, prompt_rows, row_keys
 from tspin_ray.pipeline import (
     check_complete,
     done_keys,
@@ -208,3 +208,35 @@ def test_long_lived_pool_gets_every_actor_back_for_each_phase(ray_session, tmp_p
         assert pool.idle.size() == 2
     finally:
         pool.shutdown()
+
+
+def test_a_vllm_engine_running_two_batches_at_once_keeps_every_sample(ray_session, tiny_ckpt, tmp_path):
+    """generation.engine_batches: 2: a long-lived vLLM actor runs two batches at once (their requests share
+    its steps). Every row comes back once, each with exactly the samples the engine draws for its seeds
+    in a call of its own."""
+    pytest.importorskip("vllm")
+    from tests.conftest import small_config
+    from tspin_ray.config import from_dict
+    from tspin_ray.engines import make_engine
+    from tspin_ray.generators import GeneratorPool
+    from tspin_ray.pipeline import sample_seed
+
+    cfg = from_dict(small_config(tmp_path, generation={"persistent": True, "backend": "vllm", "engine_batches": 2}))
+    phase = dataclasses.replace(_kwargs(tiny_ckpt, tmp_path / "gen"), engine=dataclasses.replace(
+        GenPhase("", 0).engine, backend="vllm", max_model_len=49))
+    rows = _rows(48)
+    pool = GeneratorPool(cfg)
+    try:
+        assert pool.slots == 2 and pool.idle.size() == 0
+        got = pool.dataset(rows, phase, 8, 1).take_all()
+    finally:
+        pool.shutdown()
+    table = read_shards(tmp_path / "gen")
+    check_complete(table, row_keys(rows), 2, "two batches at once")
+    assert len(got) == 48 and len(table.column("generator").unique()) == 1
+    engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=49)
+    for r in got:
+        pid = str(r["prompt_id"])
+        alone = engine.generate([list(r["prompt_ids"])] * 2, [sample_seed(7, 0, pid, s) for s in range(2)],
+                                max_new_tokens=5, temperature=1.0, top_p=1.0)
+        assert [list(g) for g in r["generated_ids"]] == [a[:16] or [engine.format.end_of_turn] for a in alone], pid

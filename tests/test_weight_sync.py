@@ -168,6 +168,8 @@ def test_persistent_and_colocated_runs_equal_the_per_phase_run(ray_session, tmp_
      "generation: colocate: true needs weight_sync: checkpoint"),
     ({"colocate": True, "persistent": True, "_resources": {"generators_max": 2}},
      r"resources.generators_max \(2\) must equal trainers \(1\)"),
+    ({"persistent": True, "engine_batches": 2}, "generation: engine_batches > 1 needs persistent: true and backend: vllm"),
+    ({"backend": "vllm", "engine_batches": 2}, "generation: engine_batches > 1 needs persistent: true and backend: vllm"),
 ])
 def test_generation_mode_conflicts_are_refused(tmp_path, gen, message):
     resources = gen.pop("_resources", {})

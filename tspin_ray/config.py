@@ -123,10 +123,16 @@ class GenerationConfig:
     sync_bucket_mb: float = _f(256.0, "Broadcast bucket size in MiB (weight_sync: broadcast).")
     colocate: bool = _f(False, "Generators share the trainers' GPUs (persistent engines sleep while trainers "
                                "train; generation is not streamed into training). For one node.")
+    engine_batches: int = _f(1, "Batches a long-lived vLLM engine runs at once, their requests sharing its steps "
+                                "(the next fills the tail of the one before). 2 is for GPUs; on CPU it gains nothing "
+                                "(docs/performance.md).")
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",
-                  "tensor_parallel_size", "sync_bucket_mb")
+                  "tensor_parallel_size", "sync_bucket_mb", "engine_batches")
+        if self.engine_batches > 1 and not (self.persistent and self.backend == "vllm"):
+            raise ValueError("engine_batches > 1 needs persistent: true and backend: vllm (HF generate runs one "
+                             "batch per call; a per-phase actor gets one batch at a time)")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if (self.weight_sync == "broadcast" or self.colocate) and not self.persistent:

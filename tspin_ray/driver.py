@@ -10,7 +10,6 @@ command resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tspin_ray.pipeline import (
     generation_dataset,
     pool_size,
     read_shards,
-    shard_origins,
+    set_aside,
 )
 from tspin_ray.progress import Progress
 from tspin_ray.proto import ITERATION_0, SEPARATE, y0_of_iteration_0, y0_source
@@ -160,12 +159,8 @@ class Driver:
         def usable(origin: tuple[str, str]) -> bool:  # ("", ""): a shard from before rows recorded it
             return origin == ("", "") or (origin[0] == phase.checkpoint and (not phase.score_ref or origin[1] == scorer))
 
-        stale = {f: sorted(o for o in origins if not usable(o)) for f, origins in shard_origins(out).items()}
-        stale = {f: o for f, o in stale.items() if o}
+        stale = set_aside(out, usable)
         if stale:
-            (out / "stale").mkdir(exist_ok=True)
-            for f in stale:
-                shutil.move(str(f), str(out / "stale" / f.name))
             seen = sorted({o for origins in stale.values() for o in origins})
             reason = (f"{len(stale)} shards made by checkpoint/scorer {seen[0][0][:12]}/{seen[0][1] or '-'}, "
                       f"not {phase.checkpoint[:12]}/{scorer or '-'}: regenerated")

@@ -10,7 +10,10 @@ it never import it.
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import threading
 from typing import Protocol
 
 import torch
@@ -229,6 +232,9 @@ class VLLMEngine:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                                       cpu_thread_binds(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
         self.llm = LLM(**kwargs)
+        # Callers on several threads (a long-lived generator's queued batches) share the engine's steps.
+        self._lock, self._scoring, self._ids, self._owner = threading.Lock(), threading.Lock(), itertools.count(), {}
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
         from tspin_ray.modeling import load_format
 
         self.format = load_format(path, trust_remote_code=trust_remote_code)
@@ -251,6 +257,49 @@ class VLLMEngine:
 
         return [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
 
+    def _run(self, prompts, params: list) -> list:
+        """Requests through the engine's own step loop, shared with callers on other threads: requests that
+        arrive while others run join them at the next step (continuous batching across batches: the next
+        batch fills a batch's short tail), and whichever caller holds the lock steps for all. Returns this
+        call's finished outputs in order. (LLM.generate would collect every finished request, other
+        callers' too.) New requests go through a queue, not the lock: a stepping caller re-takes the lock
+        at once, and a newcomer waiting for it would wait until that caller's own requests are done."""
+        engine, mine = self.llm.llm_engine, {}
+        for prompt, sp in zip(self._prompts(prompts), params, strict=True):
+            rid = str(next(self._ids))
+            mine[rid] = None
+            self._owner[rid] = mine
+            self._pending.put((rid, prompt, sp))
+        try:
+            while any(v is None for v in mine.values()) and not _failure(mine):
+                with self._lock:
+                    self._add_pending()
+                    if any(v is None for v in mine.values()) and engine.has_unfinished_requests():
+                        for out in engine.step():
+                            if out.finished:
+                                self._owner.pop(out.request_id)[out.request_id] = out
+            if _failure(mine):
+                raise _failure(mine)
+        except BaseException:
+            with self._lock:  # nothing of a failed call stays in the engine for the others to step
+                self._add_pending()
+                left = [rid for rid, out in mine.items() if out is None and self._owner.pop(rid, None) is not None]
+                engine.abort_request(left)
+            raise
+        return list(mine.values())
+
+    def _add_pending(self) -> None:
+        """Queued requests into the engine (the lock held); one that vLLM refuses fails its own caller."""
+        while True:
+            try:
+                rid, prompt, sp = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.llm.llm_engine.add_request(rid, prompt, sp, lora_request=self.lora)
+            except Exception as e:
+                self._owner.pop(rid)[rid] = e
+
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
         from vllm import SamplingParams
 
@@ -258,8 +307,7 @@ class VLLMEngine:
         stop = list(self.format.stop_ids)
         params = [SamplingParams(n=1, seed=int(s) % (2**31), temperature=temperature, top_p=top_p,
                                  max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False) for s in seeds]
-        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False, lora_request=self.lora)
-        return [self.format.cut(o.outputs[0].token_ids) for o in outs]
+        return [self.format.cut(o.outputs[0].token_ids) for o in self._run(prompts, params)]
 
     def score(self, prompts, responses):
         from vllm import SamplingParams
@@ -270,11 +318,11 @@ class VLLMEngine:
         if self.lora_enabled and not torch.cuda.is_available():
             # vLLM-CPU's LoRA logits path (punica_cpu.add_lora_logits) indexes prompt positions by request
             # (with or without an adapter loaded), so two requests with prompt logprobs in one step fail;
-            # one request per step is exact.
-            outs = [o for j in joined for o in self.llm.generate(self._prompts([j]), params, use_tqdm=False,
-                                                                 lora_request=self.lora)]
+            # one request per step is exact (across threads too: generation requests carry no prompt logprobs).
+            with self._scoring:
+                outs = [o for j in joined for o in self._run([j], [params])]
         else:
-            outs = self.llm.generate(self._prompts(joined), params, use_tqdm=False, lora_request=self.lora)
+            outs = self._run(joined, [params] * len(joined))
         scores = []
         for o, p, r in zip(outs, prompts, responses, strict=True):
             tail = o.prompt_logprobs[len(p):]
@@ -314,6 +362,10 @@ class VLLMEngine:
 
     def close_sync(self):
         self.llm.collective_rpc("tspin_close_sync")
+
+
+def _failure(outputs: dict) -> BaseException | None:
+    return next((v for v in outputs.values() if isinstance(v, BaseException)), None)
 
 
 def vllm_lora_rank(r: int) -> int:

@@ -17,6 +17,7 @@ that checkpoint's (a restarted actor, or one that missed or failed a broadcast) 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -39,31 +40,36 @@ class Generator:
         self.stage: GenerateStage | None = None
         self.loaded: str | None = None
         self.asleep = False
+        self._setup = threading.Lock()  # batches that run at once (a vLLM engine's slots) load it once
 
     def warm(self, phase: GenPhase | None, backend: str) -> str:
         """Get ready before the first batch: load `phase`'s engine, or (its checkpoint not written yet)
         import the engine's libraries. Returns which checkpoint the engine holds ("" for none)."""
-        if phase is not None and self.stage is None:
-            self.stage = GenerateStage(phase)
-            self.loaded = phase.model_path
-        elif phase is None:
+        if phase is not None:
+            with self._setup:
+                if self.stage is None:
+                    self.stage = GenerateStage(phase)
+                    self.loaded = phase.model_path
+        else:
             import importlib
 
             importlib.import_module("vllm" if backend == "vllm" else "transformers")
         return self.loaded or ""
 
     def run(self, batch: dict, phase: GenPhase) -> dict:
-        if self.stage is None:
-            self.stage = GenerateStage(phase)
-        else:
-            self.wake()
-            self.stage.load_seconds = 0.0
-            if phase.model_path != self.loaded:
-                t0 = time.time()
-                self.stage.engine.reload(phase.model_path)
-                self.stage.load_seconds = time.time() - t0
-            self.stage.set_phase(phase)
-        self.loaded = phase.model_path
+        with self._setup:
+            if self.stage is None:
+                self.stage = GenerateStage(phase)
+            else:
+                self.wake()
+                if phase.model_path != self.loaded:
+                    t0 = time.time()
+                    self.stage.engine.reload(phase.model_path)
+                    self.stage.load_seconds = time.time() - t0
+                elif self.stage.phase != phase:  # a new phase on the same weights: it loaded nothing
+                    self.stage.load_seconds = 0.0
+                self.stage.set_phase(phase)
+            self.loaded = phase.model_path
         return self.stage(batch)
 
     def sleep(self) -> bool:
@@ -123,9 +129,12 @@ class GeneratorPool:
     """`generators_max` long-lived Generator actors: in a placement group of their own, or (colocated)
     actor i in bundle i of the trainers' group, so it shares trainer rank i's node and GPU."""
 
-    def __init__(self, cfg, timeout_s: float = 600.0, share_pg=None):
+    def __init__(self, cfg, timeout_s: float = 600.0, share_pg=None, slots: int | None = None):
         r, g = cfg.resources, cfg.generation
         self.cfg, self.n, self.timeout_s = cfg, r.generators_max, timeout_s
+        # Batches one actor runs at once (generation.engine_batches): a vLLM engine steps their requests
+        # together, so the next fills the tail of the one before (engines.VLLMEngine._run).
+        self.slots = slots or g.engine_batches
         self.own_pg = share_pg is None
         self.pg = share_pg
         self._sync = None  # (members, key, host, port) of the sync group the generators and trainers keep
@@ -142,7 +151,7 @@ class GeneratorPool:
         self.actors = [
             GeneratorActor.options(
                 num_cpus=r.generator_cpus, num_gpus=r.generator_gpus, resources=r.generator_resources or None,
-                max_restarts=g.max_attempts, max_task_retries=g.max_attempts,
+                max_restarts=g.max_attempts, max_task_retries=g.max_attempts, max_concurrency=self.slots,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote()
             for i in range(self.n)
@@ -167,7 +176,7 @@ class GeneratorPool:
         # such a task only queues one batch behind another on its actor.
         while not self.idle.empty():
             self.idle.get_nowait()
-        for i in range(self.n):
+        for i in list(range(self.n)) * self.slots:
             self.idle.put(i)
         ds = block_dataset(parts)
         with warnings.catch_warnings():
@@ -176,8 +185,8 @@ class GeneratorPool:
                 _forward, batch_size=None, batch_format="numpy", num_cpus=0.01,  # a block each
                 fn_kwargs={"actors": self.actors, "idle": self.idle, "phase": phase,
                            "timeout_s": self.cfg.generation.timeout_s},
-                # one batch running and one waiting per actor: an engine that finishes finds the next at once
-                compute=ray.data.TaskPoolStrategy(size=min(len(parts), 2 * self.n)),
+                # each actor's slots busy and one batch waiting: an engine that finishes one finds the next
+                compute=ray.data.TaskPoolStrategy(size=min(len(parts), (self.slots + 1) * self.n)),
                 max_retries=max_attempts)
 
     def sync(self, trainers, path) -> dict:

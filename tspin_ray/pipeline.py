@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -197,6 +198,18 @@ def shard_origins(path: Path) -> dict[Path, set[tuple[str, str]]]:
         t = pq.read_table(f, columns=["checkpoint", "scorer"])
         out[f] = set(zip(t.column("checkpoint").to_pylist(), t.column("scorer").to_pylist(), strict=True))
     return out
+
+
+def set_aside(out: Path, usable) -> dict[Path, list]:
+    """Move every shard of `out` holding a row whose (checkpoint, scorer) origin `usable` rejects into
+    out/stale/; returns {shard: its rejected origins}."""
+    stale = {f: sorted(o for o in origins if not usable(o)) for f, origins in shard_origins(out).items()}
+    stale = {f: o for f, o in stale.items() if o}
+    if stale:
+        (out / "stale").mkdir(exist_ok=True)
+        for f in stale:
+            shutil.move(str(f), str(out / "stale" / f.name))
+    return stale
 
 
 def check_complete(table: pa.Table | None, expected: list[tuple[int, str]], samples: int, what: str) -> None:

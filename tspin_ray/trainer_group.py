@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.data.dataset import MaterializedDataset
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -85,11 +84,10 @@ def check_resources(cfg: RunConfig, strict: bool) -> None:
 def rank_iterators(ds: ray.data.Dataset, n: int) -> list:
     """One DataIterator per trainer rank, each with the same number of rows.
 
-    Rows already in the object store (an epoch read back from disk, SFT rows) are cut into n equal
-    slices: no coordinator actor, no per-batch round trip to it. A lazy stream (generation) goes
-    through `streaming_split`, or with one rank straight to it (`iterator()` executes in the rank)."""
-    if isinstance(ds, MaterializedDataset):
-        return [part.iterator() for part in ds.split(n, equal=True)]
+    One rank reads the dataset directly (`iterator()` executes it in the rank): no SplitCoordinator actor,
+    which costs a second to the first batch of every epoch and polls at 10% of a core while the rank
+    steps (docs/performance.md). Several ranks share it through `streaming_split`, which hands out blocks
+    as the ranks ask, so every global batch keeps rows of one stretch of the stream."""
     if n == 1:
         return [ds.iterator()]
     return ds.streaming_split(n, equal=True)

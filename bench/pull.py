@@ -9,8 +9,8 @@ engines, each run `repeats` times, alternating:
 - round robin: batch b to actor b mod 2 (what the pool did first, rebuilt here over the same actors);
 - pulled: each batch to whichever actor is idle, one batch per engine call (`slots=1`);
 - pulled, shared steps (vLLM only): two batches run at once on each actor and their requests share the
-  engine's steps, so the next batch fills the tail of the one before (`slots=2`, the pool's default
-  for vLLM; engines.VLLMEngine._run).
+  engine's steps, so the next batch fills the tail of the one before (`slots=2`, what
+  `generation.engine_batches: 2` sets; engines.VLLMEngine._run).
 Phase wall = dataset creation to the last row; tokens/s over that wall.
 """
 

@@ -92,14 +92,18 @@ def run(cfg, out_dir: Path) -> dict:
 
     from tspin_ray.driver import prepare
     from tspin_ray.engines import make_engine
+    from tspin_ray.objectives import needs_ref
     from tspin_ray.phases import phase_for, prompt_rows, shuffled
     from tspin_ray.pipeline import derive_seed
     from tspin_ray.trainer import Trainer, free_port
 
     t_start = time.time()
     prep = prepare(cfg)
-    if cfg.needs_sft_stage or cfg.objective.name not in ("tspin", "spin", "space") or cfg.resources.trainers != 1:
-        raise SystemExit("bench.sequential runs self-play from model.path with one trainer (no SFT stage)")
+    obj = cfg.objective
+    if (cfg.needs_sft_stage or obj.name != "tspin" or needs_ref(obj.name, obj.loss_params)
+            or cfg.resources.trainers != 1):
+        raise SystemExit("bench.sequential runs T-SPIN without a reference (no dpop_lambda) from model.path, with "
+                         "one trainer and no SFT stage")
     g, tr = cfg.generation, cfg.training
     pi = Path(cfg.model.path).resolve()
     kw0 = phase_for(cfg, pi, 0, samples=cfg.samples_per_prompt, temperature=g.temperature,

@@ -124,8 +124,9 @@ class GenerationConfig:
     colocate: bool = _f(False, "Generators share the trainers' GPUs (persistent engines sleep while trainers "
                                "train; generation is not streamed into training). For one node.")
     engine_batches: int = _f(1, "Batches a long-lived vLLM engine runs at once, their requests sharing its steps "
-                                "(the next fills the tail of the one before). 2 is for GPUs; on CPU it gains nothing "
-                                "(docs/performance.md).")
+                                "(the next fills the tail of the one before). 2 is for GPUs, untested there; on CPU "
+                                "it gains nothing. Which requests share a step then depends on timing, and on GPUs "
+                                "so may the last bits of a sample (docs/performance.md).")
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",

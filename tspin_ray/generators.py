@@ -45,15 +45,18 @@ class Generator:
     def warm(self, phase: GenPhase | None, backend: str) -> str:
         """Get ready before the first batch: load `phase`'s engine, or (its checkpoint not written yet)
         import the engine's libraries. Returns which checkpoint the engine holds ("" for none)."""
-        if phase is not None:
-            with self._setup:
-                if self.stage is None:
-                    self.stage = GenerateStage(phase)
-                    self.loaded = phase.model_path
-        else:
-            import importlib
+        try:
+            if phase is not None:
+                with self._setup:
+                    if self.stage is None:
+                        self.stage = GenerateStage(phase)
+                        self.loaded = phase.model_path
+            else:
+                import importlib
 
-            importlib.import_module("vllm" if backend == "vllm" else "transformers")
+                importlib.import_module("vllm" if backend == "vllm" else "transformers")
+        except Exception as e:  # the first batch builds the engine again and fails with the message
+            return f"error: {e}"
         return self.loaded or ""
 
     def run(self, batch: dict, phase: GenPhase) -> dict:

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from statistics import fmean as mean
 
 import yaml
 
@@ -83,11 +84,6 @@ def ray_iterations(run_dir: Path) -> list[dict]:
         it.update(steps_s=sum(r["step_s"] for r in steps), steps=len(steps),
                   tokens=int(sum(shards.column("gen_tokens").to_pylist())))
     return its
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def run(ctx: Context) -> dict:

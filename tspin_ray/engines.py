@@ -271,14 +271,14 @@ class VLLMEngine:
             self._owner[rid] = mine
             self._pending.put((rid, prompt, sp))
         try:
-            while any(v is None for v in mine.values()) and not _failure(mine):
+            while None in mine.values() and not _failure(mine):
                 # A timed wait: the stepping caller re-takes the lock at once, and a caller whose outputs it
                 # has finished must not wait for the stepper's own to finish too.
                 if not self._lock.acquire(timeout=0.01):
                     continue
                 try:
                     self._add_pending()
-                    if any(v is None for v in mine.values()) and engine.has_unfinished_requests():
+                    if None in mine.values() and engine.has_unfinished_requests():
                         for out in engine.step():
                             if out.finished:
                                 self._owner.pop(out.request_id)[out.request_id] = out

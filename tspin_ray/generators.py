@@ -42,9 +42,10 @@ class Generator:
         self.asleep = False
         self._setup = threading.Lock()  # batches that run at once (a vLLM engine's slots) load it once
 
-    def warm(self, phase: GenPhase | None, backend: str) -> str:
-        """Get ready before the first batch: load `phase`'s engine, or (its checkpoint not written yet)
-        import the engine's libraries. Returns which checkpoint the engine holds ("" for none)."""
+    def warm(self, phase: GenPhase | None, backend: str) -> None:
+        """Get ready before the first batch: load `phase`'s engine, or (no checkpoint to load yet) import
+        the engine's libraries. Never raises: a failed load fails again, with its message, at the first
+        batch (and an unread error would print Ray's "unhandled error")."""
         try:
             if phase is not None:
                 with self._setup:
@@ -55,9 +56,8 @@ class Generator:
                 import importlib
 
                 importlib.import_module("vllm" if backend == "vllm" else "transformers")
-        except Exception as e:  # the first batch builds the engine again and fails with the message
-            return f"error: {e}"
-        return self.loaded or ""
+        except Exception:
+            pass
 
     def run(self, batch: dict, phase: GenPhase) -> dict:
         with self._setup:
@@ -160,14 +160,14 @@ class GeneratorPool:
             for i in range(self.n)
         ]
         self.idle = Queue(actor_options={"num_cpus": 0})  # indices of the actors with no batch running
-        self.warming: list = []
 
     def warm(self, phase: GenPhase | None) -> None:
         """Every actor starts loading `phase`'s engine (or importing its libraries) now, without waiting:
         the driver goes on starting the trainers meanwhile. A failed load fails again, with its message,
         at the actor's first batch."""
         backend = phase.engine.backend if phase is not None else self.cfg.generation.backend
-        self.warming = [a.warm.remote(phase, backend) for a in self.actors]
+        for a in self.actors:
+            a.warm.remote(phase, backend)
 
     def dataset(self, rows: pa.Table, phase: GenPhase, batch_size: int, max_attempts: int,
                 first: tuple[int, ...] = ()) -> ray.data.Dataset:

@@ -246,7 +246,7 @@ class Trainer:
         """train_epoch as it happens: yields None as each micro-batch arrives and each step's record as
         it completes. The group runs it as a streaming generator, so its watchdog sees progress without
         calling into the actor while it trains (a threaded actor, to answer such calls, trained ~8%
-        slower: bench/self_play.py).
+        slower: docs/performance.md).
 
         The shard is an equal split, so every rank sees the same number of micro-batches and the ranks
         step in lock-step. Only full micro-batches train and a trailing partial global batch is skipped

@@ -89,16 +89,23 @@ def test_vllm_batches_from_two_threads_share_steps_and_keep_their_samples(tiny_c
     """A long-lived generator runs two batches at once (GeneratorPool.slots): their requests are stepped
     together, so the second fills the first one's tail, and each caller gets exactly its own samples and
     scores, as it would alone (per-sample seeds)."""
-    import threading
-
     pytest.importorskip("vllm")
     engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64)
+    check_two_threads_share_steps(engine, dict(max_new_tokens=12, temperature=1.0, top_p=1.0))
+
+
+def check_two_threads_share_steps(engine, params: dict) -> None:
+    """Two threads' batches through one engine (`generation.engine_batches: 2`) each get what they get
+    alone, in fewer engine steps than one after the other; a refused request fails only its own call.
+    Also run on CUDA vLLM (tests/test_gpu.py), where the threads step the GPU model in turn."""
+    import threading
+
     prompts = _ids(engine) * 4  # 16 requests per batch
-    seeds = {"a": list(range(16)), "b": list(range(100, 116))}
-    params = dict(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    # b's prompts in another order: a caller handed the other's outputs fails the check, greedy too
+    batches = {"a": (prompts, list(range(16))), "b": (prompts[::-1], list(range(100, 116)))}
     step, steps = engine.llm.llm_engine.step, []
     engine.llm.llm_engine.step = lambda: steps.append(1) or step()
-    alone = {k: engine.generate(prompts, s, **params) for k, s in seeds.items()}
+    alone = {k: engine.generate(p, s, **params) for k, (p, s) in batches.items()}
     alone_steps, steps[:] = len(steps), []
     scores_alone = engine.score(prompts[:4], alone["a"][:4])
     steps[:] = []
@@ -106,12 +113,12 @@ def test_vllm_batches_from_two_threads_share_steps_and_keep_their_samples(tiny_c
 
     def call(key):
         try:
-            got[key] = engine.generate(prompts, seeds[key], **params)
+            got[key] = engine.generate(*batches[key], **params)
             got[key + "-score"] = engine.score(prompts[:4], alone["a"][:4])
         except Exception as e:  # surfaced below: a thread's exception would vanish
             errors.append(e)
 
-    threads = [threading.Thread(target=call, args=(k,)) for k in seeds]
+    threads = [threading.Thread(target=call, args=(k,)) for k in batches]
     for t in threads:
         t.start()
     for t in threads:
@@ -124,7 +131,7 @@ def test_vllm_batches_from_two_threads_share_steps_and_keep_their_samples(tiny_c
     # A request vLLM refuses (longer than max_model_len) fails its own call only, and leaves nothing behind.
     with pytest.raises(Exception, match="maximum context length"):
         engine.generate([prompts[0] * 20], [0], **params)
-    assert not engine._owner and engine.generate(prompts, seeds["a"], **params) == alone["a"]
+    assert not engine._owner and engine.generate(*batches["a"], **params) == alone["a"]
 
 
 def reference_logprob_gap(ckpt, dtype: str, **engine_kwargs) -> float:

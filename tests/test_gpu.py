@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_engines import reference_logprob_gap
+from tests.test_engines import check_two_threads_share_steps, reference_logprob_gap
 from tests.test_trainer import _group_step, _rows
 from tspin_ray.engines import HFEngine, make_engine
 from tspin_ray.modeling import load_model
@@ -47,6 +47,15 @@ def test_vllm_sleep_frees_gpu_memory_and_wake_restores_the_same_outputs(tiny_ckp
     assert freed > 0.1 * 0.3 * torch.cuda.mem_get_info()[1]  # most of its 30% share
     engine.wake()
     assert engine.generate(prompts, [0] * 4, **GREEDY) == before
+
+
+def test_vllm_gpu_batches_from_two_threads_share_steps(tiny_ckpt):
+    """`generation.engine_batches: 2` on CUDA vLLM: two callers' threads take turns stepping the one
+    engine (its core runs in this process). Greedy, so the check does not hang on whether sampling
+    reproduces under another batch composition (docs/cluster.md warns that it may not on GPUs)."""
+    pytest.importorskip("vllm")
+    engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64, gpu_memory_utilization=0.3)
+    check_two_threads_share_steps(engine, GREEDY)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-3), ("bfloat16", 0.25)])

@@ -26,7 +26,8 @@ class ListShard:
     def __init__(self, rows: list[dict]):
         self.rows = rows
 
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False):
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
+                     prefetch_batches: int = 1):  # rows already in memory: nothing to fetch ahead
         for i in range(0, len(self.rows), batch_size):
             chunk = self.rows[i:i + batch_size]
             if drop_last and len(chunk) < batch_size:

@@ -58,6 +58,41 @@ def test_a_ramp_of_small_first_batches_changes_no_sample(ray_session, tiny_ckpt,
     assert {r["prompt_id"]: list(map(list, r["generated_ids"])) for r in ramped} == by_id
 
 
+def test_a_trainer_gets_the_first_block_while_the_second_is_still_made(ray_session, tmp_path):
+    """A streamed epoch's first micro-batch reaches the trainer as soon as the first generation batch
+    exists (trainer.micro_batches), not once the second does too, as Ray Data's default prefetch window
+    would have it: then the ramp's small first batch would gain nothing."""
+    import threading
+    import time
+
+    from tspin_ray.pipeline import block_dataset
+    from tspin_ray.trainer import micro_batches
+
+    gate, second_done = tmp_path / "gate", tmp_path / "second-done"
+
+    def make(batch):  # the second block waits for the gate (or 20 s), as a slow generation batch would
+        if batch["i"][0] >= 4:
+            deadline = time.time() + 20
+            while not gate.exists() and time.time() < deadline:
+                time.sleep(0.02)
+            second_done.touch()
+        return batch
+
+    ds = block_dataset([pa.table({"i": list(range(4))}), pa.table({"i": list(range(4, 12))})]).map_batches(
+        make, batch_size=None, batch_format="numpy", num_cpus=0.01)
+    got = []
+
+    def consume():
+        for b in micro_batches(ds.iterator(), 4):
+            got.append((b["i"].tolist(), second_done.exists()))
+            gate.touch()
+
+    t = threading.Thread(target=consume)
+    t.start()
+    t.join(timeout=120)
+    assert got == [([0, 1, 2, 3], False), ([4, 5, 6, 7], True), ([8, 9, 10, 11], True)]
+
+
 def test_sample_seed_is_a_function_of_its_key():
     assert sample_seed(0, 1, "p1", 0) == sample_seed(0, 1, "p1", 0)
     keys = {(s, t, p, k) for s in (0, 1) for t in (0, 1) for p in ("a", "b") for k in (0, 1)}

@@ -79,6 +79,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def micro_batches(iterator, size: int):
+    """A rank's micro-batches as each arrives. No prefetch: Ray Data's prefetch window hands a block out
+    only once the next block exists, so a streamed epoch's first step would wait for the second generation
+    batch instead of the first (and phases.ramp's small first batches would gain nothing)."""
+    return iterator.iter_batches(batch_size=size, batch_format="numpy", drop_last=True, prefetch_batches=0)
+
+
 class Trainer:
     """One rank of the trainer group. Plain class so a test can run it in-process; `TrainerActor` is it
     as a Ray actor."""
@@ -256,7 +263,7 @@ class Trainer:
         pending = []
         limit = self.total_steps if max_steps is None else max_steps
         ready = time.time()  # since when this rank has waited for data: the epoch's start, then each step's end
-        for batch in iterator.iter_batches(batch_size=self.micro, batch_format="numpy", drop_last=True):
+        for batch in micro_batches(iterator, self.micro):
             yield None
             if self.step >= limit:
                 continue  # drain the shard so the split coordinator is not left waiting

@@ -101,11 +101,13 @@ def check_two_threads_share_steps(engine, params: dict) -> None:
     import threading
 
     prompts = _ids(engine) * 4  # 16 requests per batch
-    # b's prompts in another order: a caller handed the other's outputs fails the check, greedy too
+    # b: other prompts' order, seeds and length cap, so a caller handed the other's outputs fails, greedy too
     batches = {"a": (prompts, list(range(16))), "b": (prompts[::-1], list(range(100, 116)))}
+    kwargs = {"a": params, "b": dict(params, max_new_tokens=params["max_new_tokens"] - 4)}
     step, steps = engine.llm.llm_engine.step, []
     engine.llm.llm_engine.step = lambda: steps.append(1) or step()
-    alone = {k: engine.generate(p, s, **params) for k, (p, s) in batches.items()}
+    alone = {k: engine.generate(*batches[k], **kwargs[k]) for k in batches}
+    assert alone["a"] != alone["b"]  # else the ownership check below would prove nothing
     alone_steps, steps[:] = len(steps), []
     scores_alone = engine.score(prompts[:4], alone["a"][:4])
     steps[:] = []
@@ -113,7 +115,7 @@ def check_two_threads_share_steps(engine, params: dict) -> None:
 
     def call(key):
         try:
-            got[key] = engine.generate(*batches[key], **params)
+            got[key] = engine.generate(*batches[key], **kwargs[key])
             got[key + "-score"] = engine.score(prompts[:4], alone["a"][:4])
         except Exception as e:  # surfaced below: a thread's exception would vanish
             errors.append(e)
@@ -132,6 +134,7 @@ def check_two_threads_share_steps(engine, params: dict) -> None:
     with pytest.raises(Exception, match="maximum context length"):
         engine.generate([prompts[0] * 20], [0], **params)
     assert not engine._owner and engine.generate(*batches["a"], **params) == alone["a"]
+    engine.llm.llm_engine.step = step  # no cycle through the lambda: the engine can be freed
 
 
 def reference_logprob_gap(ckpt, dtype: str, **engine_kwargs) -> float:

@@ -58,10 +58,12 @@ def test_a_ramp_of_small_first_batches_changes_no_sample(ray_session, tiny_ckpt,
     assert {r["prompt_id"]: list(map(list, r["generated_ids"])) for r in ramped} == by_id
 
 
-def test_a_trainer_gets_the_first_block_while_the_second_is_still_made(ray_session, tmp_path):
+@pytest.mark.parametrize("split", [False, True], ids=["iterator", "streaming_split"])
+def test_a_trainer_gets_the_first_block_while_the_second_is_still_made(ray_session, tmp_path, split):
     """A streamed epoch's first micro-batch reaches the trainer as soon as the first generation batch
     exists (trainer.micro_batches), not once the second does too, as Ray Data's default prefetch window
-    would have it: then the ramp's small first batch would gain nothing."""
+    would have it: then the ramp's small first batch would gain nothing. Both ways a rank reads
+    (trainer_group.rank_iterators): the dataset's own iterator, and a streaming_split shard."""
     import threading
     import time
 
@@ -70,9 +72,9 @@ def test_a_trainer_gets_the_first_block_while_the_second_is_still_made(ray_sessi
 
     gate, second_done = tmp_path / "gate", tmp_path / "second-done"
 
-    def make(batch):  # the second block waits for the gate (or 20 s), as a slow generation batch would
+    def make(batch):  # the second block waits for the gate (or 60 s), as a slow generation batch would
         if batch["i"][0] >= 4:
-            deadline = time.time() + 20
+            deadline = time.time() + 60
             while not gate.exists() and time.time() < deadline:
                 time.sleep(0.02)
             second_done.touch()
@@ -80,16 +82,21 @@ def test_a_trainer_gets_the_first_block_while_the_second_is_still_made(ray_sessi
 
     ds = block_dataset([pa.table({"i": list(range(4))}), pa.table({"i": list(range(4, 12))})]).map_batches(
         make, batch_size=None, batch_format="numpy", num_cpus=0.01)
-    got = []
+    iterator = ds.streaming_split(1, equal=True)[0] if split else ds.iterator()
+    got, errors = [], []
 
     def consume():
-        for b in micro_batches(ds.iterator(), 4):
-            got.append((b["i"].tolist(), second_done.exists()))
-            gate.touch()
+        try:
+            for b in micro_batches(iterator, 4):
+                got.append((b["i"].tolist(), second_done.exists()))
+                gate.touch()
+        except Exception as e:  # surfaced below: a thread's exception would vanish
+            errors.append(e)
 
-    t = threading.Thread(target=consume)
+    t = threading.Thread(target=consume, daemon=True)
     t.start()
-    t.join(timeout=120)
+    t.join(timeout=180)
+    assert not t.is_alive() and not errors
     assert got == [([0, 1, 2, 3], False), ([4, 5, 6, 7], True), ([8, 9, 10, 11], True)]
 
 

@@ -82,7 +82,9 @@ def free_port() -> int:
 def micro_batches(iterator, size: int):
     """A rank's micro-batches as each arrives. No prefetch: Ray Data's prefetch window hands a block out
     only once the next block exists, so a streamed epoch's first step would wait for the second generation
-    batch instead of the first (and phases.ramp's small first batches would gain nothing)."""
+    batch instead of the first (and phases.ramp's small first batches would gain nothing). Ray 2.60 still
+    starts its block-prefetcher thread and, with no prefetch, never stops it: one parked thread per call
+    (per epoch), holding no data."""
     return iterator.iter_batches(batch_size=size, batch_format="numpy", drop_last=True, prefetch_batches=0)
 
 

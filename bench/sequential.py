@@ -67,15 +67,11 @@ def generate_batch(engine, fmt, chunk: list[dict], kw) -> dict[str, list]:
 
 
 def begin_kwargs(cfg, n_rows: int, t: int = 0) -> dict:
-    """The optimizer setup Driver.begin_training gives the trainers for iteration t over n_rows rows."""
-    obj = cfg.objective.for_iteration(t, cfg.iterations)
-    n, tr = cfg.resources.trainers, cfg.training
-    steps = (n_rows // n) // (tr.global_batch_size // n)
-    return dict(objective=obj.name, params=obj.loss_params,
-                optimizer=tr.optimizer, lr=tr.lr_for_iteration(t, cfg.iterations), weight_decay=tr.weight_decay,
-                schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=steps * tr.epochs,
-                micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
-                grad_clip=tr.grad_clip)
+    """What Driver.begin_training gives the trainers for iteration t over n_rows rows (Driver.plan's steps)."""
+    from tspin_ray.trainer_group import optimizer_setup
+
+    n = cfg.resources.trainers
+    return optimizer_setup(cfg, t, (n_rows // n) // (cfg.training.global_batch_size // n))
 
 
 def generate_all(engine, fmt, rows: list[dict], kw, batch_size: int) -> list[dict]:

@@ -39,7 +39,7 @@ from tspin_ray.progress import Progress
 from tspin_ray.proto import ITERATION_0, SEPARATE, y0_of_iteration_0, y0_source
 from tspin_ray.rundir import RunDir, atomic_dir, listing_identity
 from tspin_ray.summary import iteration_summary
-from tspin_ray.trainer_group import TrainerGroup, ensure_ray
+from tspin_ray.trainer_group import TrainerGroup, ensure_ray, optimizer_setup
 
 MAX_TRAINER_ATTEMPTS = 3  # a phase whose trainers keep dying fails instead of looping
 
@@ -331,12 +331,7 @@ class Driver:
 
     def begin_training(self, plan: Plan, pi_t: Path) -> None:
         """Trainers on pi_t with a fresh optimizer and schedule (the papers restart them every iteration)."""
-        c, obj, tr = self.cfg, plan.objective, self.cfg.training
-        self.trainer_group(pi_t).begin(
-            objective=obj.name, params=obj.loss_params,
-            optimizer=tr.optimizer, lr=tr.lr_for_iteration(plan.t, c.iterations), weight_decay=tr.weight_decay,
-            schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=plan.steps_per_epoch * tr.epochs,
-            micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
+        self.trainer_group(pi_t).begin(**optimizer_setup(self.cfg, plan.t, plan.steps_per_epoch))
 
     def generations_for(self, plan: Plan) -> ray.data.Dataset | None:
         """The lazy stream epoch 0 trains on while it is generated; otherwise (resumed mid-generation, or

@@ -48,10 +48,7 @@ class Generator:
         batch (and an unread error would print Ray's "unhandled error")."""
         try:
             if phase is not None:
-                with self._setup:
-                    if self.stage is None:
-                        self.stage = GenerateStage(phase)
-                        self.loaded = phase.model_path
+                self._prepare(phase)
             else:
                 import importlib
 
@@ -60,6 +57,11 @@ class Generator:
             pass
 
     def run(self, batch: dict, phase: GenPhase) -> dict:
+        self._prepare(phase)
+        return self.stage(batch)
+
+    def _prepare(self, phase: GenPhase) -> None:
+        """The engine holds `phase`'s weights and settings: built on first use, else woken and reloaded."""
         with self._setup:
             if self.stage is None:
                 self.stage = GenerateStage(phase)
@@ -73,7 +75,6 @@ class Generator:
                     self.stage.load_seconds = 0.0
                 self.stage.set_phase(phase)
             self.loaded = phase.model_path
-        return self.stage(batch)
 
     def sleep(self) -> bool:
         """Colocated mode: give the accelerator memory back to the trainers until the next batch."""

@@ -81,6 +81,15 @@ def check_resources(cfg: RunConfig, strict: bool) -> None:
         print(f"warning: cluster has too few resources now ({', '.join(short)}); waiting for the autoscaler")
 
 
+def optimizer_setup(cfg: RunConfig, t: int, steps_per_epoch: int) -> dict:
+    """Trainer.begin's arguments for iteration t: its objective, lr and a schedule over all its epochs."""
+    obj, tr = cfg.objective.for_iteration(t, cfg.iterations), cfg.training
+    return dict(objective=obj.name, params=obj.loss_params, optimizer=tr.optimizer,
+                lr=tr.lr_for_iteration(t, cfg.iterations), weight_decay=tr.weight_decay, schedule=tr.schedule,
+                warmup_ratio=tr.warmup_ratio, total_steps=steps_per_epoch * tr.epochs,
+                micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
+
+
 def rank_iterators(ds: ray.data.Dataset, n: int) -> list:
     """One DataIterator per trainer rank, each with the same number of rows.
 

@@ -13,7 +13,7 @@ the numbers are for reading, not for asserting.
 
 import os
 
-# The same process environment the test-suite and the Ray workers use (tspin_ray.trainer_group.WORKER_ENV):
+# The same process environment the test-suite and the Ray workers use (tspin_ray.controller.trainer_group.WORKER_ENV):
 # no hub access, no tokenizer thread pools fighting torch's, vLLM's in-process engine core on CPU.
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                      "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",

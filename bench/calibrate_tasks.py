@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from tspin_ray import tasks as task_lib
-from tspin_ray.config import TinyModelSpec
-from tspin_ray.formatting import chat_format
-from tspin_ray.logprobs import response_lengths, sequence_logprobs
-from tspin_ray.modeling import build_tiny_model, build_tokenizer
+from tspin_ray.algorithms.logprobs import response_lengths, sequence_logprobs
+from tspin_ray.config.schema import TinyModelSpec
+from tspin_ray.data import tasks as task_lib
+from tspin_ray.models.chat_format import chat_format
+from tspin_ray.models.tiny import build_tiny_model, build_tokenizer
 
 
 def greedy_exact_match(model, tokenizer, rows: list[dict], batch_size: int = 200) -> float:

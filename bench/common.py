@@ -89,20 +89,20 @@ def median(values) -> float:
 
 # ------------------------------------------------------------ models and prompts
 # The GPU sizes' model: a real architecture at 0.52B (Qwen2: GQA, tied embeddings, byte-level BPE;
-# tspin_ray/families.py), small enough for the GPU kit's 8 minutes (bench/gpu_kit), large enough that a
+# tspin_ray/models/families.py), small enough for the GPU kit's 8 minutes (bench/gpu_kit), large enough that a
 # step measures compute, not launches.
 GPU_MODEL = dict(family="qwen2", hidden_size=1536, num_layers=20, num_heads=12, intermediate_size=4096,
                  max_position_embeddings=1024)
 
 def tiny_spec(**overrides):
-    from tspin_ray.config import TinyModelSpec
+    from tspin_ray.config.schema import TinyModelSpec
 
     return TinyModelSpec(**overrides)
 
 
 def make_checkpoint(path: Path, seed: int = 0, **spec) -> Path:
-    """A random tiny Llama + character tokenizer (tspin_ray.modeling.save_tiny), once per path."""
-    from tspin_ray.modeling import save_tiny
+    """A random tiny Llama + character tokenizer (tspin_ray.models.tiny.save_tiny), once per path."""
+    from tspin_ray.models.tiny import save_tiny
 
     if not (Path(path) / "config.json").exists():
         save_tiny(path, tiny_spec(seed=seed, **spec))
@@ -127,8 +127,8 @@ def param_count(path: Path) -> int:
 
 
 def task_examples(n: int, seed: int = 0) -> list[dict]:
-    """n distinct `addition` examples {id, prompt, response} (tspin_ray.tasks)."""
-    from tspin_ray.tasks import TASKS
+    """n distinct `addition` examples {id, prompt, response} (tspin_ray.data.tasks)."""
+    from tspin_ray.data.tasks import TASKS
 
     return TASKS["addition"].make(n, seed)
 
@@ -141,7 +141,7 @@ def encoded_prompts(fmt, examples: list[dict]) -> list[list[int]]:
 # ------------------------------------------------------------ Ray
 def worker_env() -> dict:
     """tspin_ray's worker environment, plus the repo on PYTHONPATH so actors can unpickle bench code."""
-    from tspin_ray.trainer_group import WORKER_ENV
+    from tspin_ray.controller.trainer_group import WORKER_ENV
 
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**WORKER_ENV, "PYTHONPATH": path}
@@ -170,9 +170,9 @@ def ray_session():
 
 
 def data_context() -> None:
-    """Ray Data settings exactly as tspin_ray.trainer_group.ensure_ray makes them for a run."""
-    from tspin_ray.config import from_dict
-    from tspin_ray.trainer_group import ensure_ray
+    """Ray Data settings exactly as tspin_ray.controller.trainer_group.ensure_ray makes them for a run."""
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.trainer_group import ensure_ray
 
     ensure_ray(from_dict({"model": {"tiny": {}}, "data": {"task": "addition"},
                           "resources": {"trainer_cpus": 1, "generator_cpus": 1}}))

@@ -60,7 +60,7 @@ def throughput(engine, prompts: list[list[int]], batch: int, max_new_tokens: int
 
 def measure(backend: str, path: str, prompts, s: dict) -> dict:
     """Load one engine, measure every batch size, free it. Returns {batch: figures} plus the load time."""
-    from tspin_ray.engines import make_engine
+    from tspin_ray.workers.engines import make_engine
 
     t0 = now()
     kwargs = dict(dtype=s["dtype"], seed=0)
@@ -84,7 +84,7 @@ def vllm_missing() -> str | None:
 def run(ctx: Context) -> dict:
     import torch
 
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
 
     s = ctx.sizes(SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
@@ -152,7 +152,7 @@ PARITY_SIZES = {
 def parity(path: str, prompts: list[list[int]], dtype: str, max_new_tokens: int, gpu: bool) -> dict:
     """Sequence log-probs of vLLM samples, scored by vLLM (prompt_logprobs) and by the trainer's forward
     (`sequence_logprobs`, which HFEngine.score runs), both in `dtype`."""
-    from tspin_ray.engines import make_engine
+    from tspin_ray.workers.engines import make_engine
 
     kwargs = dict(dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.5} if gpu else {}))
     vllm = make_engine("vllm", path, **kwargs)
@@ -168,7 +168,7 @@ def parity(path: str, prompts: list[list[int]], dtype: str, max_new_tokens: int,
 
 
 def run_parity(ctx: Context) -> dict:
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
 
     missing = vllm_missing()
     if missing:

@@ -1,5 +1,5 @@
 """Log-probs without the full-vocabulary tensor: activation memory and tokens/s of one T-SPIN step at a
-128k vocabulary, the full-logits path (baseline) vs the chunked target log-probs (tspin_ray/logprobs.py).
+128k vocabulary, the full-logits path (baseline) vs the chunked target log-probs (tspin_ray/algorithms/logprobs.py).
 
     .venv/bin/python -m bench --only logprob_memory [--quick]
 
@@ -36,9 +36,9 @@ def measure(variant: str, s: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tspin_ray import logprobs
-    from tspin_ray.batches import batch_logprobs
-    from tspin_ray.objectives import get_objective
+    from tspin_ray.algorithms import logprobs
+    from tspin_ray.algorithms.inputs import batch_logprobs
+    from tspin_ray.algorithms.objectives import get_objective
 
     if variant == "full logits":
         logprobs._scored_head = lambda model: None  # the path every model took before the chunked one

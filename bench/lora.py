@@ -3,7 +3,7 @@
     .venv/bin/python -m bench --only lora [--quick]
 
 Sync is what a new iterate costs a long-lived generator with `generation.weight_sync: checkpoint`: the
-trainer writes it (full: `save_pretrained`; LoRA: `lora.export_adapter`, the adapter alone) and the running
+trainer writes it (full: `save_pretrained`; LoRA: `weight_export.export_adapter`, the adapter alone) and the running
 engine takes it up to its first generated token (full: `reload` of the weights; LoRA: a new adapter id,
 the base untouched). Memory: one T-SPIN `Trainer.train_step` (AdamW, fp32) in a fresh process per variant,
 peak anonymous memory over the process's memory after `load` (weights in), sampled every 2 ms: the step's
@@ -29,13 +29,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def spec(r: int):
-    from tspin_ray.config import LoraSpec
+    from tspin_ray.config.schema import LoraSpec
 
     return LoraSpec(r=r, alpha=2.0 * r, target_modules=TARGETS)
 
 
 def _trainer(path: str, r: int | None):
-    from tspin_ray.trainer import Trainer
+    from tspin_ray.workers.trainer_rank import Trainer
 
     trainer = Trainer(0, 1, "torch")
     trainer.load(path, lora=spec(r) if r else None)
@@ -59,7 +59,7 @@ def step_memory(path: str, r: int | None, s: dict) -> dict:
     process's anonymous memory sampled every 2 ms (the weights are mapped from the file until written)."""
     import torch
 
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
 
     torch.set_num_threads(1)
     trainer = _trainer(path, r)
@@ -102,9 +102,10 @@ def sync_times(path, work, s: dict, backend: str) -> dict:
 
     from bench.common import free_gpu
     from bench.weights import first_token
-    from tspin_ray.engines import make_engine
-    from tspin_ray.lora import export_adapter, size_bytes
-    from tspin_ray.modeling import load_model
+    from tspin_ray.models.checkpoints import load_model
+    from tspin_ray.models.lora import size_bytes
+    from tspin_ray.workers.engines import make_engine
+    from tspin_ray.workers.weight_export import export_adapter
 
     out = {"full": {"export_s": [], "reload_s": []}, "lora": {"export_s": [], "reload_s": []}}
     trainer = _trainer(str(path), s["r"])

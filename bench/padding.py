@@ -1,5 +1,5 @@
 """Padding: one T-SPIN step on rows of mixed lengths, a padded row per sequence (baseline) vs sequences
-packed into shared rows (tspin_ray/logprobs.py `pack_batch`).
+packed into shared rows (tspin_ray/algorithms/logprobs.py `pack_batch`).
 
     .venv/bin/python -m bench --only padding [--quick]
 
@@ -51,7 +51,7 @@ def sequences(batch: dict) -> list[tuple[list[int], list[int]]]:
 
 def positions(batch: dict, packed: bool) -> tuple[int, int]:
     """(tokens, positions) of the forward: unpadded tokens, and the ids tensor's size either way."""
-    from tspin_ray.logprobs import pack_batch, pad_batch
+    from tspin_ray.algorithms.logprobs import pack_batch, pad_batch
 
     prompts, responses = zip(*sequences(batch), strict=True)
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
@@ -63,9 +63,9 @@ def run(ctx: Context) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tspin_ray import logprobs
-    from tspin_ray.batches import batch_logprobs
-    from tspin_ray.objectives import get_objective
+    from tspin_ray.algorithms import logprobs
+    from tspin_ray.algorithms.inputs import batch_logprobs
+    from tspin_ray.algorithms.objectives import get_objective
 
     s = SIZES["quick" if ctx.quick else "gpu" if ctx.gpu else "full"]
     device = "cuda" if torch.cuda.is_available() else "cpu"

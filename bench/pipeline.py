@@ -56,7 +56,7 @@ def run_config(s: dict, out_dir) -> dict:
 
 def gen_phase(cfg, model_path, out_dir):
     """The GenPhase exactly as the Driver builds it for iteration 0 (Driver.plan)."""
-    from tspin_ray.phases import phase_for
+    from tspin_ray.rollout.phases import phase_for
 
     g = cfg.generation
     return phase_for(cfg, model_path, 0, samples=cfg.samples_per_prompt, temperature=g.temperature,
@@ -65,14 +65,14 @@ def gen_phase(cfg, model_path, out_dir):
 
 def generation(cfg, rows, phase):
     """The lazy generation dataset exactly as Driver.generate builds it."""
-    from tspin_ray.driver import Driver
+    from tspin_ray.controller.driver import Driver
 
     return Driver.generate(SimpleNamespace(cfg=cfg), rows, phase)
 
 
 # ------------------------------------------------------------ iteration
 def iteration_row(run_dir) -> dict:
-    from tspin_ray.metrics import read_rows
+    from tspin_ray.rundir.metrics import read_rows
 
     rows = [r for r in read_rows(run_dir / "metrics.jsonl") if r.get("phase") == "iteration" and r.get("iteration") == 0]
     if not rows:
@@ -84,8 +84,8 @@ def apart(driver, work) -> dict:
     """Generation alone and training alone, on the iteration's own inputs (pi_0, prompts, seeds, y0)."""
     import ray
 
-    from tspin_ray.phases import in_row_order, prompt_rows
-    from tspin_ray.pipeline import read_shards
+    from tspin_ray.rollout.phases import in_row_order, prompt_rows
+    from tspin_ray.rollout.shards import read_shards
 
     cfg = driver.cfg
     pi0 = driver.run.checkpoint(0)
@@ -105,8 +105,8 @@ def apart(driver, work) -> dict:
 
 
 def run_iteration(ctx: Context) -> dict:
-    from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, prepare
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.driver import Driver, prepare
 
     s = ctx.sizes(SIZES)
     cfg = from_dict(run_config(s, ctx.work / "run"))
@@ -155,10 +155,10 @@ def run_iteration(ctx: Context) -> dict:
 # ------------------------------------------------------------ Ray overhead
 def overhead_inputs(ctx: Context, s: dict):
     """Config, pi_t, and the iteration's rows with a fixed y0 per prompt (no generation needed for it)."""
-    from tspin_ray.config import from_dict
-    from tspin_ray.driver import prepare
-    from tspin_ray.modeling import load_format
-    from tspin_ray.phases import prompt_rows
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.driver import prepare
+    from tspin_ray.models.checkpoints import load_format
+    from tspin_ray.rollout.phases import prompt_rows
 
     cfg = from_dict(run_config(s, ctx.work / "unused"))
     prep = prepare(cfg)
@@ -173,9 +173,9 @@ def single_process(cfg, path, rows, out_dir) -> dict:
     """The same work with no Ray: one engine generating batch after batch, then Trainer in-process."""
     import torch
 
-    from tspin_ray.engines import make_engine
-    from tspin_ray.modeling import load_format
-    from tspin_ray.trainer import Trainer
+    from tspin_ray.models.checkpoints import load_format
+    from tspin_ray.workers.engines import make_engine
+    from tspin_ray.workers.trainer_rank import Trainer
 
     tr, batch = cfg.training, cfg.generation.batch_size
     kw = gen_phase(cfg, path, out_dir)
@@ -206,8 +206,8 @@ def ray_pipeline(cfg, path, rows, out_dir) -> dict:
     """The same work as Driver.iteration's streamed epoch: generation_dataset -> TrainerGroup.train_stream."""
     import numpy as np
 
-    from tspin_ray.pipeline import read_shards
-    from tspin_ray.trainer_group import TrainerGroup
+    from tspin_ray.controller.trainer_group import TrainerGroup
+    from tspin_ray.rollout.shards import read_shards
 
     t0 = now()
     group = TrainerGroup(cfg)
@@ -276,9 +276,9 @@ def run_ray_overhead(ctx: Context) -> dict:
 def run_persistent(ctx: Context) -> dict:
     """The same run (SFT, y0, N iterations) with the default per-phase generator pool and with long-lived
     generators + the broadcast weight sync: seconds per iteration, where the per-phase actor start goes."""
-    from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, prepare
-    from tspin_ray.metrics import read_rows
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.rundir.metrics import read_rows
 
     s = ctx.sizes(SIZES)
     iterations = 3 if ctx.quick else 4

@@ -50,7 +50,7 @@ def round_robin(pool, rows, phase, batch: int):
     import pyarrow as pa
     import ray
 
-    from tspin_ray.phases import blocks
+    from tspin_ray.rollout.phases import blocks
 
     actors, timeout = pool.actors, pool.cfg.generation.timeout_s
 
@@ -78,8 +78,8 @@ def measure(ds) -> dict:
 
 
 def run(ctx: Context) -> dict:
-    from tspin_ray.config import from_dict
-    from tspin_ray.generators import GeneratorPool
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.workers.generator_pool import GeneratorPool
 
     s = ctx.sizes(SIZES)
     path = make_checkpoint(ctx.work / "model")

@@ -27,7 +27,7 @@ SIZES = {
 
 def write_run(work: Path, s: dict):
     """Data file, config and tiny pi_0 of the synthetic run."""
-    from tspin_ray.config import from_dict
+    from tspin_ray.config.schema import from_dict
 
     data = work / "data.jsonl"
     rows = [{"prompt_id": f"p{i}", "prompt": f"{i // 1000}+{i % 1000}=", "response": str(i // 1000 + i % 1000)}
@@ -46,7 +46,7 @@ def fill_shards(driver, s: dict) -> int:
     """90% of iteration 0's rows, in `shards` shards, as pi_0 and this engine would have written them."""
     import pyarrow as pa
 
-    from tspin_ray.pipeline import write_shard
+    from tspin_ray.rollout.shards import write_shard
 
     gen = driver.run.generations(0)
     checkpoint = driver.run.checkpoint_id(0)
@@ -73,8 +73,8 @@ def first_batch_s(driver, todo, phase) -> float:
 
 
 def run(ctx: Context) -> dict:
-    from tspin_ray.driver import Driver, prepare
-    from tspin_ray.pipeline import done_keys, read_shards
+    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.rollout.shards import done_keys, read_shards
 
     s = ctx.sizes(SIZES)
     cfg, pi0 = write_run(ctx.work, s)

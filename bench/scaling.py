@@ -34,14 +34,14 @@ SIZES = {
 
 
 def rows_for(n: int):
-    from tspin_ray.data import Example
-    from tspin_ray.phases import prompt_rows
+    from tspin_ray.data.loading import Example
+    from tspin_ray.rollout.phases import prompt_rows
 
     return prompt_rows([Example(e["id"], e["prompt"], e["response"]) for e in task_examples(n)], 0)
 
 
 def gen_phase(path, s: dict):
-    from tspin_ray.phases import GenPhase
+    from tspin_ray.rollout.phases import GenPhase
 
     return GenPhase(model_path=str(path), iteration=0, seed=0, samples=1, max_new_tokens=s["max_new_tokens"],
                     temperature=1.0, top_p=1.0, max_response_tokens=64, max_length=256)
@@ -49,7 +49,7 @@ def gen_phase(path, s: dict):
 
 def pool_throughput(rows, kwargs, batch: int, actors: int, cpus: float) -> dict:
     """Wall-clock tokens/s (actor start included) and steady tokens/s (once every actor has delivered)."""
-    from tspin_ray.pipeline import generation_dataset
+    from tspin_ray.workers.generation_stage import generation_dataset
 
     gpus = gpu_count()
     t0, t0_wall = now(), time.time()  # gen_done stamps are time.time()

@@ -73,8 +73,8 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 def ray_iterations(run_dir: Path) -> list[dict]:
     """Each iteration's metrics row, with the sum of its optimizer steps' seconds (`steps_s`)."""
-    from tspin_ray.metrics import read_rows
-    from tspin_ray.pipeline import read_shards
+    from tspin_ray.rollout.shards import read_shards
+    from tspin_ray.rundir.metrics import read_rows
 
     rows = read_rows(run_dir / "metrics.jsonl")
     its = [r for r in rows if r.get("phase") == "iteration" and r["iteration"] >= 0]

@@ -41,8 +41,9 @@ def generate_batch(engine, fmt, chunk: list[dict], kw) -> dict[str, list]:
     which starts a whole local Ray when it runs outside one.)"""
     import pyarrow as pa
 
-    from tspin_ray.formatting import response_budget
-    from tspin_ray.pipeline import sample_seed, write_shard
+    from tspin_ray.models.chat_format import response_budget
+    from tspin_ray.rollout.seeds import sample_seed
+    from tspin_ray.rollout.shards import write_shard
 
     k, ids = kw.samples, [r["prompt_id"] for r in chunk]
     pairs = [fmt.example_ids(r["prompt"], r["response"], r["system"], kw.max_response_tokens, kw.max_length,
@@ -68,7 +69,7 @@ def generate_batch(engine, fmt, chunk: list[dict], kw) -> dict[str, list]:
 
 def begin_kwargs(cfg, n_rows: int, t: int = 0) -> dict:
     """What Driver.begin_training gives the trainers for iteration t over n_rows rows (Driver.plan's steps)."""
-    from tspin_ray.trainer_group import optimizer_setup
+    from tspin_ray.controller.trainer_group import optimizer_setup
 
     n = cfg.resources.trainers
     return optimizer_setup(cfg, t, (n_rows // n) // (cfg.training.global_batch_size // n))
@@ -87,12 +88,12 @@ def run(cfg, out_dir: Path) -> dict:
     """cfg.iterations iterations from cfg.model.path; per-phase seconds of each, and where pi_N went."""
     import torch
 
-    from tspin_ray.driver import prepare
-    from tspin_ray.engines import make_engine
-    from tspin_ray.objectives import needs_ref
-    from tspin_ray.phases import phase_for, prompt_rows, shuffled
-    from tspin_ray.pipeline import derive_seed
-    from tspin_ray.trainer import Trainer, free_port
+    from tspin_ray.algorithms.objectives import needs_ref
+    from tspin_ray.controller.driver import prepare
+    from tspin_ray.rollout.phases import phase_for, prompt_rows, shuffled
+    from tspin_ray.rollout.seeds import derive_seed
+    from tspin_ray.workers.engines import make_engine
+    from tspin_ray.workers.trainer_rank import Trainer, free_port
 
     t_start = time.time()
     prep = prepare(cfg)
@@ -142,7 +143,7 @@ def run(cfg, out_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from tspin_ray.config import load_config
+    from tspin_ray.config.schema import load_config
 
     p = argparse.ArgumentParser(prog="python -m bench.sequential", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="a run config with model.path and no SFT stage")

@@ -104,7 +104,7 @@ def _in_actor(trainer, steps):  # __ray_call__ passes the actor's instance first
 
 
 def in_process(path: str, s: dict, warmup, timed) -> dict:
-    from tspin_ray.trainer import Trainer
+    from tspin_ray.workers.trainer_rank import Trainer
 
     trainer = Trainer(0, 1, "torch", 0, s["precision"])
     trainer.load(path)
@@ -120,7 +120,7 @@ def in_process(path: str, s: dict, warmup, timed) -> dict:
 def in_actor(path: str, s: dict, backend: str, zero: int, cpus: float, warmup, timed) -> dict:
     import ray
 
-    from tspin_ray.trainer import start_trainers
+    from tspin_ray.workers.trainer_rank import start_trainers
 
     t0 = now()
     [actor] = start_trainers(1, backend, zero, options={"num_cpus": cpus, "num_gpus": 1 if gpu_count() else None},
@@ -162,7 +162,7 @@ def gpu_peak() -> float | None:
 def run(ctx: Context) -> dict:
     import torch
 
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
 
     s = ctx.sizes(SIZES)
     path = make_checkpoint(ctx.work / "model", **s["model"])
@@ -279,7 +279,7 @@ def one_step(actors, path: str) -> list[dict]:
     """One optimizer step of one short T-SPIN row per rank, then each rank's memory (peak since the step began)."""
     import ray
 
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
 
     rows = triplet_rows(load_format(path), len(actors), (3, 8))
     ray.get([a.__ray_call__.remote(_reset_peak) for a in actors])
@@ -292,7 +292,7 @@ def load_memory(path: str, ranks: int, zero: int, export_shard: int | None = Non
     """Peak memory each of `ranks` DeepSpeed trainer actors adds while loading `path` (before any step)."""
     import ray
 
-    from tspin_ray.trainer import start_trainers
+    from tspin_ray.workers.trainer_rank import start_trainers
 
     actors = start_trainers(ranks, "deepspeed", zero, options={"num_cpus": 1 if ray_cpus() >= ranks else 0.5,
                                                                 "num_gpus": 1 if gpu_count() else None},

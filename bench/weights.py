@@ -77,7 +77,7 @@ def checkpoint_io(path, out_dir, repeats: int) -> dict:
     read of every weight page), seconds."""
     from transformers.utils import logging as hf_logging
 
-    from tspin_ray.modeling import load_model
+    from tspin_ray.models.checkpoints import load_model
 
     hf_logging.disable_progress_bar()
     model = load_model(path)
@@ -107,7 +107,7 @@ def first_token(engine) -> None:
 def engine_times(backend: str, path_a, path_b, s: dict, dtype: str) -> dict:
     """Cold construction of an engine from checkpoint A (after its imports), then reloads A <-> B; each
     timed up to the first token generated with the new weights."""
-    from tspin_ray.engines import make_engine
+    from tspin_ray.workers.engines import make_engine
 
     import_s = 0.0
     if backend == "vllm":
@@ -144,11 +144,11 @@ def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
     most the link gives to this code path). Each timed to the new weights being in the engine."""
     import ray
 
-    from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, prepare
-    from tspin_ray.generators import GeneratorPool
-    from tspin_ray.phases import prompt_rows
-    from tspin_ray.trainer_group import TrainerGroup
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.trainer_group import TrainerGroup
+    from tspin_ray.rollout.phases import prompt_rows
+    from tspin_ray.workers.generator_pool import GeneratorPool
 
     raw = {"model": {"path": str(path)}, "data": {"task": "addition", "task_size": 40, "eval_size": 8},
            "generation": {"backend": backend, "persistent": True, "weight_sync": "broadcast", "max_new_tokens": 1},

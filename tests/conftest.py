@@ -60,7 +60,7 @@ def write_config(path: Path, raw: dict) -> Path:
 def ray_session():
     import ray
 
-    from tspin_ray.trainer_group import WORKER_ENV
+    from tspin_ray.controller.trainer_group import WORKER_ENV
 
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
@@ -72,8 +72,8 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A random tiny model (vLLM-CPU servable: head_dim 32) with its tokenizer."""
-    from tspin_ray.config import TinyModelSpec
-    from tspin_ray.modeling import save_tiny
+    from tspin_ray.config.schema import TinyModelSpec
+    from tspin_ray.models.tiny import save_tiny
 
     out = tmp_path_factory.mktemp("tiny") / "pi"
     save_tiny(out, TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=0))
@@ -83,8 +83,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt_b(tmp_path_factory) -> Path:
     """Same architecture, different weights: the 'next iterate' for weight-reload tests."""
-    from tspin_ray.config import TinyModelSpec
-    from tspin_ray.modeling import save_tiny
+    from tspin_ray.config.schema import TinyModelSpec
+    from tspin_ray.models.tiny import save_tiny
 
     out = tmp_path_factory.mktemp("tiny_b") / "pi"
     save_tiny(out, TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=1))
@@ -96,9 +96,9 @@ FAMILY_SPEC = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate
 
 @pytest.fixture(scope="session")
 def family_ckpt(tmp_path_factory):
-    """family name, seed -> a tiny checkpoint shaped like that family (tspin_ray/families.py), built once."""
-    from tspin_ray.config import TinyModelSpec
-    from tspin_ray.modeling import save_tiny
+    """family name, seed -> a tiny checkpoint shaped like that family (tspin_ray/models/families.py), built once."""
+    from tspin_ray.config.schema import TinyModelSpec
+    from tspin_ray.models.tiny import save_tiny
 
     root, made = tmp_path_factory.mktemp("families"), {}
 

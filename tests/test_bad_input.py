@@ -200,7 +200,7 @@ def test_unwritable_output_dir(ray_session, tmp_path, capsys):
 
 
 def test_disk_full_leaves_nothing_behind(ray_session, tmp_path, capsys, monkeypatch):
-    import tspin_ray.rundir as rundir
+    import tspin_ray.rundir.store as rundir
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -215,8 +215,8 @@ def test_disk_full_leaves_nothing_behind(ray_session, tmp_path, capsys, monkeypa
 def test_raised_limits_resume_the_same_run(ray_session, tmp_path):
     """A phase that hit a limit names its key; raising that key (or the retry count) must resume the run,
     not be refused as a different config: limits never change what a run computes."""
-    from tspin_ray.config import from_dict
-    from tspin_ray.rundir import RunDir
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.rundir.store import RunDir
 
     RunDir.open(from_dict(_raw(tmp_path)))
     raised = from_dict(_raw(tmp_path, generation={"timeout_s": 7200, "max_attempts": 5},
@@ -227,8 +227,8 @@ def test_raised_limits_resume_the_same_run(ray_session, tmp_path):
 
 
 def test_changed_config_is_refused_on_resume(ray_session, tmp_path, capsys):
-    from tspin_ray.config import from_dict
-    from tspin_ray.rundir import RunDir
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.rundir.store import RunDir
 
     RunDir.open(from_dict(_raw(tmp_path)))
     cfg = tmp_path / "c.yaml"

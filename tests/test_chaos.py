@@ -20,8 +20,8 @@ import ray
 from safetensors.torch import load_file
 
 from tests.conftest import CLI, REPO, small_config, write_config
-from tspin_ray.config import from_dict
-from tspin_ray.driver import Driver, prepare
+from tspin_ray.config.schema import from_dict
+from tspin_ray.controller.driver import Driver, prepare
 
 pytestmark = pytest.mark.chaos
 
@@ -104,7 +104,7 @@ def test_killed_run_resumes_to_the_same_result(reference, tmp_path, fault):
 def test_trainer_actor_killed_mid_iteration_restarts_the_iteration(ray_session, reference, tmp_path, monkeypatch):
     """Rank 0 dies right after iteration 0's second optimizer step (as the driver reads that step's
     record from the rank's stream): the iteration restarts from pi_0 and the run ends as the reference."""
-    from tspin_ray import trainer_group
+    from tspin_ray.controller import trainer_group
 
     cfg = from_dict(_config(tmp_path, "run"))
     driver = Driver(prepare(cfg), quiet=True)

@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tspin_ray.config import load_config
+from tspin_ray.config.schema import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -60,7 +60,7 @@ RAYCLUSTER = next(doc for _, doc in DOCS if doc.get("kind") == "RayCluster")
 RAYJOB = next(doc for _, doc in DOCS if doc.get("kind") == "RayJob")
 # Every cluster spec in the folder: the long-lived RayCluster and the one the RayJob brings.
 SPECS = [("RayCluster", RAYCLUSTER["spec"]), ("RayJob.rayClusterSpec", RAYJOB["spec"]["rayClusterSpec"])]
-# Run configs; study-*.yaml are study configs (tspin_ray.study.load_study validates them in test_study).
+# Run configs; study-*.yaml are study configs (tspin_ray.study.plan.load_study validates them in test_study).
 JOB_FILES = sorted(p for p in JOBS.glob("*.yaml") if not p.name.startswith("study-"))
 STUDY_FILES = sorted(JOBS.glob("study-*.yaml"))
 ZEPHYR_FILES = sorted(p for p in JOBS.glob("zephyr-7b-*.yaml") if "-lora-" not in p.name)  # full fine-tuning
@@ -342,7 +342,7 @@ def test_job_config_loads(path):
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=[p.name for p in STUDY_FILES])
 def test_study_config_loads(path):
-    from tspin_ray.study import load_study, plan
+    from tspin_ray.study.plan import load_study, plan
 
     assert plan(load_study(path))  # every run of the study is a valid run config
 

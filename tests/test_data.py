@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from tspin_ray.config import DataConfig
-from tspin_ray.data import (
+from tspin_ray.config.schema import DataConfig
+from tspin_ray.data.loading import (
     DataReport,
     Example,
     Splits,
@@ -334,9 +334,9 @@ def test_task_source(monkeypatch):
     def make(n, seed):
         return [{"id": f"t{seed}-{i}", "prompt": f"{i}+1=", "response": str(i + 1)} for i in range(n)]
 
-    fake = types.ModuleType("tspin_ray.tasks")
+    fake = types.ModuleType("tspin_ray.data.tasks")
     fake.TASKS = {"add": types.SimpleNamespace(make=make), "reverse": types.SimpleNamespace(make=make)}
-    monkeypatch.setitem(sys.modules, "tspin_ray.tasks", fake)
+    monkeypatch.setitem(sys.modules, "tspin_ray.data.tasks", fake)
     splits = load_splits(DataConfig(task="add", task_size=50, eval_size=10, seed=2))
     assert (len(splits.train), len(splits.eval)) == (40, 10)
     assert splits.reports == (DataReport("task:add", 50, 50, {}, ()),)
@@ -389,7 +389,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 def test_turns_last_trains_the_final_answer_with_the_whole_conversation_as_prompt(tmp_path, family_ckpt):
     """turns: last -> y is the final assistant turn; system, earlier turns and the last question are the
     prompt, ids exactly as Llama-3's chat template renders the conversation (BOS once)."""
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
 
     path = write(tmp_path / "chat.jsonl", [json.dumps({"messages": CONVERSATION}).encode(),
                                             json.dumps({"messages": CONVERSATION[:1] + CONVERSATION[3:]}).encode()])

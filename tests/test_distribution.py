@@ -1,4 +1,4 @@
-"""Distributional metrics (tspin_ray/distribution.py): hand values, and the exact figures agree with what
+"""Distributional metrics (tspin_ray/study/distribution.py): hand values, and the exact figures agree with what
 real samples show on a model trained to spread its answers.
 
     .venv/bin/pytest tests/test_distribution.py
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tspin_ray import distribution
-from tspin_ray.distribution import DistributionSpec, answer_set_metrics, tempered_logprobs
-from tspin_ray.tasks import TASKS
+from tspin_ray.data.tasks import TASKS
+from tspin_ray.study import distribution
+from tspin_ray.study.distribution import DistributionSpec, answer_set_metrics, tempered_logprobs
 
 
 def test_docstring_example_holds():
@@ -37,7 +37,7 @@ def test_uniform_over_the_answers_has_zero_kl_both_ways():
 @pytest.mark.parametrize("family", ["char", "llama3"])
 def test_tempered_logprobs_are_the_sampling_distribution(family, tiny_ckpt, family_ckpt):
     """At T = 1 they equal the engines' scoring; at T = 2 they equal a hand log_softmax(logits / 2)."""
-    from tspin_ray.engines import HFEngine
+    from tspin_ray.workers.engines import HFEngine
 
     path = tiny_ckpt if family == "char" else family_ckpt(family, 0)
     engine = HFEngine(str(path))
@@ -57,9 +57,9 @@ def test_tempered_logprobs_are_the_sampling_distribution(family, tiny_ckpt, fami
 def test_exact_metrics_agree_with_real_samples(tiny_ckpt, tmp_path):
     """A tiny model trained on two valid answers of each of 24 prompts spreads its mass over them: the
     exact validity and coverage equal the sampled ones within sampling noise, at two temperatures."""
-    from tspin_ray.engines import HFEngine
-    from tspin_ray.logprobs import sequence_logprobs
-    from tspin_ray.modeling import load_format, load_model
+    from tspin_ray.algorithms.logprobs import sequence_logprobs
+    from tspin_ray.models.checkpoints import load_format, load_model
+    from tspin_ray.workers.engines import HFEngine
 
     task, fmt = TASKS["paths"], load_format(tiny_ckpt)
     prompts = [r["prompt"] for r in task.make(24, 0)]
@@ -90,9 +90,9 @@ def test_exact_metrics_agree_with_real_samples(tiny_ckpt, tmp_path):
     assert exact["coverage"][1] == pytest.approx(np.mean([2 / v for v in sizes]), abs=0.05)
     assert exact["kl_model_uniform"][1] == pytest.approx(np.mean([math.log(v / 2) for v in sizes]), abs=0.1)
     # The generation stage marks the same model's samples with the checker's verdict (what RFT keeps)
-    from tspin_ray.data import Example
-    from tspin_ray.phases import GenPhase, prompt_rows
-    from tspin_ray.pipeline import GenerateStage
+    from tspin_ray.data.loading import Example
+    from tspin_ray.rollout.phases import GenPhase, prompt_rows
+    from tspin_ray.workers.generation_stage import GenerateStage
 
     stage = GenerateStage(GenPhase(model_path=str(tmp_path / "pi"), iteration=0, samples=4, max_new_tokens=24,
                                    max_length=72, task="paths"))

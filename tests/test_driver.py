@@ -10,10 +10,10 @@ import json
 import pytest
 
 from tests.conftest import small_config
-from tspin_ray.config import from_dict
-from tspin_ray.driver import train
-from tspin_ray.modeling import load_format, load_model
-from tspin_ray.pipeline import read_shards
+from tspin_ray.config.schema import from_dict
+from tspin_ray.controller.driver import train
+from tspin_ray.models.checkpoints import load_format, load_model
+from tspin_ray.rollout.shards import read_shards
 
 
 def _metrics(run_dir):
@@ -91,8 +91,8 @@ def test_two_iterations_per_objective(ray_session, tmp_path, objective, capsys):
 def test_external_model_path_without_sft(ray_session, tmp_path, training, trainers):
     """pi_0 given as a checkpoint path (no SFT stage): iteration 0 trains from it directly. Under ZeRO-3
     pi_0 is evaluated on a model that has just been loaded sharded, before any optimizer exists."""
-    from tspin_ray.config import TinyModelSpec
-    from tspin_ray.modeling import save_tiny
+    from tspin_ray.config.schema import TinyModelSpec
+    from tspin_ray.models.tiny import save_tiny
 
     ckpt = save_tiny(tmp_path / "given", TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2,
                                                         intermediate_size=128))
@@ -134,7 +134,7 @@ def test_zero3_spin_run_equals_the_torch_run(ray_session, tmp_path):
 def test_y0_source_follows_the_config_and_the_run_directory(tmp_path):
     """y0 from iteration 0 unless iteration 0 itself reads y0 (overrides[0].beta != 0) or the run directory
     holds proto shards from before; nothing when no iteration reads y0."""
-    from tspin_ray import proto
+    from tspin_ray.controller import y0 as proto
 
     def src(objective=None, iterations=2):
         return proto.y0_source(from_dict(small_config(tmp_path, objective=objective or {}, iterations=iterations)),
@@ -155,7 +155,7 @@ def test_a_run_begun_with_a_proto_phase_keeps_its_y0(ray_session, tmp_path):
     """A T-SPIN run begun by a tspin-ray from before y0 came from iteration 0 holds committed proto/
     shards (the old driver sampled them right after pi_0): today's driver resumes it on those y0 in both
     iterations, and samples no others."""
-    from tspin_ray.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver, prepare
 
     cfg = from_dict(small_config(tmp_path, generation={"batch_size": 64, "persistent": True}))  # one engine start
     driver = Driver(prepare(cfg), quiet=True)
@@ -179,7 +179,7 @@ def test_iteration_summary_overlap_and_waits_by_hand():
     overlap (10 + 12 - 16) / min(10, 12) = 0.6. A first step that starts as generation ends: 0."""
     import pyarrow as pa
 
-    from tspin_ray.summary import iteration_summary
+    from tspin_ray.controller.summary import iteration_summary
 
     table = pa.table({"gen_tokens": [30, 50], "gen_done": [104.0, 110.0], "engine_load_s": [0.5, 0.2]})
     records = [{"step": 1, "time": 106.0, "step_s": 2.0, "data_wait": 3.0, "loss": 1.0, "rows": 8},
@@ -210,8 +210,8 @@ def test_study_objectives_run_on_a_task_with_a_checker(ray_session, tmp_path, ob
     """The study's variants in a whole run on `paths`: every sample carries the checker's verdict (RFT
     trains on exactly those), T-SPIN with DPOP's hinge gets lp_ref(y) from the generator, and the
     distribution of every checkpoint is scored once (sampled for the final one only)."""
-    from tspin_ray.distribution import DistributionSpec, evaluate_run
-    from tspin_ray.tasks import TASKS
+    from tspin_ray.data.tasks import TASKS
+    from tspin_ray.study.distribution import DistributionSpec, evaluate_run
 
     cfg = from_dict(small_config(tmp_path, data=PATHS, objective=objective, iterations=1,
                                  generation={"max_new_tokens": 24}, eval={"max_new_tokens": 24},

@@ -40,7 +40,7 @@ def _tagged_stage():
     Only the returned batch gets it: the Parquet shards are written inside GenerateStage, unchanged."""
     import ray
 
-    from tspin_ray.pipeline import GenerateStage
+    from tspin_ray.workers.generation_stage import GenerateStage
 
     class TaggedGenerateStage(GenerateStage):
         def __call__(self, batch):
@@ -56,12 +56,12 @@ def child(case: str, out_path: str) -> None:
     import ray.data
     from ray.cluster_utils import Cluster
 
-    import tspin_ray.pipeline as pipeline
-    from tspin_ray.config import TinyModelSpec
-    from tspin_ray.data import Example
-    from tspin_ray.modeling import save_tiny
-    from tspin_ray.phases import GenPhase, prompt_rows
-    from tspin_ray.trainer_group import WORKER_ENV
+    import tspin_ray.workers.generation_stage as stage
+    from tspin_ray.config.schema import TinyModelSpec
+    from tspin_ray.controller.trainer_group import WORKER_ENV
+    from tspin_ray.data.loading import Example
+    from tspin_ray.models.tiny import save_tiny
+    from tspin_ray.rollout.phases import GenPhase, prompt_rows
 
     work = Path(out_path).parent
     report: dict = {"case": case, "events": []}
@@ -96,14 +96,14 @@ def child(case: str, out_path: str) -> None:
         rows = prompt_rows([Example(f"p{i}", f"{i}+{i}=", str(2 * i)) for i in range(PROMPTS)], 0)
         phase = GenPhase(model_path=str(ckpt), iteration=0, seed=7, samples=1, max_new_tokens=NEW_TOKENS,
                          temperature=1.0, top_p=1.0, max_response_tokens=16, max_length=48, out_dir=str(work / "gen"))
-        original = pipeline.GenerateStage
-        pipeline.GenerateStage = _tagged_stage()
+        original = stage.GenerateStage
+        stage.GenerateStage = _tagged_stage()
         try:
-            ds = pipeline.generation_dataset(rows, phase, batch_size=BATCH, min_actors=1,
+            ds = stage.generation_dataset(rows, phase, batch_size=BATCH, min_actors=1,
                                              max_actors=4, num_cpus=1, num_gpus=0, resources={"generator": 1},
                                              max_attempts=3)
         finally:
-            pipeline.GenerateStage = original
+            stage.GenerateStage = original
         # (seconds since the first batch was asked for: when the batch was generated on its actor,
         #  generator, prompt ids). Generation time, not arrival time: finished batches may still be in
         #  flight to this consumer when their node goes.
@@ -166,7 +166,7 @@ def run_case(case: str) -> dict:
                 break
         assert p.returncode == 0 and out.exists(), f"child exited {p.returncode}:\n{text[-6000:]}"
         report = json.loads(out.read_text())
-        from tspin_ray.pipeline import read_shards
+        from tspin_ray.rollout.shards import read_shards
 
         report["table"] = read_shards(Path(report["gen_dir"]))
         report["shards"] = len(list(Path(report["gen_dir"]).glob("part-*.parquet")))
@@ -180,7 +180,7 @@ def run_case(case: str) -> dict:
 
 
 def check_every_prompt_once(report: dict) -> None:
-    from tspin_ray.pipeline import check_complete
+    from tspin_ray.rollout.shards import check_complete
 
     expected = [(0, f"p{i}") for i in range(PROMPTS)]
     check_complete(report["table"], expected, 1, report["case"])  # every prompt once, 1 sample each

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tspin_ray.engines import HFEngine, make_engine
-from tspin_ray.logprobs import sequence_logprobs
-from tspin_ray.modeling import load_model
+from tspin_ray.algorithms.logprobs import sequence_logprobs
+from tspin_ray.models.checkpoints import load_model
+from tspin_ray.workers.engines import HFEngine, make_engine
 
 PROMPTS = ["12+34=", "567+89=", "1+2=", "999+999="]
 SAMPLING = dict(max_new_tokens=6, temperature=1.0, top_p=1.0)
@@ -161,7 +161,7 @@ def test_cpu_thread_binds_doctests():
     """vLLM-CPU tensor parallelism: one core list per worker process, as VLLM_CPU_OMP_THREADS_BIND wants."""
     import doctest
 
-    from tspin_ray import engines
+    from tspin_ray.workers import engines
 
     assert doctest.testmod(engines).failed == 0
     assert engines.cpu_thread_binds(list(range(6)), 4) == "0|1|2|3"  # a remainder is left idle, never shared

@@ -13,10 +13,10 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tspin_ray.engines import HFEngine, make_engine
 from tspin_ray.errors import UserError
-from tspin_ray.formatting import chat_format, response_budget
-from tspin_ray.modeling import load_format, load_model
+from tspin_ray.models.chat_format import chat_format, response_budget
+from tspin_ray.models.checkpoints import load_format, load_model
+from tspin_ray.workers.engines import HFEngine, make_engine
 
 FAMILIES = ["char", "zephyr", "llama3", "qwen2"]
 GREEDY = dict(max_new_tokens=8, temperature=0.0, top_p=1.0)
@@ -116,7 +116,7 @@ def test_hf_engine_stops_at_every_declared_end_of_turn(family_ckpt, tmp_path, fa
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_tied_models_reloaded_and_broadcast_on_hf_equal_a_fresh_engine(family_ckpt, family):
     """HF engine: a tied head follows the embedding through a checkpoint reload and a received broadcast."""
-    from tspin_ray.weight_sync import copy_into
+    from tspin_ray.workers.weight_broadcast import copy_into
 
     a, b = family_ckpt(family, 0), family_ckpt(family, 1)
     fresh = HFEngine(str(b))
@@ -163,7 +163,7 @@ def test_vllm_scores_prompt_plus_response_of_exactly_max_length(family_ckpt):
     assert len(prompt) + len(y) == max_length and y[-1] not in fmt.stop_ids  # cut: loses its end of turn
     engine = make_engine("vllm", str(path), dtype="float32", max_model_len=max_length + 1)
     assert engine.score([prompt], [y]) == pytest.approx(HFEngine(str(path)).score([prompt], [y]), abs=1e-3)
-    from tspin_ray.logprobs import sequence_logprobs  # the trainer's forward takes it as it is
+    from tspin_ray.algorithms.logprobs import sequence_logprobs  # the trainer's forward takes it as it is
 
     assert sequence_logprobs(load_model(path), [prompt], [y], fmt.pad_id).shape == (1,)
 
@@ -173,7 +173,7 @@ def test_vllm_generates_a_demo_sized_batch_with_per_sample_seeds(tiny_ckpt):
     prefilled in chunks failed on CPU ("CPU Generator does not use offset"). Each sample still depends on
     its own seed only: the same rows alone give the same samples."""
     pytest.importorskip("vllm")
-    from tspin_ray.tasks import TASKS
+    from tspin_ray.data.tasks import TASKS
 
     fmt = load_format(tiny_ckpt)
     prompts = [fmt.prompt_ids(r["prompt"]) for r in TASKS["sorting"].make(256, 0)]
@@ -193,8 +193,8 @@ OBJECTIVES = [("sft", {}), ("spin", {"beta": 0.1}), ("tspin", {"alpha": 1.0, "be
 def test_loss_path_builds_every_tensor_on_the_policy_device(family_ckpt, objective, params):
     """The policy on PyTorch's meta device: a tensor made on the CPU next to its log-probs raises exactly
     as a CPU tensor next to CUDA log-probs would at the first GPU step."""
-    from tspin_ray.batches import batch_logprobs
-    from tspin_ray.objectives import get_objective
+    from tspin_ray.algorithms.inputs import batch_logprobs
+    from tspin_ray.algorithms.objectives import get_objective
 
     path = family_ckpt("llama3")
     fmt = load_format(path)
@@ -225,11 +225,11 @@ def test_tied_models_after_a_broadcast_equal_a_fresh_engine(ray_session, tmp_pat
     samples, without any reload, equal an engine loaded from pi_b."""
 
     from tests.conftest import small_config
-    from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, prepare
-    from tspin_ray.generators import GeneratorPool
-    from tspin_ray.phases import prompt_rows
-    from tspin_ray.trainer_group import TrainerGroup
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.trainer_group import TrainerGroup
+    from tspin_ray.rollout.phases import prompt_rows
+    from tspin_ray.workers.generator_pool import GeneratorPool
 
     if backend == "vllm":
         pytest.importorskip("vllm")

@@ -15,11 +15,11 @@ import math
 import pytest
 
 from tests.conftest import small_config
-from tspin_ray.config import from_dict
-from tspin_ray.driver import prepare, train
-from tspin_ray.formatting import response_budget
-from tspin_ray.modeling import load_format, load_model
-from tspin_ray.pipeline import read_shards
+from tspin_ray.config.schema import from_dict
+from tspin_ray.controller.driver import prepare, train
+from tspin_ray.models.chat_format import response_budget
+from tspin_ray.models.checkpoints import load_format, load_model
+from tspin_ray.rollout.shards import read_shards
 
 BOS_IN_PROMPT = {"char": 0, "zephyr": 1, "llama3": 1, "qwen2": 0}
 TIED = {"char": False, "zephyr": False, "llama3": True, "qwen2": True}
@@ -27,7 +27,7 @@ END_OF_TURN = {"char": "</s>", "zephyr": "</s>", "llama3": "<|eot_id|>", "qwen2"
 
 
 def in_context(tok, family: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Prompt and y ids written out independently of tspin_ray.formatting: the rendered prompt and the
+    """Prompt and y ids written out independently of tspin_ray.models.chat_format: the rendered prompt and the
     rendered conversation, tokenized without special tokens; Zephyr's post-processor BOS added by hand;
     y = what follows the prompt, through the family's end-of-turn token."""
     user = [{"role": "user", "content": prompt}]

@@ -12,8 +12,8 @@ import torch
 
 from tests.test_engines import check_two_threads_share_steps, reference_logprob_gap
 from tests.test_trainer import _group_step, _rows
-from tspin_ray.engines import HFEngine, make_engine
-from tspin_ray.modeling import load_model
+from tspin_ray.models.checkpoints import load_model
+from tspin_ray.workers.engines import HFEngine, make_engine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")]
@@ -92,9 +92,9 @@ def test_chunked_logprobs_on_gpu_equal_the_full_logits_path(family_ckpt, monkeyp
     """CUDA matmuls in chunks of 3 positions vs the full [B, T, V] logits, on a tied-embedding family
     (sharpened weights, so a wrong position or token would show); gradients too."""
     from tests.test_logprobs import full_logits_logprobs
-    from tspin_ray import logprobs
-    from tspin_ray.logprobs import sequence_logprobs
-    from tspin_ray.modeling import load_format
+    from tspin_ray.algorithms import logprobs
+    from tspin_ray.algorithms.logprobs import sequence_logprobs
+    from tspin_ray.models.checkpoints import load_format
 
     path = family_ckpt("qwen2")
     model, fmt = load_model(path, dtype=dtype).cuda(), load_format(path)

@@ -9,13 +9,13 @@ import json
 
 import pytest
 
-from tspin_ray.config import LmEvalSpec, from_dict
-from tspin_ray.data import Example
+from tspin_ray.config.schema import LmEvalSpec, from_dict
+from tspin_ray.data.loading import Example
 from tspin_ray.errors import UserError
 
 pytest.importorskip("lm_eval")
 
-from tspin_ray.harness import check_tasks, export_task, flatten, scores  # noqa: E402
+from tspin_ray.evaluation.harness import check_tasks, export_task, flatten, scores  # noqa: E402
 
 
 def test_flatten_names_task_and_metric_and_keeps_numbers_only():
@@ -43,8 +43,8 @@ def _half_right(path, fmt, engine, tmp_path):
 @pytest.mark.parametrize("which", ["char", "llama3-adapter"])
 def test_exported_task_scores_what_the_policy_generates(tiny_ckpt, family_ckpt, tmp_path, which):
     from tests.test_lora import make_adapter
-    from tspin_ray.engines import make_engine
-    from tspin_ray.modeling import load_format
+    from tspin_ray.models.checkpoints import load_format
+    from tspin_ray.workers.engines import make_engine
 
     path = tiny_ckpt if which == "char" else make_adapter(family_ckpt("llama3", 0), tmp_path / "adapter", seed=3)
     fmt = load_format(path)
@@ -63,8 +63,8 @@ def test_a_shipped_task_scores_the_choices_the_policy_prefers(tiny_ckpt, monkeyp
     import torch
 
     from tests.conftest import REPO
-    from tspin_ray.logprobs import sequence_logprobs
-    from tspin_ray.modeling import load_format, load_model
+    from tspin_ray.algorithms.logprobs import sequence_logprobs
+    from tspin_ray.models.checkpoints import load_format, load_model
 
     monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
     fmt, model = load_format(tiny_ckpt), load_model(tiny_ckpt).eval()
@@ -99,7 +99,7 @@ def test_a_run_logs_harness_scores_for_every_checkpoint(ray_session, tmp_path):
     metrics.jsonl, TensorBoard and the report, equal to the run's own greedy exact match on those rows."""
     from tests.conftest import small_config
     from tests.test_lora import check_harness_outputs
-    from tspin_ray.driver import train
+    from tspin_ray.controller.driver import train
 
     raw = small_config(tmp_path, iterations=1, eval={"max_new_tokens": 6, "size": 8,
                                                     "lm_eval": {"tasks": ["tspin_heldout"], "batch_size": 8}})

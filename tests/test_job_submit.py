@@ -164,7 +164,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_tiny_cpu_config_is_the_test_suites_small_config(tmp_path):
     from tests.conftest import small_config
-    from tspin_ray.config import from_dict, load_config
+    from tspin_ray.config.schema import from_dict, load_config
 
     assert load_config(REPO / CONFIG).hash() == from_dict(small_config(tmp_path)).hash()
 
@@ -199,7 +199,7 @@ def test_job_runs_on_the_cluster_and_writes_a_complete_run(head, tmp_path):
     assert f"done: {run}" in logs
     entries = manifest(run)
     assert {"pi_0", "eval_0", "gen_0", "pi_1", "iter_0", "complete"} <= set(entries)
-    from tspin_ray.rundir import verify_dir
+    from tspin_ray.rundir.store import verify_dir
 
     for t in (0, 1):
         assert (run / "checkpoints" / f"pi_{t}" / "model.safetensors").is_file()
@@ -274,7 +274,7 @@ def test_stopped_job_resumes_from_its_committed_work(head, tmp_path):
     assert head.status(job) == "STOPPED"
     entries = manifest(run)  # valid JSON: the manifest is replaced atomically
     assert "pi_1" in entries and "complete" not in entries
-    from tspin_ray.rundir import verify_dir
+    from tspin_ray.rundir.store import verify_dir
 
     assert verify_dir(run / entries["pi_1"]["path"], entries["pi_1"]["files"]) is None
     pi_1 = sha256_files(run / "checkpoints" / "pi_1")

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from tspin_ray.config import TinyModelSpec
-from tspin_ray.formatting import chat_format
-from tspin_ray.logprobs import pad_batch, response_lengths, sequence_logprobs
-from tspin_ray.modeling import build_tiny_model, build_tokenizer
+from tspin_ray.algorithms.logprobs import pad_batch, response_lengths, sequence_logprobs
+from tspin_ray.config.schema import TinyModelSpec
+from tspin_ray.models.chat_format import chat_format
+from tspin_ray.models.tiny import build_tiny_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def slow_logprob(model, prompt: list[int], response: list[int]) -> float:
 def test_pack_batch_doctests():
     import doctest
 
-    from tspin_ray import logprobs
+    from tspin_ray.algorithms import logprobs
 
     result = doctest.testmod(logprobs)
     assert result.attempted >= 3 and result.failed == 0
@@ -120,8 +120,8 @@ def test_chunked_target_logprobs_equal_the_full_logits_path_with_their_gradients
                                                                                 monkeypatch, family):
     """Values to 1e-5 and every parameter's gradient (tied embeddings included: llama3, qwen2) to 1e-5 of its
     scale, in fp32, with chunks of 3 positions so that every batch spans several chunks."""
-    from tspin_ray import logprobs
-    from tspin_ray.modeling import load_format, load_model
+    from tspin_ray.algorithms import logprobs
+    from tspin_ray.models.checkpoints import load_format, load_model
 
     path = tiny_ckpt if family == "char" else family_ckpt(family)
     model, fmt = load_model(path), load_format(path)
@@ -168,7 +168,7 @@ def test_a_head_with_a_bias_takes_the_full_logits_path(model, tok, batch):
 @pytest.mark.parametrize("chunk_positions", [3, 10**6])
 def test_bf16_chunked_logprobs_and_gradients_round_like_the_full_path(model, tok, batch, monkeypatch,
                                                                       chunk_positions):
-    from tspin_ray import logprobs
+    from tspin_ray.algorithms import logprobs
 
     prompts, responses = batch
     m16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -189,7 +189,7 @@ def test_an_unaudited_model_class_takes_the_full_logits_path():
     there, so only audited classes take it, and the guard refuses a class that alters the head's output."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    from tspin_ray import logprobs
+    from tspin_ray.algorithms import logprobs
 
     torch.manual_seed(0)
     granite = GraniteForCausalLM(GraniteConfig(vocab_size=40, hidden_size=64, num_hidden_layers=1,
@@ -222,7 +222,7 @@ def test_empty_responses_score_zero_and_the_head_is_restored_after_an_error(mode
 def test_target_logprobs_run_on_the_meta_device_without_cpu_tensors():
     """Every tensor the chunked path makes is on the hidden states' device (a CPU one would raise here
     exactly as next to CUDA)."""
-    from tspin_ray.logprobs import TargetLogProbs
+    from tspin_ray.algorithms.logprobs import TargetLogProbs
 
     h = torch.empty(10, 8, device="meta", requires_grad=True)
     w = torch.empty(50, 8, device="meta", requires_grad=True)
@@ -237,8 +237,8 @@ def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(fami
                                                                             attention):
     """y, y' and y0 of very different lengths share rows: fewer positions than padding (rows counted), the
     same log-probs to 1e-5 and the same gradients to 1e-5 of each tensor's scale, in fp32."""
-    from tspin_ray.logprobs import pack_batch, packs
-    from tspin_ray.modeling import load_format, load_model
+    from tspin_ray.algorithms.logprobs import pack_batch, packs
+    from tspin_ray.models.checkpoints import load_format, load_model
 
     path = tiny_ckpt if family == "char" else family_ckpt(family)
     model, fmt = load_model(path), load_format(path)
@@ -268,7 +268,7 @@ def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(fami
 
 def test_packing_only_where_a_4d_mask_means_what_it_says(model):
     """An unaudited class, flash-attention (no 4D masks) or a sliding window narrower than the row: padded."""
-    from tspin_ray.logprobs import packs
+    from tspin_ray.algorithms.logprobs import packs
 
     assert packs(model, 64)
     m = copy.deepcopy(model)

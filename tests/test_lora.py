@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 
 from tests.test_trainer import BEGIN
 from tests.test_trainer import _rows as rows  # 8 addition rows with y, y' and y0 in context
-from tspin_ray.batches import batch_logprobs
-from tspin_ray.config import LoraSpec, from_dict
+from tspin_ray.algorithms.inputs import batch_logprobs
+from tspin_ray.algorithms.logprobs import sequence_logprobs
+from tspin_ray.algorithms.objectives import tspin
+from tspin_ray.config.schema import LoraSpec, from_dict
 from tspin_ray.errors import UserError
-from tspin_ray.logprobs import sequence_logprobs
-from tspin_ray.lora import base_of, is_adapter, wrap
-from tspin_ray.modeling import check_checkpoint, load_format, load_model
-from tspin_ray.objectives import tspin
-from tspin_ray.trainer import start_trainers
+from tspin_ray.models.checkpoints import base_of, check_checkpoint, is_adapter, load_format, load_model
+from tspin_ray.models.lora import wrap
+from tspin_ray.workers.trainer_rank import start_trainers
 
 SPEC = LoraSpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -124,7 +124,7 @@ def test_adapter_step_equals_a_single_process_peft_step(ray_session, llama3, ada
 
 
 def test_merged_export_loads_alone_and_equals_base_plus_adapter(adapters, tmp_path):
-    from tspin_ray.lora import merge
+    from tspin_ray.models.lora import merge
 
     merge(adapters[0], tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file() and not is_adapter(tmp_path / "merged")
@@ -137,7 +137,7 @@ def test_merged_export_loads_alone_and_equals_base_plus_adapter(adapters, tmp_pa
 
 
 def _merged(adapter, out):
-    from tspin_ray.lora import merge
+    from tspin_ray.models.lora import merge
 
     merge(adapter, out)
     return load_model(out).eval()
@@ -157,7 +157,7 @@ def test_engines_serve_each_adapter_as_the_merged_model(llama3, adapters, tiny_c
     """An engine started on the base (LoRA enabled, no adapter yet) reloads adapter 1, then adapter 2 (a
     new vLLM adapter id): greedy samples and response log-probs equal HF's model of the base, then the
     merged model of each adapter (never stale)."""
-    from tspin_ray.engines import make_engine
+    from tspin_ray.workers.engines import make_engine
 
     fmt = load_format(llama3)
     prompts = [fmt.prompt_ids(f"{a}+{a * 3}=") for a in (12, 345, 7)]
@@ -205,8 +205,8 @@ def test_a_lora_spin_run_serves_every_iterate_as_its_adapter(ray_session, tmp_pa
     import math
 
     from tests.test_family_runs import check_run, family_config
-    from tspin_ray.driver import train
-    from tspin_ray.lora import size_bytes
+    from tspin_ray.controller.driver import train
+    from tspin_ray.models.lora import size_bytes
 
     pytest.importorskip("vllm")
     raw = family_config(tmp_path, "llama3", "spin", "vllm", 2, "reload")
@@ -240,7 +240,9 @@ def test_a_lora_spin_run_serves_every_iterate_as_its_adapter(ray_session, tmp_pa
             base = sequence_logprobs(load_model(pi0), [prompt], [y], fmt.pad_id)
         torch.testing.assert_close(merged, peft, atol=1e-4, rtol=1e-5)
         assert abs(float(peft - base)) > 1e-3  # the adapter moved the policy
-    from tspin_ray.engines import make_engine  # vLLM serves the merged export alone, as the adapter on pi_0
+    from tspin_ray.workers.engines import (
+        make_engine,  # vLLM serves the merged export alone, as the adapter on pi_0
+    )
 
     alone = make_engine("vllm", str(pi / "merged"), max_model_len=128, seed=0)
     assert not alone.lora_enabled
@@ -257,7 +259,7 @@ def check_harness_outputs(run) -> None:
     """The harness scores reach TensorBoard and the report (table and plot)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tspin_ray.report import write_report
+    from tspin_ray.analysis.report import write_report
 
     acc = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent))
     acc.Reload()

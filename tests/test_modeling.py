@@ -12,17 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tspin_ray.config import TinyModelSpec
+from tspin_ray.config.schema import TinyModelSpec
 from tspin_ray.errors import UserError
-from tspin_ray.formatting import PLAIN_TEMPLATE, chat_format
-from tspin_ray.modeling import (
-    CHARSET,
-    build_tiny_model,
-    build_tokenizer,
-    load_model,
-    load_tokenizer,
-    save_tiny,
-)
+from tspin_ray.models.chat_format import PLAIN_TEMPLATE, chat_format
+from tspin_ray.models.checkpoints import load_model, load_tokenizer
+from tspin_ray.models.tiny import CHARSET, build_tiny_model, build_tokenizer, save_tiny
 
 SPEC = TinyModelSpec()
 

@@ -9,8 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tspin_ray import objectives
-from tspin_ray.objectives import OBJECTIVES, REQUIRED_INPUTS, get_objective, sft, space, spin, tspin
+from tspin_ray.algorithms import objectives
+from tspin_ray.algorithms.objectives import (
+    OBJECTIVES,
+    REQUIRED_INPUTS,
+    get_objective,
+    sft,
+    space,
+    spin,
+    tspin,
+)
 
 
 def t(*values, grad=False):

@@ -10,18 +10,14 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from tspin_ray.phases import GenPhase, prompt_rows, row_keys
-from tspin_ray.pipeline import (
-    check_complete,
-    done_keys,
-    generation_dataset,
-    read_shards,
-    sample_seed,
-)
+from tspin_ray.rollout.phases import GenPhase, prompt_rows, row_keys
+from tspin_ray.rollout.seeds import sample_seed
+from tspin_ray.rollout.shards import check_complete, done_keys, read_shards
+from tspin_ray.workers.generation_stage import generation_dataset
 
 
 def _rows(n: int, t: int = 0, given: dict | None = None) -> pa.Table:
-    from tspin_ray.data import Example
+    from tspin_ray.data.loading import Example
 
     return prompt_rows([Example(f"p{i}", f"{i}+{i}=", str(2 * i)) for i in range(n)], t, given=given)
 
@@ -45,7 +41,7 @@ def test_a_ramp_of_small_first_batches_changes_no_sample(ray_session, tiny_ckpt,
 
     import pyarrow.parquet as pq
 
-    from tspin_ray import phases
+    from tspin_ray.rollout import phases
 
     assert doctest.testmod(phases).failed == 0
     assert phases.ramp(64, 2, 256) == (32, 32) and phases.ramp(32, 1, 8) == () and phases.ramp(4, 8, 16) == (1,) * 8
@@ -67,8 +63,8 @@ def test_a_trainer_gets_the_first_block_while_the_second_is_still_made(ray_sessi
     import threading
     import time
 
-    from tspin_ray.pipeline import block_dataset
-    from tspin_ray.trainer import micro_batches
+    from tspin_ray.rollout.shards import block_dataset
+    from tspin_ray.workers.trainer_rank import micro_batches
 
     gate, second_done = tmp_path / "gate", tmp_path / "second-done"
 
@@ -178,7 +174,7 @@ def test_a_failed_phase_names_the_root_cause_in_one_line(ray_session):
 def test_derived_seeds_never_collide_across_iterations_and_epochs():
     """seed*1000 + t*10 + epoch gave iteration 0 epoch 10 the permutation of iteration 1 epoch 0 (SFT's
     30 epochs reused the iterations' ones); a hash of the whole tuple does not."""
-    from tspin_ray.pipeline import derive_seed
+    from tspin_ray.rollout.seeds import derive_seed
 
     keys = [(s, "train", t, e) for s in (0, 1) for t in range(5) for e in range(30)]
     keys += [(s, "sft", e) for s in (0, 1) for e in range(30)]
@@ -191,9 +187,9 @@ def test_shards_of_other_weights_are_set_aside_and_regenerated(ray_session, tmp_
     weights (a fallback to an older checkpoint, allow_config_change) go to stale/, their rows are
     generated again, and the manifest says why; shards written before rows recorded it are kept."""
     from tests.conftest import small_config
-    from tspin_ray.config import from_dict
-    from tspin_ray.driver import Driver, prepare
-    from tspin_ray.pipeline import shard_name, write_shard
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.rollout.shards import shard_name, write_shard
 
     driver = Driver(prepare(from_dict(small_config(tmp_path))), quiet=True)
     rows = prompt_rows(driver.prep.train[:8], 0)
@@ -237,8 +233,8 @@ def test_generation_datasets_with_gpus_and_a_ramp_build_without_a_gpu(ray_sessio
 def test_long_lived_pool_gets_every_actor_back_for_each_phase(ray_session, tmp_path):
     """An index a killed forwarding task never returned (simulated: taken and kept) is back at the next phase."""
     from tests.conftest import small_config
-    from tspin_ray.config import from_dict
-    from tspin_ray.generators import GeneratorPool
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.workers.generator_pool import GeneratorPool
 
     cfg = from_dict(small_config(tmp_path, generation={"persistent": True},
                                  resources={"generators_min": 1, "generators_max": 2, "generator_cpus": 0.5}))
@@ -258,10 +254,10 @@ def test_a_vllm_engine_running_two_batches_at_once_keeps_every_sample(ray_sessio
     in a call of its own."""
     pytest.importorskip("vllm")
     from tests.conftest import small_config
-    from tspin_ray.config import from_dict
-    from tspin_ray.engines import make_engine
-    from tspin_ray.generators import GeneratorPool
-    from tspin_ray.pipeline import sample_seed
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.rollout.seeds import sample_seed
+    from tspin_ray.workers.engines import make_engine
+    from tspin_ray.workers.generator_pool import GeneratorPool
 
     cfg = from_dict(small_config(tmp_path, generation={"persistent": True, "backend": "vllm", "engine_batches": 2}))
     phase = dataclasses.replace(_kwargs(tiny_ckpt, tmp_path / "gen"), engine=dataclasses.replace(

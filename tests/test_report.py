@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from tests.conftest import CLI, REPO
-from tspin_ray import metrics, report
+from tspin_ray.analysis import report
 from tspin_ray.errors import UserError
-from tspin_ray.rundir import RunDir
+from tspin_ray.rundir import metrics
+from tspin_ray.rundir.store import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")
@@ -124,8 +125,8 @@ def test_comparison_draws_one_line_per_run(tmp_path, monkeypatch):
     a = make_run(tmp_path / "run_a", objective="tspin", ems=(0.40, 0.45, 0.55))
     b = make_run(tmp_path / "run_b", objective="spin", ems=(0.40, 0.30, 0.20))
     figures = {}
-    real_save = report._save
-    monkeypatch.setattr(report, "_save", lambda fig, path: (figures.__setitem__(path.stem, fig),
+    real_save = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: (figures.__setitem__(path.stem, fig),
                                                             real_save(fig, path)))
     out = report.write_report([a, b])
     assert out == a / "report-compare" / "report.md"

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from tests.conftest import small_config
-from tspin_ray.config import from_dict
+from tspin_ray.config.schema import from_dict
 from tspin_ray.errors import UserError
-from tspin_ray.rundir import RunDir, atomic_dir, verify_dir
+from tspin_ray.rundir.store import RunDir, atomic_dir, verify_dir
 
 
 def _run_with_checkpoints(tmp_path, n=3) -> RunDir:

@@ -17,8 +17,10 @@ import pytest
 import yaml
 
 from tests.conftest import CLI, REPO, small_config, write_config
-from tspin_ray import study, study_results
 from tspin_ray.errors import UserError
+from tspin_ray.study import plan as study
+from tspin_ray.study import results as study_results
+from tspin_ray.study import runner, stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = {
@@ -98,10 +100,10 @@ def test_plan_and_narrowing(tmp_path):
 def summary_of(means: dict[str, list[list[float]]], full: list[float]) -> dict:
     """means[method] = per column (pi0, 0, 1, ...) the per-seed exact matches."""
     cols = [-1, *range(len(next(iter(means.values()))) - 1)]
-    methods = {m: {"exact_match": [study_results.stats(v) for v in per], "nll": [study_results.stats(v) for v in per]}
+    methods = {m: {"exact_match": [stats.stats(v) for v in per], "nll": [stats.stats(v) for v in per]}
                for m, per in means.items()}
-    return {"columns": cols, "methods": methods, "sft_full": {"exact_match": study_results.stats(full),
-                                                             "nll": study_results.stats(full)}}
+    return {"columns": cols, "methods": methods, "sft_full": {"exact_match": stats.stats(full),
+                                                             "nll": stats.stats(full)}}
 
 
 def by_id(summary, alignment=()):
@@ -170,7 +172,7 @@ def test_smoke_study(ray_session, tmp_path):
     narrowed = study.narrow(full, seeds=[0], iterations=1, methods=SMOKE_METHODS)
     lines: list[str] = []
     t0 = time.time()
-    md = study.run_study(narrowed, quiet=True, command=study.command_line(narrowed, full), say=lines.append)
+    md = runner.run_study(narrowed, quiet=True, command=study.command_line(narrowed, full), say=lines.append)
     first_s = time.time() - t0
     out = tmp_path / "study"
     assert md == out / "results.md"
@@ -303,7 +305,7 @@ def test_distribution_section_is_checked(tmp_path):
 
 
 def test_declared_claims_judge_paired_differences_at_one_best_and_all_temperatures(tmp_path):
-    from tspin_ray.study_claims import judge
+    from tspin_ray.study.judge import judge
 
     claims = [{"id": "one", "claim": "validity at 1", "a": "tspin", "b": "sft_continued",
                "metric": "heldout/validity", "at": 1.0},

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from tspin_ray.data.tasks import TASKS, Task, exact_match, export_jsonl
 from tspin_ray.errors import UserError
-from tspin_ray.modeling import CHARSET, build_tokenizer
-from tspin_ray.tasks import TASKS, Task, exact_match, export_jsonl
+from tspin_ray.models.tiny import CHARSET, build_tokenizer
 
 N = 500
 
@@ -63,7 +63,7 @@ def test_export_jsonl_round_trips(tmp_path):
 def test_unknown_task_and_exhausted_space_fail_clearly(tmp_path):
     with pytest.raises(UserError, match="addition"):
         export_jsonl("additon", 5, 0, tmp_path / "x.jsonl")
-    from tspin_ray.tasks import multiplication
+    from tspin_ray.data.tasks import multiplication
 
     with pytest.raises(ValueError, match="fewer than"):
         multiplication(digits_a=1, digits_b=1, name="tiny").make(100, 0)
@@ -81,7 +81,7 @@ def test_paths_answers_are_exactly_the_shortest_paths_of_one_fixed_graph():
     edges, enumerated by all node sequences, equals `answers`; the annotated one is among them."""
     import itertools
 
-    from tspin_ray.tasks import random_graph
+    from tspin_ray.data.tasks import random_graph
 
     adj = random_graph(90, 5, 0)
     assert sum(len(n) for n in adj.values()) == 90 * 5  # 225 undirected edges
@@ -111,7 +111,8 @@ def test_paths_answers_are_exactly_the_shortest_paths_of_one_fixed_graph():
 def test_docstring_examples_hold():
     import doctest
 
-    from tspin_ray import batches, tasks
+    from tspin_ray.algorithms import inputs as batches
+    from tspin_ray.data import tasks
 
     assert doctest.testmod(tasks).attempted >= 1 and doctest.testmod(tasks).failed == 0
     assert doctest.testmod(batches).attempted >= 2 and doctest.testmod(batches).failed == 0

@@ -11,10 +11,10 @@ import pytest
 import ray
 import torch
 
-from tspin_ray.batches import batch_logprobs
-from tspin_ray.modeling import load_format, load_model
-from tspin_ray.objectives import tspin
-from tspin_ray.trainer import start_trainers
+from tspin_ray.algorithms.inputs import batch_logprobs
+from tspin_ray.algorithms.objectives import tspin
+from tspin_ray.models.checkpoints import load_format, load_model
+from tspin_ray.workers.trainer_rank import start_trainers
 
 BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-2,
              weight_decay=0.0, schedule="constant", warmup_ratio=0.0, total_steps=1, micro_batch_size=4,
@@ -124,7 +124,7 @@ def test_zero3_nll_right_after_load_with_uneven_rows(ray_session, tiny_ckpt, tin
     3 rows over 2 ranks in batches of 1, so rank 0 has two batches and rank 1 one. The sum equals the
     single-process sum, and nobody waits forever for a forward the other rank never runs. Loading other
     weights into the same ranks then replaces the sharded model and its engine."""
-    from tspin_ray.logprobs import sequence_logprobs
+    from tspin_ray.algorithms.logprobs import sequence_logprobs
 
     rows = _rows(tiny_ckpt)[:3]
     prompts, responses = [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows]
@@ -152,7 +152,7 @@ def _reference_params(ckpt) -> float:
 def test_tspin_at_beta0_forwards_no_y0(tiny_ckpt, monkeypatch):
     """beta = 0 (iteration 0): one forward over y and y' only, with their log-probs unchanged; rows from
     iteration 0 carry no y0 at all, and a beta != 0 step on such rows is refused with the reason."""
-    from tspin_ray import logprobs
+    from tspin_ray.algorithms import logprobs
 
     model, rows = load_model(tiny_ckpt), _rows(tiny_ckpt)
     batch = {k: [r[k] for r in rows] for k in rows[0]}
@@ -174,7 +174,7 @@ def test_length_sorted_micro_batches_keep_rows_and_cut_padding():
     regrouped as 1,2,2,3 | 6,7,8,9 they pad to 3 and 9: (3 + 9) x 4 = 48."""
     import numpy as np
 
-    from tspin_ray.batches import _row_length, length_sorted
+    from tspin_ray.algorithms.inputs import _row_length, length_sorted
 
     def batch(lengths, ids):
         real = np.empty(len(lengths), dtype=object)
@@ -247,7 +247,7 @@ def test_the_previous_optimizer_is_freed_before_the_next_is_built(ray_session, t
         import gc
         import weakref
 
-        import tspin_ray.trainer as tr
+        import tspin_ray.workers.trainer_rank as tr
 
         old = [weakref.ref(self.optimizer), weakref.ref(self.scheduler)]
         make, seen = tr.make_optimizer, []
@@ -277,9 +277,9 @@ def test_a_stalled_stream_fails_on_the_watchdog_with_its_key(ray_session, tiny_c
     """No micro-batch and no step for training.stall_timeout_s: the phase fails in one line naming the
     phase and the key, instead of waiting out a whole-epoch deadline."""
     from tests.conftest import small_config
-    from tspin_ray.config import from_dict
+    from tspin_ray.config.schema import from_dict
+    from tspin_ray.controller.trainer_group import TrainerGroup
     from tspin_ray.errors import RunFailed
-    from tspin_ray.trainer_group import TrainerGroup
 
     def stuck(batch):  # a producer that stopped (a hung engine, a lost node)
         import time
@@ -304,8 +304,8 @@ def test_first_divergence_scope_contrasts_the_first_differing_token_only(tiny_ck
     """pair_scope first_divergence: the current margin is lp(y_d) - lp(y'_d) at the first differing
     position d, read off the full sequences' log-probs; what y' says after d changes nothing; the NLL
     anchor still sees all of y."""
-    from tspin_ray.batches import first_divergence
-    from tspin_ray.logprobs import sequence_logprobs
+    from tspin_ray.algorithms.inputs import first_divergence
+    from tspin_ray.algorithms.logprobs import sequence_logprobs
 
     model, rows = load_model(tiny_ckpt), _rows(tiny_ckpt)
     batch = {k: [r[k] for r in rows] for k in rows[0]}

@@ -14,17 +14,17 @@ import torch
 
 from tests.conftest import small_config
 from tests.test_trainer import BEGIN, _rows
-from tspin_ray import weight_sync
-from tspin_ray.config import from_dict
-from tspin_ray.driver import Driver, prepare, train
-from tspin_ray.engines import HFEngine
+from tspin_ray.config.schema import from_dict
+from tspin_ray.controller.driver import Driver, prepare, train
+from tspin_ray.controller.trainer_group import TrainerGroup
 from tspin_ray.errors import UserError
-from tspin_ray.generators import GeneratorPool
-from tspin_ray.modeling import load_model
-from tspin_ray.phases import prompt_rows
-from tspin_ray.pipeline import read_shards
-from tspin_ray.trainer_group import TrainerGroup
-from tspin_ray.weight_sync import ParamSpec, plan_buckets
+from tspin_ray.models.checkpoints import load_model
+from tspin_ray.rollout.phases import prompt_rows
+from tspin_ray.rollout.shards import read_shards
+from tspin_ray.workers import weight_broadcast as weight_sync
+from tspin_ray.workers.engines import HFEngine
+from tspin_ray.workers.generator_pool import GeneratorPool
+from tspin_ray.workers.weight_broadcast import ParamSpec, plan_buckets
 
 
 def test_bucket_plan_doctests_and_invariants():

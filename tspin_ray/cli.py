@@ -31,8 +31,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from tspin_ray.config import load_config
-    from tspin_ray.driver import train
+    from tspin_ray.config.schema import load_config
+    from tspin_ray.controller.driver import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, quiet=args.quiet)
@@ -42,9 +42,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate_data(args) -> int:
-    from tspin_ray.config import load_config
-    from tspin_ray.data import format_report, load_splits
-    from tspin_ray.modeling import load_format, tiny_format
+    from tspin_ray.config.schema import load_config
+    from tspin_ray.data.loading import format_report, load_splits
+    from tspin_ray.models.checkpoints import load_format
+    from tspin_ray.models.tiny import tiny_format
 
     cfg = load_config(args.config, args.overrides)
     fmt = load_format(cfg.model.path, cfg.model.trust_remote_code) if cfg.model.path else tiny_format(cfg.model.tiny)
@@ -55,9 +56,9 @@ def cmd_validate_data(args) -> int:
 
 def cmd_export_task(args) -> int:
     """The config's held-out rows as an lm-evaluation-harness task (YAML + JSONL) for `lm_eval --include_path`."""
-    from tspin_ray.config import load_config
-    from tspin_ray.data import load_splits
-    from tspin_ray.harness import export_task
+    from tspin_ray.config.schema import load_config
+    from tspin_ray.data.loading import load_splits
+    from tspin_ray.evaluation.harness import export_task
 
     cfg = load_config(args.config, args.overrides)
     rows = load_splits(cfg.data).eval
@@ -68,8 +69,8 @@ def cmd_export_task(args) -> int:
 
 
 def _driver(args):
-    from tspin_ray.config import load_config
-    from tspin_ray.driver import Driver, prepare
+    from tspin_ray.config.schema import load_config
+    from tspin_ray.controller.driver import Driver, prepare
 
     cfg = load_config(args.config, args.overrides)
     return Driver(prepare(cfg), quiet=args.quiet)
@@ -78,7 +79,7 @@ def _driver(args):
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from tspin_ray.modeling import check_checkpoint
+    from tspin_ray.models.checkpoints import check_checkpoint
 
     check_checkpoint(args.checkpoint)  # a missing or broken checkpoint is a one-line error
     driver = _driver(args)
@@ -92,9 +93,9 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from pathlib import Path
 
-    from tspin_ray.modeling import check_checkpoint
-    from tspin_ray.phases import prompt_rows
-    from tspin_ray.rundir import write_atomic
+    from tspin_ray.models.checkpoints import check_checkpoint
+    from tspin_ray.rollout.phases import prompt_rows
+    from tspin_ray.rundir.store import write_atomic
 
     check_checkpoint(args.checkpoint)
     driver = _driver(args)
@@ -112,7 +113,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tspin_ray.report import write_report
+    from tspin_ray.analysis.report import write_report
 
     out = write_report(args.run, out_dir=args.out)
     print(f"report: {out}")
@@ -120,7 +121,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from tspin_ray.study import command_line, load_study, narrow, run_study
+    from tspin_ray.study.plan import command_line, load_study, narrow
+    from tspin_ray.study.runner import run_study
 
     full = load_study(args.config)
     study = narrow(full, seeds=args.seeds, iterations=args.iterations, methods=args.methods,
@@ -131,7 +133,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from tspin_ray.config import describe
+    from tspin_ray.config.schema import describe
 
     print("\n".join(describe()))
     return 0

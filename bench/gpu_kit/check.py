@@ -33,7 +33,7 @@ from bench.__main__ import BENCHMARKS, child_env, one_line, run_one, stop
 
 REPO = Path(__file__).resolve().parents[2]
 KIT = Path(__file__).resolve().parent
-# objective -> the model family its run uses (tspin_ray/families.py): each real family trains once.
+# objective -> the model family its run uses (tspin_ray/models/families.py): each real family trains once.
 RUNS = {"sft": "zephyr", "spin": "llama3", "tspin": "qwen2", "space": "llama3"}
 CPU_RUN = ["model.dtype=float32", "training.precision=fp32", "resources.trainer_gpus=0",
            "resources.generator_gpus=0", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
@@ -146,7 +146,7 @@ def environment(c: Check) -> Step:
             versions[dist] = importlib.metadata.version(dist)
         except Exception as e:  # noqa: BLE001  (any import failure is the finding)
             missing.append(f"{dist} ({type(e).__name__})")
-    for module in ("ray", "ray.data", "deepspeed", "pydantic", "jsonschema", "tspin_ray.driver"):
+    for module in ("ray", "ray.data", "deepspeed", "pydantic", "jsonschema", "tspin_ray.controller.driver"):
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001
@@ -206,7 +206,7 @@ def run_argv(c: Check, objective: str, family: str, extra: list[str]) -> list[st
 
 def read_run(c: Check, objective: str, family: str, rc: int | None, seconds: float, log: Path) -> Step:
     """A run's verdict from its exit status and its run directory, read back with load_run."""
-    from tspin_ray.run_reader import load_run
+    from tspin_ray.analysis.run_reader import load_run
 
     name, where = f"run_{objective}", "GPU, bf16" if c.gpu else "CPU stand-in, fp32"
     root = c.work / "runs" / objective

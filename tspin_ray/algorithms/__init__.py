@@ -1,0 +1,1 @@
+"""The objectives' math: losses, the log-probs they need, one step's inputs. Pure torch: no Ray, no I/O."""

@@ -1,0 +1,1 @@
+"""Benchmark scores of committed iterates with lm-evaluation-harness (harness.py)."""

@@ -1,0 +1,1 @@
+"""Checkpoints: safe loading (checkpoints.py), chat format (chat_format.py), LoRA, tiny and family miniatures."""

@@ -1,0 +1,1 @@
+"""The run directory: atomic commits, manifest and checksums (store.py), metrics sinks (metrics.py)."""

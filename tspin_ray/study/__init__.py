@@ -1,0 +1,1 @@
+"""Research on top of runs: study plans, declared claims and their verdicts, distributional metrics."""

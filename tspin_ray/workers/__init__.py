@@ -1,0 +1,1 @@
+"""Code that runs inside Ray actors: engines, the generation stage, generator pool, trainer rank, weight moves."""

@@ -1,7 +1,7 @@
-"""The tspin-ray benchmark suite: what DESIGN.md "What is measured" asks for, as JSON and Markdown.
+"""The tspin-ray benchmark suite: what docs/performance.md reports, as JSON and Markdown.
 
     .venv/bin/python -m bench                       # full suite (about 10-15 minutes on 2 CPU cores)
-    .venv/bin/python -m bench --quick               # tiny sizes, a few minutes (what tests/test_bench.py runs)
+    .venv/bin/python -m bench --quick               # tiny sizes, a few minutes (what tests/e2e/test_bench.py runs)
     .venv/bin/python -m bench --only generation scaling --out /tmp/bench
 
 Every figure is reported next to the baseline it is compared with, measured in the same run, as a ratio

@@ -134,7 +134,7 @@ def task_examples(n: int, seed: int = 0) -> list[dict]:
 
 
 def encoded_prompts(fmt, examples: list[dict]) -> list[list[int]]:
-    """Rendered prompt ids under a checkpoint's ChatFormat (modeling.load_format)."""
+    """Rendered prompt ids under a checkpoint's ChatFormat (checkpoints.load_format)."""
     return [fmt.prompt_ids(e["prompt"]) for e in examples]
 
 

@@ -37,7 +37,7 @@ ASSUMPTIONS = {
     "prompt_tokens": Assumption(100, 150, 300, "assumed: no published UltraChat-200k token statistics; "
                                                 "measure with the Mistral tokenizer"),
     "real_tokens": Assumption(150, 280, 400, "assumed: first assistant turn of UltraChat-200k"),
-    "generated_tokens": Assumption(180, 230, 256, "max_new_tokens 256 (uclaml/SPIN generate.py, ALGORITHMS.md); "
+    "generated_tokens": Assumption(180, 230, 256, "max_new_tokens 256 (uclaml/SPIN generate.py, docs/concepts.md); "
                                                   "assumed most answers reach it"),
     "vllm_tok_s": Assumption(3281, 4000, 8088, "vLLM output tok/s on one H100: Mistral-7B 3,281 (Lambda "
                                                "vllm-benchmark, v0.5.4); Llama-3.1-8B 8,088 (v0.6.0, multi-step)"),

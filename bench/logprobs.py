@@ -5,7 +5,7 @@
 
 Each variant runs in a fresh process (`python -m bench.logprobs VARIANT SIZE`): a random Llama-3-sized
 vocabulary (128,256) on a small trunk, one warm-up step (AdamW's states exist before anything is read),
-then timed steps of the trainer's computation: `batch_logprobs` over y / y' / y0 -> T-SPIN loss -> backward
+then timed steps of the trainer's computation: `step_losses`: log-probs of y / y' / y0 -> T-SPIN loss -> backward
 -> AdamW step. Memory is what the step adds on top of the memory held before it: on a GPU the CUDA
 allocator's peak; on CPU the process's anonymous memory sampled every 2 ms, with glibc told to map large
 blocks (MALLOC_MMAP_THRESHOLD_) so freed activations leave the process between steps. Activation memory is
@@ -37,8 +37,8 @@ def measure(variant: str, s: dict) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tspin_ray.algorithms import logprobs
-    from tspin_ray.algorithms.inputs import batch_logprobs
-    from tspin_ray.algorithms.objectives import get_objective
+    from tspin_ray.algorithms.inputs import step_losses
+    from tspin_ray.algorithms.objectives import OBJECTIVES
 
     if variant == "full logits":
         logprobs._scored_head = lambda model: None  # the path every model took before the chunked one
@@ -61,7 +61,7 @@ def measure(variant: str, s: dict) -> dict:
     tokens = 3 * s["rows"] * (s["prompt"] + s["response"])
 
     def step():
-        losses, _ = get_objective("tspin")(**batch_logprobs(model, batch, "tspin", pad_id=0), alpha=1.0, beta=0.1)
+        losses, _ = step_losses(model, batch, OBJECTIVES["tspin"], {"alpha": 1.0, "beta": 0.1}, pad_id=0)
         losses.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -123,7 +123,7 @@ def run(ctx: Context) -> dict:
              f"{full_logits_mb:.0f} MiB. Each variant in its own process; medians are not taken (one run).",
              "Baseline = the full-logits path (logits of every position, fp32 log-softmax, gather), which every "
              "model took before; candidate = response positions only, 128 MiB fp32 chunks, logits recomputed in "
-             "backward. Both give the same log-probs to 1e-5 in fp32 (tests/test_logprobs.py)."]
+             "backward. Both give the same log-probs to 1e-5 in fp32 (tests/unit/algorithms/test_logprobs.py)."]
     rows = [[v, f["activation_mb"], f[mem], f["tokens_per_s"], f["step_s"], f["last_loss"]] for v, f in figures.items()]
     return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures, "headline": "activation memory",
             "tables": [{"title": "Per variant", "columns": ["variant", "activation MB", f"MB added ({where})",

@@ -18,6 +18,7 @@ import threading
 
 from bench.common import Context, anon_mb, compare, make_checkpoint, median, now, skipped
 from bench.training import BEGIN, step_batches, triplet_rows
+from tspin_ray.workers.records import OptimizerSetup
 
 SIZES = {
     "quick": dict(model=dict(family="llama3", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256),
@@ -64,8 +65,8 @@ def step_memory(path: str, r: int | None, s: dict) -> dict:
     torch.set_num_threads(1)
     trainer = _trainer(path, r)
     steps = step_batches(triplet_rows(load_format(path), s["rows"], (8, 24)), s["global_batch"], s["micro_batch"])
-    trainer.begin(**BEGIN, total_steps=len(steps), micro_batch_size=s["micro_batch"],
-                  global_batch_size=s["global_batch"])
+    trainer.begin(OptimizerSetup(**BEGIN, total_steps=len(steps), micro_batch_size=s["micro_batch"],
+                                 global_batch_size=s["global_batch"]))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -5,7 +5,7 @@ packed into shared rows (tspin_ray/algorithms/logprobs.py `pack_batch`).
 
 The rows look like self-play data: a long annotated y beside shorter samples y' and y0, prompts of
 varied length. Both variants run the trainer's computation in this process on the same micro-batches
-(`batch_logprobs` over y / y' / y0 -> T-SPIN loss -> backward -> AdamW step), alternating step by step
+(`step_losses`: log-probs of y / y' / y0 -> T-SPIN loss -> backward -> AdamW step), alternating step by step
 so that machine noise hits both alike; a warm-up step each first. Padding fraction = positions holding
 no token / all positions of the forward. Tokens = prompt + response tokens of every sequence, unpadded.
 """
@@ -64,8 +64,8 @@ def run(ctx: Context) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tspin_ray.algorithms import logprobs
-    from tspin_ray.algorithms.inputs import batch_logprobs
-    from tspin_ray.algorithms.objectives import get_objective
+    from tspin_ray.algorithms.inputs import step_losses
+    from tspin_ray.algorithms.objectives import OBJECTIVES
 
     s = SIZES["quick" if ctx.quick else "gpu" if ctx.gpu else "full"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +84,7 @@ def run(ctx: Context) -> dict:
         try:
             sync()
             t0 = now()
-            losses, _ = get_objective("tspin")(**batch_logprobs(model, batch, "tspin", pad_id=0), alpha=1.0, beta=0.1)
+            losses, _ = step_losses(model, batch, OBJECTIVES["tspin"], {"alpha": 1.0, "beta": 0.1}, pad_id=0)
             losses.mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -117,7 +117,7 @@ def run(ctx: Context) -> dict:
              f"step by step in one process, same model and optimizer.",
              "Baseline = one right-padded row per sequence (every model before packing); candidate = first-fit "
              "packing into rows as wide as the longest sequence, block-causal 4D mask; equal log-probs and "
-             "gradients to 1e-5 in fp32 (tests/test_logprobs.py)."]
+             "gradients to 1e-5 in fp32 (tests/unit/algorithms/test_logprobs.py)."]
     rows = [[v, f["padding_fraction"], f["tokens_per_s"], f["median_step_s"], f["positions"]] for v, f in figures.items()]
     return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures, "headline": "speed",
             "tables": [{"title": "Per variant", "columns": ["variant", "padding fraction", "tokens/s",

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench.common import Context, actor_threads, compare, gpu_count, make_checkpoint, now, ray_session
-from bench.sequential import ListShard, begin_kwargs, generate_batch
+from bench.sequential import ListShard, generate_batch, setup_for
 
 SIZES = {
     "quick": dict(task_size=240, eval_size=40, max_new_tokens=8, gen_batch=16, global_batch=32, micro_batch=16,
@@ -96,7 +96,7 @@ def apart(driver, work) -> dict:
     gen_s = now() - t0
     table = in_row_order(read_shards(gen_dir), rows)
     group = driver.trainer_group(pi0)  # back to pi_0 (the group holds pi_1 after the iteration)
-    group.begin(**begin_kwargs(cfg, rows.num_rows))
+    group.begin(setup_for(cfg, rows.num_rows))
     t0 = now()
     records = group.train_stream(ray.data.from_arrow(table))
     train_s = now() - t0
@@ -192,7 +192,7 @@ def single_process(cfg, path, rows, out_dir) -> dict:
     gen_done = now()
     trainer = Trainer(0, 1, tr.backend, tr.zero_stage, tr.precision)
     trainer.load(str(path))
-    trainer.begin(**begin_kwargs(cfg, rows.num_rows))
+    trainer.begin(setup_for(cfg, rows.num_rows))
     train_start = now()
     records = trainer.train_epoch(ListShard(generated))
     end = now()
@@ -213,7 +213,7 @@ def ray_pipeline(cfg, path, rows, out_dir) -> dict:
     group = TrainerGroup(cfg)
     try:
         group.load(path)
-        group.begin(**begin_kwargs(cfg, rows.num_rows))
+        group.begin(setup_for(cfg, rows.num_rows))
         stream_start, stream_wall = now(), time.time()
         records = group.train_stream(generation(cfg, rows, gen_phase(cfg, path, out_dir)))
         end = now()

@@ -140,7 +140,7 @@ def run(ctx: Context) -> dict:
              f"random tiny model, {s['backend']} engines, 2 long-lived actors x 1 CPU; actor 1 {s['slow']:g}x slower "
              f"(sleeps after each engine step; HF: after each generate call); medians of {s['repeats']} run(s) per variant, alternating.",
              "Which actor runs a batch changes no sample (per-sample seeds) and no row count (every phase ends in "
-             "check_complete; tests/test_family_runs.py runs long-lived pools)."]
+             "check_complete; tests/e2e/test_family_runs.py runs long-lived pools)."]
     table = [[n, f["seconds"], f["tokens_per_s"], f["slow_actor_rows"], s["prompts"]] for n, f in figures.items()]
     return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures, "headline": "phase wall",
             "tables": [{"title": "Per variant", "columns": ["assignment", "phase s", "tokens/s",

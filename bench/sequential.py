@@ -67,12 +67,11 @@ def generate_batch(engine, fmt, chunk: list[dict], kw) -> dict[str, list]:
     return out
 
 
-def begin_kwargs(cfg, n_rows: int, t: int = 0) -> dict:
+def setup_for(cfg, n_rows: int, t: int = 0):
     """What Driver.begin_training gives the trainers for iteration t over n_rows rows (Driver.plan's steps)."""
-    from tspin_ray.controller.trainer_group import optimizer_setup
+    from tspin_ray.controller.trainer_group import optimizer_setup, steps_per_epoch
 
-    n = cfg.resources.trainers
-    return optimizer_setup(cfg, t, (n_rows // n) // (cfg.training.global_batch_size // n))
+    return optimizer_setup(cfg, t, steps_per_epoch(n_rows, cfg.resources.trainers, cfg.training.global_batch_size))
 
 
 def generate_all(engine, fmt, rows: list[dict], kw, batch_size: int) -> list[dict]:
@@ -88,7 +87,6 @@ def run(cfg, out_dir: Path) -> dict:
     """cfg.iterations iterations from cfg.model.path; per-phase seconds of each, and where pi_N went."""
     import torch
 
-    from tspin_ray.algorithms.objectives import needs_ref
     from tspin_ray.controller.driver import prepare
     from tspin_ray.rollout.phases import phase_for, prompt_rows, shuffled
     from tspin_ray.rollout.seeds import derive_seed
@@ -98,7 +96,7 @@ def run(cfg, out_dir: Path) -> dict:
     t_start = time.time()
     prep = prepare(cfg)
     obj = cfg.objective
-    if (cfg.needs_sft_stage or obj.name != "tspin" or needs_ref(obj.name, obj.loss_params)
+    if (cfg.needs_sft_stage or obj.name != "tspin" or obj.entry.reference(obj.loss_params)
             or cfg.resources.trainers != 1):
         raise SystemExit("bench.sequential runs T-SPIN without a reference (no dpop_lambda) from model.path, with "
                          "one trainer and no SFT stage")
@@ -118,16 +116,16 @@ def run(cfg, out_dir: Path) -> dict:
         kw = SimpleNamespace(**{**vars(kw0), "iteration": t, "out_dir": str(out_dir / f"gen_{t}")})
         triplets = generate_all(engine, prep.format, rows, kw, g.batch_size)
         gen_s = time.time() - t0
-        if t == 0 and cfg.objective.name == "tspin":  # iteration 0's y' serve as y0 (proto.py)
+        if t == 0 and cfg.objective.name == "tspin":  # iteration 0's y' serve as y0 (controller/y0.py)
             y0 = {r["prompt_id"]: r["generated_ids"] for r in triplets}
         t1 = time.time()
-        trainer.begin(**begin_kwargs(cfg, len(triplets), t))
+        trainer.begin(setup_for(cfg, len(triplets), t))
         records, step_s = [], []
         for epoch in range(tr.epochs):
             order = triplets if epoch == 0 else shuffled(triplets, derive_seed(cfg.seed, "train", t, epoch))
             got = trainer.train_epoch(ListShard(order))
             records += got
-            step_s.append(sum(r["step_s"] for r in got))
+            step_s.append(sum(r.step_s for r in got))
         train_s = time.time() - t1
         t2 = time.time()
         pi = out_dir / "checkpoints" / f"pi_{t + 1}"
@@ -137,7 +135,7 @@ def run(cfg, out_dir: Path) -> dict:
         iterations.append({"iteration": t, "seconds": time.time() - t0, "generate_s": gen_s, "train_s": train_s,
                            "export_and_load_s": time.time() - t2, "steps": len(records),
                            "step_s_per_epoch": step_s, "tokens": sum(int(r["gen_tokens"]) for r in triplets),
-                           "final_loss": records[-1]["loss"] if records else None})
+                           "final_loss": records[-1].loss if records else None})
     return {"setup_s": setup_s, "run_s": time.time() - t_start, "iterations": iterations,
             "checkpoint": str(pi), "threads": torch.get_num_threads()}
 

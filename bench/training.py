@@ -31,6 +31,7 @@ from bench.common import (
     sync,
     task_examples,
 )
+from tspin_ray.workers.records import OptimizerSetup
 
 SIZES = {
     "quick": dict(global_batch=16, micro_batch=8, warmup_steps=1, steps=2, response_chars=(3, 8), model={},
@@ -87,7 +88,7 @@ def tokens_in(step: list[dict]) -> int:
 
 def run_steps(trainer, steps: list[list[dict]]) -> dict:
     """Time each optimizer step; runs wherever `trainer` lives (this process or inside an actor)."""
-    seconds, last = [], {}
+    seconds, last = [], None
     for micro_batches in steps:
         sync()
         t0 = now()
@@ -96,7 +97,7 @@ def run_steps(trainer, steps: list[list[dict]]) -> dict:
         seconds.append(now() - t0)
     import torch
 
-    return {"step_seconds": seconds, "last_loss": last.get("loss"), "threads": torch.get_num_threads()}
+    return {"step_seconds": seconds, "last_loss": last and last.loss, "threads": torch.get_num_threads()}
 
 
 def _in_actor(trainer, steps):  # __ray_call__ passes the actor's instance first
@@ -108,8 +109,8 @@ def in_process(path: str, s: dict, warmup, timed) -> dict:
 
     trainer = Trainer(0, 1, "torch", 0, s["precision"])
     trainer.load(path)
-    trainer.begin(**BEGIN, total_steps=len(warmup) + len(timed), micro_batch_size=s["micro_batch"],
-                  global_batch_size=s["global_batch"])
+    trainer.begin(OptimizerSetup(**BEGIN, total_steps=len(warmup) + len(timed), micro_batch_size=s["micro_batch"],
+                                 global_batch_size=s["global_batch"]))
     run_steps(trainer, warmup)
     out = run_steps(trainer, timed)
     del trainer
@@ -127,8 +128,8 @@ def in_actor(path: str, s: dict, backend: str, zero: int, cpus: float, warmup, t
                              precision=s["precision"])
     try:
         ray.get(actor.load.remote(path))
-        ray.get(actor.begin.remote(**BEGIN, total_steps=len(warmup) + len(timed), micro_batch_size=s["micro_batch"],
-                                   global_batch_size=s["global_batch"]))
+        ray.get(actor.begin.remote(OptimizerSetup(**BEGIN, total_steps=len(warmup) + len(timed),
+                                                  micro_batch_size=s["micro_batch"], global_batch_size=s["global_batch"])))
         setup_s = now() - t0
         ray.get(actor.__ray_call__.remote(_in_actor, warmup))
         out = ray.get(actor.__ray_call__.remote(_in_actor, timed))
@@ -303,7 +304,7 @@ def load_memory(path: str, ranks: int, zero: int, export_shard: int | None = Non
         ray.get([a.load.remote(path) for a in actors])
         load_s = now() - t0
         loaded = ray.get([a.__ray_call__.remote(_memory_mb) for a in actors])
-        ray.get([a.begin.remote(**BEGIN, total_steps=1, micro_batch_size=1, global_batch_size=ranks)
+        ray.get([a.begin.remote(OptimizerSetup(**BEGIN, total_steps=1, micro_batch_size=1, global_batch_size=ranks))
                  for a in actors])
         ready = ray.get([a.__ray_call__.remote(_memory_mb) for a in actors])
         stepped = one_step(actors, path) if step else None

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench --only weight_sync [--quick]
 
-The generators get pi_{t+1} from the HF checkpoint the trainers export (DESIGN.md, "Weight sync"). This
+The generators get pi_{t+1} from the HF checkpoint the trainers export (docs/concepts.md, "Weight sync"). This
 measures, per model size:
 - `HFEngine.reload` and `VLLMEngine.reload` (vLLM's collective_rpc("reload_weights")) into a running
   engine vs constructing a new engine from the same checkpoint (what a fresh generator actor pays on top
@@ -11,7 +11,7 @@ measures, per model size:
 - checkpoint export (`save_pretrained`, safetensors, as `Trainer.export` does) and load (`load_model`),
   in GB/s, against writing / reading the same number of bytes as one plain file in the same directory
   (the "link": here the page cache and disk).
-- the broadcast fast path for long-lived generators (`GeneratorPool.sync`, weight_sync.py: gloo here, NCCL
+- the broadcast fast path for long-lived generators (`GeneratorPool.sync`, workers/weight_broadcast.py: gloo here, NCCL
   on GPUs) against export + reload, in seconds, and its GB/s against one whole-model bucket.
 """
 
@@ -165,9 +165,9 @@ def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
         syncs, checkpoints, whole = [], [], []
         for _ in range(s["repeats"]):  # each kind back to back: an export between syncs churns the page cache
             out = pool.sync(trainers, path)
-            if "error" in out:
-                raise RuntimeError(out["error"])
-            syncs.append(out["seconds"])
+            if not out.ok:
+                raise RuntimeError(out.error)
+            syncs.append(out.seconds)
         for i in range(s["repeats"]):
             t0 = now()
             trainers.export(out_dir / f"export-{i}")

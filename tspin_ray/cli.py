@@ -69,11 +69,12 @@ def cmd_export_task(args) -> int:
 
 
 def _driver(args):
+    """A driver for `eval` and `generate`: it reads checkpoints and never touches the config's run directory."""
     from tspin_ray.config.schema import load_config
     from tspin_ray.controller.driver import Driver, prepare
 
     cfg = load_config(args.config, args.overrides)
-    return Driver(prepare(cfg), quiet=args.quiet)
+    return Driver(prepare(cfg), quiet=args.quiet, record=False)
 
 
 def cmd_eval(args) -> int:
@@ -133,9 +134,9 @@ def cmd_study(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from tspin_ray.config.schema import describe
+    from tspin_ray.config.schema import describe, reference
 
-    print("\n".join(describe()))
+    print(reference(), end="") if args.markdown else print("\n".join(describe()))
     return 0
 
 
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_study)
     p = sub.add_parser("config", help="list every config key")
+    p.add_argument("--markdown", action="store_true", help="as docs/configuration.md: a table per section")
     p.set_defaults(fn=cmd_config)
     return parser
 

@@ -1,6 +1,6 @@
 """Waiting with a deadline, and failures told in one line: what the driver does around every phase.
 
-    .venv/bin/pytest tests/test_pipeline.py -k root_cause
+    .venv/bin/pytest tests/unit/rollout/test_pipeline.py -k root_cause
 
 A phase that cannot finish fails with RunFailed naming the phase and the config key of its limit; a
 worker's exception is reduced to the 'Type: message' line of its root cause (Ray wraps it in text).

@@ -6,7 +6,7 @@ Every step runs in its own child process under a share of one time budget (--bud
 1800 s without; counted from run.sh's start) and records ok / fail / skip with one line of why in OUTDIR/summary.json,
 rewritten after each step, so a machine taken back mid-way still leaves what was done. Without CUDA the
 GPU-only steps skip with a line saying so and the runs go on CPU (fp32, a smaller model): that is how the
-kit is proven offline here (tests/test_gpu_kit.py). OUTDIR gets three files, within a device call's limit
+kit is proven offline here (tests/deploy/test_gpu_kit.py). OUTDIR gets three files, within a device call's limit
 of 8: summary.json, check.log (everything printed) and details.tar.gz (child logs, bench JSON/Markdown,
 each run's metrics.jsonl).
 """
@@ -172,12 +172,12 @@ def environment(c: Check) -> Step:
 
 
 def gpu_tests(c: Check) -> Step:
-    """tests/test_gpu.py: those that need neither vLLM nor two GPUs run; the rest skip (pytest -rs says why)."""
+    """tests/gpu/test_gpu.py: those that need neither vLLM nor two GPUs run; the rest skip (pytest -rs says why)."""
     if c.out_of_time("gpu_tests", 60):
         return c.steps[-1]
     xml = c.work / "gpu_tests.xml"
     rc, seconds, log = c.child("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu",
-                                             "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/test_gpu.py"], 150)
+                                             "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/gpu/test_gpu.py"], 150)
     if rc is None:
         return c.record(Step("gpu_tests", "cut", seconds, f"stopped at its cap or the budget: {last_line(log)}"))
     if not xml.exists():

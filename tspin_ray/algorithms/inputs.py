@@ -1,7 +1,7 @@
 """What one training step computes from its rows: the policy log-probs each objective needs, from one
 forward over all responses, and micro-batches regrouped by length to cut padding.
 
-    .venv/bin/pytest tests/test_trainer.py -k "length_sorted or step_equals"
+    .venv/bin/pytest tests/unit/workers/test_trainer.py -k "length_sorted or step_equals"
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from tspin_ray.algorithms.logprobs import sequence_logprobs
+from tspin_ray.algorithms.objectives import Metrics, Objective
 
 
 def first_divergence(a, b) -> int:
@@ -42,17 +45,21 @@ def _float_column(values, device) -> torch.Tensor:
     return torch.tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32, device=device)
 
 
-def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool = True, *,
-                   scope: str = "sequence", ref: bool | None = None) -> dict[str, torch.Tensor]:
-    """Policy log-probs of every response an objective needs, from one forward over all of them.
+def step_losses(model, batch: dict, objective: Objective, params: dict, pad_id: int) -> tuple[torch.Tensor, Metrics]:
+    """One step's per-example losses and metrics: the inputs `objective` reads, then its loss."""
+    return objective.loss(**batch_logprobs(model, batch, objective, params, pad_id), **params)
 
-    Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); SPIN, T-SPIN and RFT treat
-    each sample as its own pair, SPACE keeps the k samples of a row together ([B, mu]). proto=False:
-    T-SPIN without its y0 forward (beta = 0; objectives.needs_proto). scope "first_divergence" (T-SPIN):
-    each pair scores only its two tokens at the first divergence (`divergent_tokens`), and the full y is
-    scored as `anchor_real`. ref: pass lp_ref(y) (and lp_ref(y')) from the rows; default SPIN/SPACE.
+
+def batch_logprobs(model, batch: dict, objective: Objective, params: dict, pad_id: int) -> dict[str, torch.Tensor]:
+    """Policy log-probs of every response `objective` reads under `params`, from one forward over all of them.
+
+    Rows carry k samples each (`generated_ids`, `proto_ids`: k lists of ids); a grouped objective (SPACE)
+    keeps the k samples of a row together ([B, k]), the others treat each sample as its own pair. y0 is
+    scored only when `objective.proto(params)` (T-SPIN with beta != 0). `pair_scope: first_divergence`
+    (T-SPIN): each pair scores only its two tokens at the first divergence (`divergent_tokens`), and the
+    full y is scored as `anchor_real`. lp_ref(y), lp_ref(y') come from the rows (scored by the generator)
+    when `objective.reference(params)`.
     """
-    from tspin_ray.algorithms.logprobs import sequence_logprobs
 
     prompts, real = to_list(batch["prompt_ids"]), to_list(batch["real_ids"])
     b = len(prompts)
@@ -60,11 +67,12 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
     # log-probs raises at the first step; tests run this on the meta device).
     device = next(model.parameters()).device
     lengths = torch.tensor([len(r) for r in real], dtype=torch.float32, device=device)
-    if objective == "sft":
+    if not objective.opponent:
         return {"policy_real": sequence_logprobs(model, prompts, real, pad_id), "real_lengths": lengths}
     gen = to_list(batch["generated_ids"])
     k = len(gen[0])
-    proto = proto and objective == "tspin"
+    proto = objective.proto(params)
+    scope = params.get("pair_scope", "sequence")
     y0s = to_list(batch["proto_ids"]) if proto else None
     for y0 in y0s or []:
         if len(y0) != k:
@@ -74,8 +82,8 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
     if scope not in ("sequence", "first_divergence"):
         raise ValueError(f"unknown pair_scope {scope!r}; valid: sequence, first_divergence")
     if scope == "first_divergence":
-        if objective != "tspin":
-            raise ValueError(f"pair_scope first_divergence works with tspin only, not {objective}")
+        if "pair_scope" not in objective.params:
+            raise ValueError(f"pair_scope first_divergence works with tspin only, not {objective.loss.__name__}")
         # each pair's two divergent tokens, scored after prompt + shared prefix
         cut = [(p + pre, ty, tg) for p, y, gs in zip(prompts, real, gen, strict=True) for g in gs
                for pre, ty, tg in [divergent_tokens(y, g)]]
@@ -98,7 +106,7 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
         got[name], at = lp[at:at + len(ps)], at + len(ps)
     real_lp, gen_lp = got["real"], got["generated"].view(b, k)
     out: dict[str, torch.Tensor] = {"real_lengths": lengths}
-    if objective == "space":
+    if objective.grouped:
         out.update(policy_real=real_lp, policy_generated=gen_lp)
     else:  # one pair (or triplet) per sample: repeat y's log-prob instead of recomputing it
         out.update(policy_real=real_lp.repeat_interleave(k), policy_generated=gen_lp.reshape(-1),
@@ -109,15 +117,15 @@ def batch_logprobs(model, batch: dict, objective: str, pad_id: int, proto: bool 
         out["policy_proto"] = got["proto"]
         if "generated_cut" in got:
             out["policy_generated_history"] = got["generated_cut"]
-    if objective == "rft":
+    if objective.verified:
         out["generated_lengths"] = torch.tensor([len(g) for gs in gen for g in gs], dtype=torch.float32,
                                                 device=device)
         out["generated_valid"] = _float_column([float(v) for vs in to_list(batch["generated_valid"]) for v in vs],
                                                device)
-    if objective in ("spin", "space") if ref is None else ref:
+    if objective.reference(params):
         ref_real = _float_column(batch["ref_real"], device)
         ref_gen = _float_column(to_list(batch["ref_generated"]), device).view(b, k)
-        if objective == "space":
+        if objective.grouped:
             out.update(ref_real=ref_real, ref_generated=ref_gen)
         else:
             out.update(ref_real=ref_real.repeat_interleave(k), ref_generated=ref_gen.reshape(-1))

@@ -1,6 +1,6 @@
 """Per-sequence summed log-probs of response tokens, in one forward over packed rows.
 
-    .venv/bin/pytest tests/test_logprobs.py -q
+    .venv/bin/pytest tests/unit/algorithms/test_logprobs.py -q
 
 Every objective needs log pi(y | x) for several responses per prompt (y, y', y0, ...). Callers
 concatenate all of them into ONE `sequence_logprobs` call (e.g. prompts = xs + xs + xs, responses =

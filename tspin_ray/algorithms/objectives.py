@@ -1,12 +1,13 @@
-"""The four training objectives as pure torch functions (exact spec: ALGORITHMS.md).
+"""The training objectives as pure torch functions, and their registry (formulas: docs/concepts.md).
 
-    .venv/bin/pytest tests/test_objectives.py
+    .venv/bin/pytest tests/unit/algorithms/test_objectives.py
 
 Every input is a per-example float tensor of shape [B] holding a SUMMED response log-prob (prompt masked,
 EOS included, no length normalisation): `policy_real` = lp(y), `policy_generated` = lp(y'),
 `policy_proto` = lp(y0), `ref_real` = lp_ref(y), `ref_generated` = lp_ref(y'). Arguments are keyword-only
 and each function also accepts `**unused`, so a caller may pass one superset of kwargs to any objective
-(e.g. `beta` to `sft`); unknown keys are ignored. `REQUIRED_INPUTS` names the log-prob tensors each needs.
+(e.g. `beta` to `sft`); unknown keys are ignored. `OBJECTIVES` holds each one's registry entry: its loss,
+the tensors and hyper-parameters it reads, and what generation must provide for it.
 
 Each returns `(loss, metrics)`: `loss` is the per-example loss [B] (reduce it yourself, e.g. `.mean()`),
 `metrics` maps names to detached 0-dim tensors (batch means; call `.item()` when logging).
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +148,7 @@ def tspin(
     Study variants (defaults off = the paper's loss):
     - dpop_lambda > 0: current -= dpop_lambda * max(0, lp_ref(y) - lp(y)), lp_ref = pi_t (DPOP's hinge;
       the only reference T-SPIN then reads).
-    - pair_scope first_divergence (batches.py): the log-probs given are those of the sequences cut after
+    - pair_scope first_divergence (algorithms/inputs.py): the log-probs given are those of the sequences cut after
       their first differing token, so each term contrasts that one token (Step-DPO's first wrong step,
       arXiv 2406.18629); `anchor_real` then carries the full lp(y) for the NLL anchor and the hinge
       (logged as logps/real_full), and `policy_generated_history` y''s token against y0 for the historical
@@ -284,36 +287,61 @@ def rft(
                   **({"logps/real": _mean(policy_real)} if policy_real is not None else {})}
 
 
-OBJECTIVES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {
-    "sft": sft,
-    "spin": spin,
-    "tspin": tspin,
-    "space": space,
-    "rft": rft,
+def _never(params: dict) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything the rest of tspin-ray asks of an objective; adding one is one entry in `OBJECTIVES`.
+
+    The trainer computes `inputs` (plus what `proto`/`reference` switch on) in one forward and calls
+    `loss(**inputs, **params)`; the config accepts `params` for it; the driver generates y' only when
+    `inputs` holds `policy_generated`, and asks the generator for lp_ref only when `reference` says so.
+    """
+    loss: Callable[..., tuple[torch.Tensor, Metrics]]
+    inputs: tuple[str, ...]  # the tensors `loss` always reads (see the module docstring)
+    params: tuple[str, ...] = ()  # the objective.* hyper-parameters it reads (its loss's and pair_scope)
+    proto: Callable[[dict], bool] = _never  # whether it reads lp(y0) under these hyper-parameters
+    reference: Callable[[dict], bool] = _never  # whether it reads lp_ref(y), lp_ref(y') scored under pi_t
+    grouped: bool = False  # the k samples of a prompt form one example ([B, k]); else one pair per sample
+    mixes_previous: bool = False  # the default of objective.mix_previous: add the previous iteration's pairs
+    first_iteration: tuple[tuple[str, Any], ...] = ()  # hyper-parameters forced in iteration 0
+    samples_param: str | None = None  # the hyper-parameter that sets samples per prompt (else generation's)
+
+    @property
+    def opponent(self) -> bool:
+        """Whether it trains against samples y' of the current iterate (False: nothing is generated)."""
+        return "policy_generated" in self.inputs
+
+    @property
+    def verified(self) -> bool:
+        """Whether it reads a built-in task checker's verdict on every y' (so it needs data.task)."""
+        return "generated_valid" in self.inputs
+
+    @property
+    def reads_y0(self) -> bool:
+        return self.proto is not _never
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "sft": Objective(sft, ("policy_real", "real_lengths")),
+    "spin": Objective(spin, ("policy_real", "policy_generated", "ref_real", "ref_generated"),
+                      ("beta", "loss_type", "nll_weight", "dpop_lambda"), reference=lambda p: True,
+                      mixes_previous=True),
+    # beta = 0 in iteration 0: y' and y0 come from one policy there (docs/concepts.md), so no y0 forward
+    "tspin": Objective(tspin, ("policy_real", "policy_generated"),
+                       ("alpha", "beta", "nll_weight", "dpop_lambda", "pair_scope"),
+                       proto=lambda p: p.get("beta", 0.1) != 0,
+                       reference=lambda p: p.get("dpop_lambda", 0.0) != 0, first_iteration=(("beta", 0.0),)),
+    "space": Objective(space, ("policy_real", "policy_generated", "ref_real", "ref_generated"),
+                       ("mu", "nll_weight"), reference=lambda p: True, grouped=True, samples_param="mu"),
+    "rft": Objective(rft, ("policy_generated", "generated_lengths", "generated_valid"), ("nll_weight",)),
 }
 
-REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
-    "sft": ("policy_real",),
-    "spin": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
-    "tspin": ("policy_real", "policy_generated", "policy_proto"),
-    "space": ("policy_real", "policy_generated", "ref_real", "ref_generated"),
-    "rft": ("policy_generated", "generated_lengths", "generated_valid"),
-}
 
-
-def needs_proto(name: str, params: dict) -> bool:
-    """Whether an objective with these hyper-parameters reads lp(y0): T-SPIN with beta != 0 only (at
-    beta = 0, e.g. iteration 0, the y0 forward would be multiplied by zero)."""
-    return name == "tspin" and params.get("beta", 0.1) != 0
-
-
-def needs_ref(name: str, params: dict) -> bool:
-    """Whether the generator must score lp_ref under pi_t: SPIN and SPACE always, T-SPIN with DPOP's hinge."""
-    return name in ("spin", "space") or (name == "tspin" and params.get("dpop_lambda", 0.0) != 0)
-
-
-def get_objective(name: str) -> Callable[..., tuple[torch.Tensor, Metrics]]:
-    """The objective function called `name`; ValueError listing the valid names otherwise."""
+def get_objective(name: str) -> Objective:
+    """The registry entry called `name`; ValueError listing the valid names otherwise."""
     try:
         return OBJECTIVES[name]
     except KeyError:

@@ -2,7 +2,7 @@
 
     tspin-ray report --run runs/demo                        (-> runs/demo/report/report.md)
     tspin-ray report --run runs/tspin --run runs/sft        (-> runs/tspin/report-compare/report.md)
-    .venv/bin/pytest tests/test_report.py
+    .venv/bin/pytest tests/unit/analysis/test_report.py
 
 Reads only files: metrics.jsonl (rows written by the driver), config.yaml, manifest.json and the
 generation shards; nothing needs Ray or a GPU, so it works on a copy of a finished or a running run.

@@ -1,7 +1,7 @@
 """Reading a run directory for reports: config, metrics rows (deduplicated, torn lines skipped) and the
 response lengths of each iteration's generation shards.
 
-    .venv/bin/pytest tests/test_report.py
+    .venv/bin/pytest tests/unit/analysis/test_report.py
 """
 
 from __future__ import annotations

@@ -14,20 +14,24 @@ import dataclasses
 import hashlib
 import json
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tspin_ray.algorithms.objectives import OBJECTIVES, Objective, get_objective
 from tspin_ray.config import typed_yaml
 from tspin_ray.config.typed_yaml import apply_override, build, read_yaml_mapping
 from tspin_ray.errors import UserError
 
 
-def _f(default: Any, doc: str) -> Any:
-    """A documented field. Mutable defaults go through default_factory."""
+def _f(default: Any, doc: str, choices: Callable[[], Iterable[str]] | None = None) -> Any:
+    """A documented field. Mutable defaults go through default_factory; `choices` names the valid values
+    (a registry's keys, read at validation time)."""
+    metadata = {"doc": doc, **({"choices": choices} if choices else {})}
     if isinstance(default, dict | list):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -241,14 +245,15 @@ class SFTConfig:
         _positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size")
 
 
-# The ObjectiveConfig fields the trainers' loss reads (Trainer.begin's params), in one place.
-LOSS_PARAMS = ("beta", "alpha", "mu", "loss_type", "nll_weight", "dpop_lambda", "pair_scope")
+def loss_params() -> set[str]:
+    """Every ObjectiveConfig field some objective's loss reads (what overrides may change per iteration)."""
+    return set().union(*(o.params for o in OBJECTIVES.values()))
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: Literal["sft", "spin", "tspin", "space", "rft"] = _f("tspin", "Training objective (ALGORITHMS.md; rft: "
-                                                                "NLL on the samples the built-in task's checker accepts).")
+    name: str = _f("tspin", "Training objective (docs/concepts.md; rft: NLL on the samples the built-in task's "
+                            "checker accepts).", choices=lambda: OBJECTIVES)
     beta: float | None = _f(None, "SPIN: reward scale (0.1); T-SPIN: weight of the historical term (0.1; "
                                   "always 0 in iteration 0 unless overrides[0] sets it).")
     alpha: float = _f(1.0, "T-SPIN: scale of both advantages.")
@@ -266,26 +271,27 @@ class ObjectiveConfig:
         "phase of their own), or a proto phase's: samples of pi_0 that iteration 0 did not train against.")
 
     def __post_init__(self):
+        entry = self.entry  # ValueError naming the valid objectives for an unknown name
         if self.mu < 1:
             raise ValueError("mu must be >= 1")
-        if self.mix_previous and self.name != "spin":
+        if self.mix_previous and not entry.mixes_previous:
             raise ValueError(f"mix_previous: true works with name: spin only, not {self.name} (its batches have "
                              f"no place for the previous iteration's pairs)")
         if self.dpop_lambda < 0:
             raise ValueError("dpop_lambda must be >= 0")
-        if self.dpop_lambda and self.name not in ("spin", "tspin"):
+        if self.dpop_lambda and "dpop_lambda" not in entry.params:
             raise ValueError(f"dpop_lambda works with name: spin or tspin only, not {self.name}")
-        if self.pair_scope != "sequence" and self.name != "tspin":
+        if self.pair_scope != "sequence" and "pair_scope" not in entry.params:
             raise ValueError(f"pair_scope: {self.pair_scope} works with name: tspin only (SPIN and SPACE take lp_ref "
                              f"of whole sequences from the generator)")
-        if self.y0_from != "iteration_0" and self.name != "tspin":
+        if self.y0_from != "iteration_0" and not entry.reads_y0:
             raise ValueError(f"y0_from: {self.y0_from} works with name: tspin only (no other objective reads y0)")
         if self.pair_scope not in ("sequence", "first_divergence"):  # overrides bypass the YAML type check
             raise ValueError(f"pair_scope must be sequence or first_divergence, not {self.pair_scope!r}")
         for key, vals in self.overrides.items():
             if not isinstance(key, int) or not isinstance(vals, dict):
                 raise ValueError("overrides maps an iteration number to {field: value}")
-            bad = set(vals) - set(LOSS_PARAMS)
+            bad = set(vals) - loss_params()
             if bad:
                 raise ValueError(f"overrides[{key}] cannot set {sorted(bad)}")
             try:  # the same rules for what an iteration will run, checked now, not at that iteration
@@ -297,21 +303,26 @@ class ObjectiveConfig:
         """The hyper-parameters in force at iteration t (defaults, then per-iteration overrides)."""
         beta = self.beta if self.beta is not None else 0.1
         values: dict[str, Any] = {"beta": beta}
-        if self.name == "tspin" and t == 0:
-            values["beta"] = 0.0  # y' and y0 come from one policy in iteration 0 (ALGORITHMS.md); overridable
+        if t == 0:
+            values.update(self.entry.first_iteration)  # T-SPIN: beta 0, y' and y0 share a policy; overridable
         for key, vals in self.overrides.items():
             if (key if key >= 0 else iterations + key) == t:
                 values.update(vals)
         return dataclasses.replace(self, **values, overrides={})
 
     @property
+    def entry(self) -> Objective:
+        """The objective's registry entry: its loss and what it reads (algorithms/objectives.py)."""
+        return get_objective(self.name)
+
+    @property
     def loss_params(self) -> dict:
         """The hyper-parameters the trainers' loss reads (Trainer.begin's params)."""
-        return {k: getattr(self, k) for k in LOSS_PARAMS}
+        return {k: getattr(self, k) for k in self.entry.params}
 
     @property
     def mixes_previous(self) -> bool:
-        return self.name == "spin" if self.mix_previous is None else self.mix_previous
+        return self.entry.mixes_previous if self.mix_previous is None else self.mix_previous
 
 
 @dataclass(frozen=True)
@@ -405,7 +416,7 @@ class RunConfig:
         if self.training.lora is not None and g.weight_sync == "broadcast":
             raise ValueError("training.lora syncs each iterate as its adapter (megabytes, read from the committed "
                              "checkpoint): set generation.weight_sync: checkpoint")
-        if self.objective.name == "rft" and self.data.task is None:
+        if self.objective.entry.verified and self.data.task is None:
             raise ValueError("objective.name: rft keeps the samples a built-in task's checker accepts: set data.task "
                              "(user data has no checker)")
         if g.tensor_parallel_size > 1 and g.backend != "vllm":
@@ -414,7 +425,8 @@ class RunConfig:
 
     @property
     def samples_per_prompt(self) -> int:
-        return self.objective.mu if self.objective.name == "space" else self.generation.samples_per_prompt
+        param = self.objective.entry.samples_param  # SPACE: mu
+        return getattr(self.objective, param) if param else self.generation.samples_per_prompt
 
     @property
     def needs_sft_stage(self) -> bool:
@@ -457,7 +469,7 @@ def _positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{name} must be > 0")
 
 
-# ---------------------------------------------------------------- parsing (typed_yaml.py)
+# ---------------------------------------------------------------- parsing (config/typed_yaml.py)
 
 
 def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -476,6 +488,14 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
         raise UserError(f"{path}: {e}") from None
 
 
-def describe(cls: type | None = None, prefix: str = "") -> list[str]:
-    """Every config key with its type, default and documentation (for docs and `--help`)."""
-    return typed_yaml.describe(cls or RunConfig, prefix)
+def describe() -> list[str]:
+    """Every config key with its default and documentation (`tspin-ray config`)."""
+    return typed_yaml.describe(RunConfig)
+
+
+def reference() -> str:
+    """docs/configuration.md: every key by section, from the fields' own documentation."""
+    head = ("# Configuration reference\n\nOne YAML file describes a run; `key.sub=value` arguments override it. "
+            "Generated from the config's own field documentation by `tspin-ray config --markdown` "
+            "(tests/unit/config/test_reference.py checks this page is current).\n")
+    return head + "\n" + typed_yaml.reference(RunConfig)

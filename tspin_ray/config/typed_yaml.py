@@ -1,10 +1,10 @@
 """Typed YAML: build frozen dataclasses from parsed YAML, checking every key and type on the way.
 
-    .venv/bin/pytest tests/test_bad_input.py -k config
+    .venv/bin/pytest tests/e2e/test_bad_input.py -k config
 
 `build(cls, raw, where, retired)` turns a mapping into `cls`, raising `UserError` with the dotted key path
 for an unknown key (with the nearest valid one), a wrong type or a value the dataclass refuses. The
-config's own dataclasses live in config.py; this module knows nothing of them.
+config's own dataclasses live in config/schema.py; this module knows nothing of them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def build(cls: type, raw: Any, where: str, retired: dict) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"{where or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
@@ -91,6 +92,9 @@ def build(cls: type, raw: Any, where: str, retired: dict) -> Any:
             hint = f" (did you mean '{where + '.' if where else ''}{near[0]}'?)" if near else ""
             raise UserError(f"unknown config key '{path}'{hint}")
         kwargs[key] = check_type(value, hints[key], path, retired)
+        choices = fields[key].metadata.get("choices")  # a registry's names, read when the config is
+        if choices is not None and kwargs[key] not in choices():
+            raise UserError(f"{path}: {kwargs[key]!r} is not one of {list(choices())}")
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -129,19 +133,46 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return raw
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """Every config key with its type, default and documentation (for docs and `--help`)."""
-    lines = []
+def entries(cls: type, prefix: str = "") -> list[tuple[str, bool, Any, str]]:
+    """(dotted key, is a section, default, documentation) for every key of `cls`, sections first."""
+    out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or (
             [tp] if dataclasses.is_dataclass(tp) else [])
-        key = prefix + f.name
+        key, doc = prefix + f.name, f.metadata.get("doc", "")
         if sub:
-            lines.append(f"{key}: {f.metadata.get('doc', '')}")
-            lines.extend(describe(sub[0], key + "."))
+            out.append((key, True, None, doc))
+            out.extend(entries(sub[0], key + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
-    return lines
+            choices = f" (one of {', '.join(f.metadata['choices']())})" if "choices" in f.metadata else ""
+            out.append((key, False, default, doc + choices))
+    return out
+
+
+def describe(cls: type) -> list[str]:
+    """Every config key with its default and documentation, one line each (`tspin-ray config`)."""
+    return [f"{key}: {doc}" if section else f"{key} = {default!r}  # {doc}"
+            for key, section, default, doc in entries(cls)]
+
+
+def reference(cls: type) -> str:
+    """The same as a Markdown page: one table per top-level section (`tspin-ray config --markdown`)."""
+    table = ["| key | default | meaning |", "|---|---|---|"]
+
+    def row(key: str, section: bool, default: Any, doc: str) -> str:
+        return f"| `{key}` | {'' if section else f'`{default!r}`'} | {doc.replace('|', chr(92) + '|')} |"
+
+    lines, top = [], []
+    for key, section, default, doc in entries(cls):
+        if "." not in key and section:
+            lines += ["", f"## `{key}`", "", doc, "", *table]
+        elif "." not in key:
+            top.append(row(key, section, default, doc))
+        else:
+            lines.append(row(key, section, default, doc))
+    if top:
+        lines += ["", "## Top-level keys", "", *table, *top]
+    return "\n".join(lines).strip() + "\n"

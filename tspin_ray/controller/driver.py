@@ -9,7 +9,9 @@ command resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,21 +20,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from tspin_ray.algorithms.objectives import needs_ref
 from tspin_ray.config.schema import ObjectiveConfig, RunConfig
 from tspin_ray.controller.progress import Progress
 from tspin_ray.controller.summary import iteration_summary
-from tspin_ray.controller.trainer_group import TrainerGroup, ensure_ray, optimizer_setup
+from tspin_ray.controller.trainer_group import (
+    TrainerGroup,
+    ensure_ray,
+    optimizer_setup,
+    sft_setup,
+    steps_per_epoch,
+)
 from tspin_ray.controller.y0 import ITERATION_0, SEPARATE, y0_of_iteration_0, y0_source
+from tspin_ray.data.loading import load_splits
+from tspin_ray.data.tasks import exact_match
 from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
+from tspin_ray.evaluation.harness import check_tasks, checkpoint_scores
 from tspin_ray.faults import maybe_fail
-from tspin_ray.models.checkpoints import MERGED
+from tspin_ray.models.chat_format import ChatFormat
+from tspin_ray.models.checkpoints import MERGED, check_checkpoint, load_format, max_positions
+from tspin_ray.models.tiny import save_tiny, tiny_format
 from tspin_ray.rollout.phases import GenPhase, in_row_order, phase_for, prompt_rows, ramp, row_keys, shuffled
 from tspin_ray.rollout.seeds import derive_seed
 from tspin_ray.rollout.shards import block_dataset, check_complete, done_keys, read_shards, set_aside
 from tspin_ray.rundir.store import RunDir, atomic_dir, listing_identity
 from tspin_ray.workers.generation_stage import generation_dataset, pool_size
+from tspin_ray.workers.generator_pool import GeneratorPool
+from tspin_ray.workers.records import StepRecord, SyncResult
 
 MAX_TRAINER_ATTEMPTS = 3  # a phase whose trainers keep dying fails instead of looping
 
@@ -43,14 +57,11 @@ class Prepared:
     cfg: RunConfig
     train: list
     eval: list
-    format: object  # formatting.ChatFormat of the policy's tokenizer
+    format: ChatFormat  # of the policy's tokenizer
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Check every input before any work or any write: model path, data, objective needs, resources."""
-    from tspin_ray.data.loading import load_splits
-    from tspin_ray.models.checkpoints import check_checkpoint, load_format, max_positions
-    from tspin_ray.models.tiny import tiny_format
 
     if cfg.model.path is not None:
         check_checkpoint(cfg.model.path)
@@ -69,7 +80,6 @@ def prepare(cfg: RunConfig) -> Prepared:
             raise UserError(f"training.max_length ({cfg.training.max_length}) must be below the model's "
                             f"max_position_embeddings ({positions}) for the vllm backend")
     if cfg.eval.lm_eval is not None:
-        from tspin_ray.evaluation.harness import check_tasks
 
         check_tasks(cfg.eval.lm_eval)
     splits = load_splits(cfg.data, count_tokens=lambda *context: len(fmt.prompt_ids(*context)))
@@ -98,11 +108,13 @@ class Plan:
 
 
 class Driver:
-    def __init__(self, prep: Prepared, quiet: bool = False):
+    def __init__(self, prep: Prepared, quiet: bool = False, *, record: bool = True):
+        """record=False: a driver that only generates and evaluates (`tspin-ray eval`, `generate`) and
+        never opens, creates or writes the config's output_dir."""
         self.cfg, self.prep = prep.cfg, prep
         self.progress = Progress(quiet=quiet)
         ensure_ray(self.cfg)
-        self.run = RunDir.open(self.cfg)
+        self.run = RunDir.open(self.cfg) if record else None
         self.trainers: TrainerGroup | None = None
         self.generators = None  # GeneratorPool, when generation.persistent
         self._index = {e.prompt_id: i for i, e in enumerate(self.prep.train)}
@@ -122,7 +134,6 @@ class Driver:
         r, g = self.cfg.resources, self.cfg.generation
         if g.persistent:
             if self.generators is None:
-                from tspin_ray.workers.generator_pool import GeneratorPool
 
                 share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
                 self.generators = GeneratorPool(self.cfg, share_pg=share)
@@ -138,7 +149,6 @@ class Driver:
         c = self.cfg
         if not c.generation.persistent or c.generation.colocate or self.generators is not None:
             return  # colocated engines wait for the trainers' bundles
-        from tspin_ray.workers.generator_pool import GeneratorPool
 
         self.generators = GeneratorPool(c)
         path = None if latest or c.needs_sft_stage else Path(c.model.path).resolve()
@@ -196,26 +206,22 @@ class Driver:
             return Path(c.model.path).resolve()
         base = Path(c.model.path).resolve() if c.model.path else run.root / "checkpoints" / "base"
         if c.model.tiny is not None and not (base / "config.json").exists():
-            from tspin_ray.models.tiny import save_tiny
 
             with atomic_dir(base) as tmp:
                 save_tiny(tmp, c.model.tiny)
         rows = self.sft_rows(self.prep.train)
         t0 = time.time()
         group = self.trainer_group(base, all_weights=True)  # pi_0's SFT trains all weights, with LoRA too
-        epochs, n = c.sft.epochs, c.resources.trainers
-        steps = ((len(rows) // n) // (c.sft.global_batch_size // n)) * epochs
+        epochs = c.sft.epochs
+        steps = steps_per_epoch(len(rows), c.resources.trainers, c.sft.global_batch_size) * epochs
         order = []
         for epoch in range(epochs):  # all epochs in one stream: one Ray Data execution, not one per epoch
             order.extend(shuffled(rows, derive_seed(c.seed, "sft", epoch)))
-        group.begin(objective="sft", params={}, optimizer=c.sft.optimizer, lr=c.sft.lr, weight_decay=0.0,
-                    schedule=c.sft.schedule, warmup_ratio=c.sft.warmup_ratio, total_steps=steps,
-                    micro_batch_size=c.sft.micro_batch_size, global_batch_size=c.sft.global_batch_size,
-                    grad_clip=c.training.grad_clip)
+        group.begin(sft_setup(c, steps))
         with self.progress.phase("sft", total=steps) as bar:
             records = group.train_stream(ray.data.from_items(order), on_step=bar.set, what="SFT of pi_0")
         maybe_fail("sft")
-        self.log([{"phase": "sft", **r} for r in records[:: max(1, len(records) // 50)]])
+        self.log([{"phase": "sft", **r.row()} for r in records[:: max(1, len(records) // 50)]])
         self.export(0, t0)
         return run.checkpoint(0)
 
@@ -250,7 +256,6 @@ class Driver:
 
     def evaluate(self, path: Path, label: str) -> dict:
         """Greedy exact match and held-out NLL of the real responses, for the policy at `path`."""
-        from tspin_ray.data.tasks import exact_match
 
         ev = self.prep.eval[: self.cfg.eval.size] if self.cfg.eval.size else self.prep.eval
         if not ev:
@@ -272,9 +277,9 @@ class Driver:
         nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
         out = {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
         if self.cfg.eval.lm_eval is not None:  # benchmark scores with lm-evaluation-harness
-            from tspin_ray.evaluation.harness import checkpoint_scores
-
-            out.update(checkpoint_scores(self.cfg, self.run.root, ev, path, label, self.progress.say))
+            with contextlib.ExitStack() as stack:  # without a run, the exported held-out task lives in a temp dir
+                root = self.run.root if self.run else stack.enter_context(tempfile.TemporaryDirectory())
+                out.update(checkpoint_scores(self.cfg, root, ev, path, label, self.progress.say))
         return out
 
     # ------------------------------------------------------------ one iteration, step by step
@@ -298,14 +303,13 @@ class Driver:
         c = self.cfg
         obj = c.objective.for_iteration(t, c.iterations)
         rows = self.iteration_rows(t, obj, proto)
-        n, tr = c.resources.trainers, c.training
-        steps = (rows.num_rows // n) // (tr.global_batch_size // n)
+        steps = steps_per_epoch(rows.num_rows, c.resources.trainers, c.training.global_batch_size)
         if steps == 0:
-            raise UserError(f"{rows.num_rows} training rows make no full global batch of {tr.global_batch_size}")
-        if obj.name == "sft":  # continued SFT (the control): no opponent, nothing to generate
+            raise UserError(f"{rows.num_rows} training rows make no full global batch of {c.training.global_batch_size}")
+        if not obj.entry.opponent:  # continued SFT (the control): nothing to generate
             return Plan(t, obj, rows, None, None, False, steps)
         phase = self.phase(pi_t, t, samples=c.samples_per_prompt, temperature=c.generation.temperature,
-                           max_new_tokens=c.generation.max_new_tokens, score_ref=needs_ref(obj.name, obj.loss_params),
+                           max_new_tokens=c.generation.max_new_tokens, score_ref=obj.entry.reference(obj.loss_params),
                            out_dir=self.run.generations(t), checkpoint=self.run.checkpoint_id(t))
         todo = self.missing(rows, phase, f"gen_{t}")
         stream = todo.num_rows == rows.num_rows and not c.generation.colocate
@@ -325,7 +329,7 @@ class Driver:
 
     def begin_training(self, plan: Plan, pi_t: Path) -> None:
         """Trainers on pi_t with a fresh optimizer and schedule (the papers restart them every iteration)."""
-        self.trainer_group(pi_t).begin(**optimizer_setup(self.cfg, plan.t, plan.steps_per_epoch))
+        self.trainer_group(pi_t).begin(optimizer_setup(self.cfg, plan.t, plan.steps_per_epoch))
 
     def generations_for(self, plan: Plan) -> ray.data.Dataset | None:
         """The lazy stream epoch 0 trains on while it is generated; otherwise (resumed mid-generation, or
@@ -348,15 +352,15 @@ class Driver:
         table = in_row_order(self.complete_shards(plan.rows, plan.phase, f"iteration {plan.t}"), plan.rows)
         return block_dataset([table if epoch == 0 else shuffled(table, seed)])
 
-    def train_epochs(self, plan: Plan, stream: ray.data.Dataset | None) -> list[dict]:
+    def train_epochs(self, plan: Plan, stream: ray.data.Dataset | None) -> list[StepRecord]:
         epochs = self.cfg.training.epochs
-        records: list[dict] = []
+        records: list[StepRecord] = []
         with self.progress.phase(f"iter {plan.t} train", total=plan.steps_per_epoch * epochs) as bar:
             for epoch in range(epochs):
                 ds = stream if epoch == 0 and stream is not None else self.epoch_data(plan, epoch)
                 recs = self.trainers.train_stream(ds, on_step=lambda step: (bar.set(step), bar.pool(pool_size())),
                                                   what=f"iteration {plan.t} epoch {epoch}")
-                records += [{"epoch": epoch, **r} for r in recs]
+                records += [r.in_epoch(epoch) for r in recs]
         return records
 
     def commit_generations(self, plan: Plan) -> pa.Table | None:
@@ -385,14 +389,14 @@ class Driver:
         if self.generators is not None and self.cfg.generation.colocate:
             self.generators.sleep()
 
-    def sync_weights(self, path: Path) -> dict:
+    def sync_weights(self, path: Path) -> SyncResult:
         """Broadcast pi_{t+1} into the long-lived generators (generation.weight_sync: broadcast); any
         other case, or a failed broadcast, leaves them to reload the committed checkpoint lazily."""
         if self.generators is None or self.cfg.generation.weight_sync != "broadcast":
-            return {}
+            return SyncResult()
         sync = self.generators.sync(self.trainers, path)
-        if "error" in sync:
-            self.progress.say(f"warning: weight broadcast failed ({sync['error']}); generators will reload "
+        if not sync.ok:
+            self.progress.say(f"warning: weight broadcast failed ({sync.error}); generators will reload "
                               f"{path} instead")
         return sync
 
@@ -464,7 +468,7 @@ class Driver:
             summary, records = self.with_trainer_retries(f"iteration {t}", one_iteration)
             summary["timing/iteration"] = time.time() - t0
             # Step rows and the summary together, right before the commit: a retried iteration logs once.
-            self.log([{"phase": "train", "iteration": t, **r} for r in records]
+            self.log([{"phase": "train", "iteration": t, **r.row()} for r in records]
                      + [{"phase": "iteration", "iteration": t, **summary}])
             run.commit(f"iter_{t}", **summary)
             maybe_fail("between")

@@ -1,6 +1,6 @@
 """Driver-side handle on the trainer actors: Ray start/connect, placement, lock-step calls, timeouts.
 
-    .venv/bin/pytest tests/test_trainer.py
+    .venv/bin/pytest tests/unit/workers/test_trainer.py
 
 Trainers get their own placement group (PACK: ranks on as few nodes as possible); the generators are
 a separate Ray Data actor pool, so the two roles never share a bundle. Every wait has a timeout whose
@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tspin_ray.config.schema import RunConfig
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
+from tspin_ray.workers.records import OptimizerSetup, StepRecord
 from tspin_ray.workers.trainer_rank import TrainerActor
 
 WORKER_ENV = {
@@ -81,13 +82,29 @@ def check_resources(cfg: RunConfig, strict: bool) -> None:
         print(f"warning: cluster has too few resources now ({', '.join(short)}); waiting for the autoscaler")
 
 
-def optimizer_setup(cfg: RunConfig, t: int, steps_per_epoch: int) -> dict:
-    """Trainer.begin's arguments for iteration t: its objective, lr and a schedule over all its epochs."""
+def steps_per_epoch(rows: int, trainers: int, global_batch_size: int) -> int:
+    """Optimizer steps one epoch over `rows` makes: each rank gets rows // trainers (an equal split) and
+    steps once per global_batch_size // trainers of them; a trailing partial global batch is skipped."""
+    return (rows // trainers) // (global_batch_size // trainers)
+
+
+def optimizer_setup(cfg: RunConfig, t: int, steps_per_epoch: int) -> OptimizerSetup:
+    """Trainer.begin's set-up for iteration t: its objective, lr and a schedule over all its epochs."""
     obj, tr = cfg.objective.for_iteration(t, cfg.iterations), cfg.training
-    return dict(objective=obj.name, params=obj.loss_params, optimizer=tr.optimizer,
-                lr=tr.lr_for_iteration(t, cfg.iterations), weight_decay=tr.weight_decay, schedule=tr.schedule,
-                warmup_ratio=tr.warmup_ratio, total_steps=steps_per_epoch * tr.epochs,
-                micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size, grad_clip=tr.grad_clip)
+    return OptimizerSetup(objective=obj.name, params=obj.loss_params, optimizer=tr.optimizer,
+                          lr=tr.lr_for_iteration(t, cfg.iterations), weight_decay=tr.weight_decay,
+                          schedule=tr.schedule, warmup_ratio=tr.warmup_ratio, total_steps=steps_per_epoch * tr.epochs,
+                          micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
+                          grad_clip=tr.grad_clip)
+
+
+def sft_setup(cfg: RunConfig, total_steps: int) -> OptimizerSetup:
+    """Trainer.begin's set-up for the SFT stage that makes pi_0 (sft.* keys; no weight decay)."""
+    s = cfg.sft
+    return OptimizerSetup(objective="sft", params={}, optimizer=s.optimizer, lr=s.lr, weight_decay=0.0,
+                          schedule=s.schedule, warmup_ratio=s.warmup_ratio, total_steps=total_steps,
+                          micro_batch_size=s.micro_batch_size, global_batch_size=s.global_batch_size,
+                          grad_clip=cfg.training.grad_clip)
 
 
 def rank_iterators(ds: ray.data.Dataset, n: int) -> list:
@@ -152,11 +169,11 @@ class TrainerGroup:
         self.get([a.__ray_call__.remote(lambda self, p=str(path): setattr(self, "loaded_from", p))
                   for a in self.actors], "mark loaded")
 
-    def begin(self, **kwargs) -> None:
-        self.call("begin", what="trainer optimizer setup", key="load_timeout_s", **kwargs)
+    def begin(self, setup: OptimizerSetup) -> None:
+        self.call("begin", setup, what="trainer optimizer setup", key="load_timeout_s")
 
     def train_stream(self, ds: ray.data.Dataset, on_step: Callable[[int], None] | None = None,
-                     what: str = "training") -> list[dict]:
+                     what: str = "training") -> list[StepRecord]:
         """Stream `ds` to the ranks (equal shards, lock-step) and return rank 0's per-step records.
 
         A watchdog, not a deadline: an epoch may take hours, but it fails once no micro-batch has

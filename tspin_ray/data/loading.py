@@ -1,6 +1,6 @@
 """SFT data: prompts x and annotated responses y from a file or a built-in task, strictly validated.
 
-    tspin-ray validate-data --config jobs/demo-cpu.yaml      # or: pytest tests/test_data.py -q
+    tspin-ray validate-data --config jobs/demo-cpu.yaml      # or: pytest tests/unit/data/test_data.py -q
 
 `read_examples(path, cfg)` reads JSONL, Parquet, CSV or a directory saved by HF `datasets` into `Example`s
 plus a `DataReport`. Every bad row gets a one-line problem "FILE:LINE: FIELD: problem" (Parquet and HF
@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from tspin_ray.config.schema import DataConfig
+from tspin_ray.data.tasks import TASKS
 from tspin_ray.errors import UserError
 
 MAX_PROBLEMS = 10  # problems kept in a DataReport; the counts cover the rest
@@ -387,7 +388,6 @@ def _ranked(examples: list[Example], seed: int, salt: str) -> list[Example]:
 def load_splits(cfg: DataConfig, count_tokens: TokenCounter | None = None) -> Splits:
     """Train and eval examples, both in a seeded order that depends only on ids. Same cfg -> same lists."""
     if cfg.task is not None:
-        from tspin_ray.data.tasks import TASKS  # lazy: file data does not need the task generators
 
         if cfg.task not in TASKS:
             raise UserError(f"unknown data.task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")

@@ -5,7 +5,7 @@
 `TASKS[name].make(n, seed)` returns n distinct `{"id", "prompt", "response"}` rows, the same list for the
 same seed (and the first k rows of a longer list equal a shorter one). The tasks are sized so that the
 tiny model SFT'd on 25% of a 4,000-row pool is clearly partial and better with 100% (figures in
-bench/calibrate_tasks.py), leaving room for self-play to help (DESIGN.md, "Self-play at toy scale").
+bench/calibrate_tasks.py), leaving room for self-play to help (docs/concepts.md, "Self-play at toy scale").
 
 `TASKS[name].answers(prompt)` is the task's whole set of valid answers, and `check(prompt, response)` the
 checker built on it (the verifier of `objective.name: rft`, the distributional metrics of
@@ -174,7 +174,7 @@ def paths(nodes: int = 90, degree: int = 5, min_answers: int = 2, max_answers: i
     Only pairs at least `min_hops` apart with `min_answers`..`max_answers` shortest paths are prompts, so
     every prompt has several valid answers and the set stays small enough to score exhaustively. The
     annotated answer is one of them, uniformly at random: SFT data with one label per prompt, as in
-    ALPINE (arXiv 2405.09220) and SCIENCE.md's first regime. The default graph has 3,848 such pairs,
+    ALPINE (arXiv 2405.09220) and the first regime in docs/results.md. The default graph has 3,848 such pairs,
     3.6 shortest paths each on average (2-16), 2-6 hops, answers of at most 20 characters.
     """
     label = {v: str(10 + v) for v in range(nodes)}  # two characters per node for every node

@@ -1,7 +1,7 @@
 """Benchmark scores of every committed iterate with lm-evaluation-harness (`eval.lm_eval`), as the papers
 report them.
 
-    .venv/bin/pytest tests/test_harness.py -q
+    .venv/bin/pytest tests/unit/evaluation/test_harness.py -q
 
 `scores(path, spec, ...)` runs `lm_eval.simple_evaluate` on one checkpoint (a LoRA iterate through the
 harness's own `peft=` / `lora_local_path=` arguments) and flattens its results to
@@ -17,20 +17,23 @@ import math
 import os
 from pathlib import Path
 
+from tspin_ray.deadlines import root_cause
+from tspin_ray.errors import RunFailed, UserError
+from tspin_ray.models.checkpoints import base_of, is_adapter, rank_of
+from tspin_ray.workers.engines import vllm_lora_rank
+
 HELDOUT = "tspin_heldout"
 PREFIX = "eval/lm_eval"
 
 
 def model_args(path: str | Path, backend: str, dtype: str, trust_remote_code: bool) -> dict:
     """The harness model's arguments for a full checkpoint or a LoRA iterate (base + adapter)."""
-    from tspin_ray.models.checkpoints import base_of, is_adapter, rank_of
 
     base = str(base_of(path).resolve())
     args = {"pretrained": base, "dtype": dtype, "trust_remote_code": trust_remote_code}
     if is_adapter(path):
         adapter = str(Path(path).resolve())
         if backend == "vllm":
-            from tspin_ray.workers.engines import vllm_lora_rank
 
             args.update(lora_local_path=adapter, max_lora_rank=vllm_lora_rank(rank_of(path)))
         else:
@@ -68,7 +71,6 @@ def check_tasks(spec) -> None:
     """Before any work: lm-eval installed, include_path a directory, every task name known (one line)."""
     import difflib
 
-    from tspin_ray.errors import UserError
 
     try:
         import lm_eval  # noqa: F401
@@ -104,8 +106,6 @@ def run_remote(cfg, path: str | Path, include: list[str], what: str) -> dict[str
 
     import ray
 
-    from tspin_ray.deadlines import root_cause
-    from tspin_ray.errors import RunFailed
 
     r, t0 = cfg.resources, time.time()
     task = ray.remote(scores).options(num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
@@ -127,7 +127,6 @@ def run_remote(cfg, path: str | Path, include: list[str], what: str) -> dict[str
 def checkpoint_scores(cfg, run_root: str | Path, heldout, path: str | Path, label: str, say) -> dict[str, float]:
     """The driver's step: the scores of the checkpoint at `path` (and timing/lm_eval), each said in one
     line. A failure is a warning and no scores: the iterate is trained and exported, and keeps that."""
-    from tspin_ray.errors import RunFailed
 
     include = include_paths(cfg.eval.lm_eval, run_root, heldout, cfg.eval.max_new_tokens)
     try:

@@ -1,10 +1,10 @@
 """One prompt format shared by generation, training and evaluation, as the checkpoint's template says.
 
-    .venv/bin/pytest tests/test_families.py -q
+    .venv/bin/pytest tests/unit/models/test_families.py -q
 
-`ChatFormat` (from `modeling.load_format(path)`) renders a prompt x with the tokenizer's chat template
+`ChatFormat` (from `checkpoints.load_format(path)`) renders a prompt x with the tokenizer's chat template
 (one user turn, a system turn if the row has one, `add_generation_prompt=True`) or, without a template,
-with `PLAIN_TEMPLATE`. The rules every family needs (DESIGN.md, "Real checkpoints"):
+with `PLAIN_TEMPLATE`. The rules every family needs (docs/concepts.md, "Real checkpoints"):
 
 - y is tokenized in context: its ids are those the rendered [user, assistant] conversation has after
   the rendered prompt, up to and including the end-of-turn token (what the model generates; "586" alone

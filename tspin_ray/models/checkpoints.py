@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from tspin_ray.errors import UserError
+from tspin_ray.models.chat_format import chat_format
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -103,8 +104,6 @@ def load_format(path: str | Path, trust_remote_code: bool = False):
     """The checkpoint's ChatFormat: its tokenizer plus the EOS ids its generation config declares."""
     import json
 
-    from tspin_ray.models.chat_format import chat_format
-    from tspin_ray.models.checkpoints import base_of
 
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     eos = None
@@ -119,7 +118,6 @@ def max_positions(path: str | Path) -> int | None:
     """The longest sequence a checkpoint's config accepts (max_position_embeddings), if it says."""
     import json
 
-    from tspin_ray.models.checkpoints import base_of
 
     value = json.loads((base_of(path) / "config.json").read_text()).get("max_position_embeddings")
     return value if isinstance(value, int) else None

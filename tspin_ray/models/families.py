@@ -4,7 +4,7 @@
 TinyModelSpec; print(save_family('runs/tiny-llama3', TinyModelSpec(family='llama3')))"
 
 Each family ships what its real checkpoints ship, so every path is tested against the things that
-differ between them (DESIGN.md, "Real checkpoints"): the tokenizer kind (trained here by `tokenizers` on
+differ between them (docs/concepts.md, "Real checkpoints"): the tokenizer kind (trained here by `tokenizers` on
 the built-in tasks' text), the special tokens, the real chat template, the generation config's EOS
 list, pad or no pad, tied embeddings and GQA. `tokenizer_class` is the one the real family names, so
 `AutoTokenizer` rebuilds our tokenizer exactly as it rebuilds theirs (transformers 5 reconstructs a
@@ -17,7 +17,7 @@ list, pad or no pad, tied embeddings and GQA. `tokenizer_class` is the one the r
   `<|eot_id|>` while `eos_token` is `<|end_of_text|>` (Meta-Llama-3-8B-Instruct as released), no pad.
 - qwen2: Qwen2ForCausalLM, tied embeddings, GQA, byte-level BPE, ChatML with Qwen2.5's default system
   prompt, pad `<|endoftext|>`, EOS `<|im_end|>`, no BOS.
-The character model (`char`, modeling.py) stays the fastest fixture.
+The character model (`char`, models/tiny.py) stays the fastest fixture.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from tspin_ray.config.schema import TinyModelSpec
+from tspin_ray.data.tasks import TASKS
 
 # Chat templates as the real checkpoints publish them (tokenizer_config.json), verbatim.
 ZEPHYR_TEMPLATE = (
@@ -115,7 +116,6 @@ def corpus(rows_per_task: int = 400, newlines: bool = True) -> list[str]:
     """Local training text for the tokenizers: the built-in tasks' prompts and answers plus plain prose.
     `newlines=False` for SentencePiece-style vocabularies, which keep a newline as the byte token <0x0A>
     (Llama-2, Mistral); byte-level ones learn "\n\n" as one token (Llama-3's 'ĊĊ')."""
-    from tspin_ray.data.tasks import TASKS
 
     prose = ("The quick brown fox jumps over the lazy dog. You are a helpful assistant; answer the question "
              "with the number only. What is the sum, the product or the sorted list? Sort these letters: "

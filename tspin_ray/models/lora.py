@@ -1,6 +1,6 @@
 """LoRA iterates through peft: the adapter on disk, its base, its export from (ZeRO-3) trainers, its merge.
 
-    .venv/bin/pytest tests/test_lora.py
+    .venv/bin/pytest tests/unit/models/test_lora.py
 
 With `training.lora` set, an iterate pi_t (t >= 1) is an adapter directory in peft's own format
 (adapter_config.json + adapter_model.safetensors, the tokenizer beside them) whose
@@ -12,6 +12,8 @@ papers initialise pi_{t+1} from pi_t), so pi_t = pi_0 + (alpha / r) * B_t @ A_t.
 from __future__ import annotations
 
 from pathlib import Path
+
+from tspin_ray.models.checkpoints import load_model, load_tokenizer
 
 
 def wrap(model, spec, base: str | Path):
@@ -36,7 +38,6 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", 
     the base: on the CPU, from the files on disk, so it is the same for every training backend."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from tspin_ray.models.checkpoints import load_model, load_tokenizer
 
     # A ZeRO-3 trainer keeps transformers' zero.Init switch on (HfDeepSpeedConfig); this load is one
     # rank's own, so it must not partition (its gathers would wait for the other ranks).

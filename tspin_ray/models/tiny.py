@@ -26,6 +26,7 @@ from transformers import (
 
 from tspin_ray.config.schema import TinyModelSpec
 from tspin_ray.models.checkpoints import load_format
+from tspin_ray.models.families import save_family
 
 CHARSET = string.digits + string.ascii_lowercase + " +-*=,.:()[]<>?/\n"
 
@@ -90,7 +91,6 @@ def save_tiny(out_dir: str | Path, spec: TinyModelSpec, weights: bool = True) ->
     """Build the tokenizer and model and save both (safetensors) plus generation_config.json in out_dir
     (`weights=False`: the tokenizer and generation config only)."""
     if spec.family != "char":
-        from tspin_ray.models.families import save_family
 
         return save_family(out_dir, spec, weights=weights)
     out = Path(out_dir)

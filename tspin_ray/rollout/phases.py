@@ -1,11 +1,11 @@
 """What travels driver -> generator actor -> GenerateStage: one frozen `GenPhase` per generation phase,
 and the prompt rows of that phase as an Arrow table with one fixed schema.
 
-    .venv/bin/pytest tests/test_pipeline.py
+    .venv/bin/pytest tests/unit/rollout/test_pipeline.py
 
 A phase names the checkpoint to generate with and its identity (`checkpoint`, the sha256 that RunDir
 computes), so every row written records which weights made it and which engine scored it; a shard
-of other weights is never reused (driver.py moves it aside).
+of other weights is never reused (controller/driver.py moves it aside).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Ray Data stages: prompts -> opponent generation -> triplet rows, streamed to the trainers.
 
-    .venv/bin/pytest tests/test_pipeline.py
+    .venv/bin/pytest tests/unit/rollout/test_pipeline.py
 
 `GenerateStage` is a Ray Data callable class: Ray Data runs it as an autoscaling actor pool between
 `generators_min` and `generators_max` (pending batches grow it; on KubeRay that demand adds generator
@@ -10,7 +10,7 @@ weights. A batch is keyed by (iteration, prompt_id, sample); its rows are also w
 shard whose name is a hash of those keys, so a retried batch overwrites its own shard instead of adding
 a duplicate, and later epochs or a resumed run read the shards instead of regenerating. Every row
 records the checkpoint that generated it (and the engine that scored it), so a resumed run can tell
-shards of other weights apart (driver.py sets them aside and regenerates).
+shards of other weights apart (controller/driver.py sets them aside and regenerates).
 """
 
 from __future__ import annotations

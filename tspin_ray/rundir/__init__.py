@@ -1,1 +1,1 @@
-"""The run directory: atomic commits, manifest and checksums (store.py), metrics sinks (metrics.py)."""
+"""The run directory: atomic commits, manifest and checksums (store.py), metrics sinks (rundir/metrics.py)."""

@@ -1,6 +1,6 @@
 """Metrics sinks: `metrics.jsonl` (the record of truth) plus TensorBoard scalars in `<run>/tensorboard/`.
 
-    .venv/bin/pytest tests/test_report.py -k metrics
+    .venv/bin/pytest tests/unit/analysis/test_report.py -k metrics
     tensorboard --logdir runs/demo/tensorboard
 
 `RunDir.append_metrics` calls `append_metrics(run_dir, rows)`. Each row is written to metrics.jsonl

@@ -1,13 +1,13 @@
 """The run directory: resolved config, manifest of committed work, checkpoints, generations, metrics.
 
-    .venv/bin/pytest tests/test_rundir.py
+    .venv/bin/pytest tests/unit/rundir/test_rundir.py
 
 Layout (all under `output_dir`):
     config.yaml             resolved config (written once; a different config hash is refused on resume)
     manifest.json           what is committed, with sha256 + size of every checkpoint file; written last
     checkpoints/pi_0 ...    HF checkpoints (safetensors) of pi_0 .. pi_T
     generations/iter_T/     Parquet shards of iteration T's synthetic responses (one per generation batch)
-    proto/                  Parquet shards of y0, when T-SPIN samples them in a phase of their own (proto.py)
+    proto/                  Parquet shards of y0, when T-SPIN samples them in a phase of their own (controller/y0.py)
     .../stale/              shards set aside because other weights made them (the manifest says why)
     metrics.jsonl           one row per logging step and per iteration
 Every directory is committed by writing it under a temporary name, fsyncing, and renaming; the manifest
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from tspin_ray.config.schema import RETIRED, from_dict
 from tspin_ray.errors import UserError
 from tspin_ray.models.checkpoints import MERGED
+from tspin_ray.rundir.metrics import append_metrics
 
 
 def fsync_dir(path: Path) -> None:
@@ -166,7 +168,6 @@ class RunDir:
     def config_matches(self, cfg) -> bool:
         """Whether this run was made with `cfg`. A run from an older tspin-ray lacks keys added since:
         its stored config.yaml read with today's defaults decides (a new key's default keeps old behaviour)."""
-        from tspin_ray.config.schema import RETIRED, from_dict
 
         stored = self.manifest.get("config_hash")
         if not stored or stored == cfg.hash():
@@ -261,8 +262,7 @@ class RunDir:
             write_atomic(self.metrics_path, "".join(k + "\n" for k in kept).encode())
 
     def append_metrics(self, rows: list[dict]) -> None:
-        """Append rows to metrics.jsonl (fsync'd) and mirror them to `tensorboard/` (see metrics.py)."""
-        from tspin_ray.rundir.metrics import append_metrics
+        """Append rows to metrics.jsonl (fsync'd) and mirror them to `tensorboard/` (see rundir/metrics.py)."""
 
         append_metrics(self.root, rows)
 

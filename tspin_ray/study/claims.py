@@ -2,7 +2,7 @@
 distribution tables and temperature curves of a study on a task with enumerable answers.
 
     tspin-ray study --config jobs/study-paths.yaml
-    .venv/bin/pytest tests/test_study.py -k "declared or distribution"
+    .venv/bin/pytest tests/unit/study/test_study.py -k "declared or distribution"
 
 A claim says "a beats b on metric at temperature": a and b are methods of the study, or `pi0` (the seed's
 pi_0) or `sft_full` (SFT on full_fraction); each is read at its final iterate. Metrics: `exact_match`
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from tspin_ray.errors import UserError
+from tspin_ray.study.distribution import DistributionSpec
 
 DISTRIBUTION_METRICS = ("validity", "coverage", "kl_uniform_model", "kl_model_uniform", "sampled_validity",
                         "sampled_coverage")
@@ -46,7 +47,6 @@ def parse_distribution(raw):
     """The study's `distribution:` mapping as a DistributionSpec (None when absent)."""
     if raw is None:
         return None
-    from tspin_ray.study.distribution import DistributionSpec
 
     if not isinstance(raw, dict):
         raise UserError(f"distribution: expected a mapping of {', '.join(f.name for f in dataclasses.fields(DistributionSpec))}")

@@ -1,7 +1,7 @@
 """Distributional metrics on a task whose valid answers can be enumerated (tasks.paths): how a checkpoint
 spreads its probability over the valid answers, across sampling temperatures, beside exact match.
 
-    .venv/bin/pytest tests/test_distribution.py
+    .venv/bin/pytest tests/unit/study/test_distribution.py
     tspin-ray study --config jobs/study-paths.yaml      (every checkpoint of every run)
 
 With V(x) the valid answers of prompt x and p_T(v|x) the probability that sampling at temperature T
@@ -30,6 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tspin_ray.algorithms.logprobs import pad_batch
+from tspin_ray.controller.driver import prepare
+from tspin_ray.data.tasks import get_task
+from tspin_ray.rollout.seeds import derive_seed
+from tspin_ray.rundir.store import write_atomic
+from tspin_ray.workers.engines import HFEngine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +84,6 @@ def tempered_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
                       temperatures: Sequence[float], pad_id: int, batch: int = 256) -> np.ndarray:
     """[len(temperatures), n] summed log-probs of each response under softmax(logits / T), one forward
     per sequence for all temperatures."""
-    from tspin_ray.algorithms.logprobs import pad_batch
 
     out = np.zeros((len(temperatures), len(prompt_ids)))
     device = next(model.parameters()).device
@@ -112,7 +118,6 @@ def exact_metrics(model, fmt, task, prompts: Sequence[str], spec: DistributionSp
 def sampled_metrics(engine, task, prompts: Sequence[str], spec: DistributionSpec) -> dict[str, list[float]]:
     """Per temperature: the share of N samples per prompt that are valid, and the distinct valid answers
     among them over |V| (means over prompts); samples seeded per (seed, temperature, prompt, sample)."""
-    from tspin_ray.rollout.seeds import derive_seed
 
     fmt, n = engine.format, spec.samples
     ids = [fmt.prompt_ids(p) for p in prompts]
@@ -135,7 +140,6 @@ def sampled_metrics(engine, task, prompts: Sequence[str], spec: DistributionSpec
 def evaluate(path, task, splits: dict[str, Sequence[str]], spec: DistributionSpec, sample: bool = True) -> dict:
     """Every metric of the checkpoint at `path` on each split's first `spec.prompts` prompts:
     {"temperatures": [...], split: {metric: [value per temperature]}}; sample=False: the exact ones only."""
-    from tspin_ray.workers.engines import HFEngine
 
     engine = HFEngine(str(path))  # its model scores too: one load per checkpoint
     result: dict = {"temperatures": list(spec.temperatures), "samples": spec.samples}
@@ -154,9 +158,6 @@ def evaluate_run(root, cfg, spec: DistributionSpec, first: int = 0) -> bool:
     checkpoint at a time (a resumed study scores only what is missing; another spec starts over). Only
     the final checkpoint is also sampled (the study's tables read final iterates; sampling is most of
     the cost). Returns whether anything was scored."""
-    from tspin_ray.controller.driver import prepare
-    from tspin_ray.data.tasks import get_task
-    from tspin_ray.rundir.store import write_atomic
 
     path = Path(root) / "distribution.json"
     key = json.loads(json.dumps(dataclasses.asdict(spec)))

@@ -1,7 +1,7 @@
 """Judging the claims a study config declared: curves per run and seed, paired verdicts, their tables and
 plots.
 
-    .venv/bin/pytest tests/test_study.py
+    .venv/bin/pytest tests/unit/study/test_study.py
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ import json
 import math
 from pathlib import Path
 
+from tspin_ray.analysis.figures import figure, save_figure
 from tspin_ray.study.claims import DISTRIBUTION_METRICS, GREEDY, LOWER_IS_BETTER, SIDES, SPLITS, Claim
+from tspin_ray.study.plan import PI0
+from tspin_ray.study.stats import iteration_rows, mean_std, number, paired, plus_minus, stats, verdict
 
 
 # ------------------------------------------------------------ reading the runs
@@ -25,8 +28,6 @@ def _checkpoint(study, run: str) -> str:
 def curve(study, run: str, seed: int, metric: str, checkpoint: str | None = None) -> list[float] | None:
     """The metric of `run`'s final iterate (or of `checkpoint`, a distribution metric) for one seed: per
     temperature (a list of one for greedy metrics); None when it is not there (yet)."""
-    from tspin_ray.study.plan import PI0
-    from tspin_ray.study.stats import iteration_rows, number
 
     if metric in GREEDY:
         root = _run_root(study, seed, run)
@@ -46,7 +47,6 @@ def curve(study, run: str, seed: int, metric: str, checkpoint: str | None = None
 
 
 def judge(study, claim: Claim) -> dict:
-    from tspin_ray.study.stats import mean_std, paired, plus_minus, stats, verdict
 
     a = [curve(study, claim.a, s, claim.metric) for s in study.seeds]
     b = [curve(study, claim.b, s, claim.metric) for s in study.seeds]
@@ -91,7 +91,6 @@ def judge(study, claim: Claim) -> dict:
 # ------------------------------------------------------------ tables and curves
 def distribution_summary(study) -> dict:
     """split -> metric -> run -> [stats per temperature] over seeds, for pi0, sft_full and each method."""
-    from tspin_ray.study.stats import stats
 
     out: dict = {}
     for split in SPLITS:
@@ -108,7 +107,6 @@ def distribution_summary(study) -> dict:
 
 def iterate_table(study, split: str, name: str, temperature: float) -> list[str]:
     """One metric at one temperature for pi_0 and every iterate of each method (mean ± std over seeds)."""
-    from tspin_ray.study.stats import mean_std, stats
 
     j = list(study.distribution.temperatures).index(temperature)
     cols = range(study.iterations + 1)
@@ -125,7 +123,6 @@ def iterate_table(study, split: str, name: str, temperature: float) -> list[str]
 
 
 def markdown(study, results: dict) -> list[str]:
-    from tspin_ray.study.stats import mean_std
 
     lines = ["## Claims declared in the config before the runs", "",
              "Each compares final iterates on per-seed (paired) differences: holds when the mean difference "
@@ -158,7 +155,6 @@ def markdown(study, results: dict) -> list[str]:
 
 def plot_curves(study, results: dict) -> None:
     """Per split: validity, coverage and both KLs against temperature, one line per run (± 1 std)."""
-    from tspin_ray.analysis.figures import figure, save_figure
 
     temps = list(study.distribution.temperatures)
     for split, per_metric in results["distribution"].items():

@@ -3,7 +3,7 @@
     tspin-ray study --config jobs/study-sorting.yaml
     tspin-ray study --config jobs/study-sorting.yaml --seeds 0 --iterations 1 --methods sft_continued tspin \
         --output-dir runs/study-smoke                   (a narrowed smoke run)
-    .venv/bin/pytest tests/test_study.py
+    .venv/bin/pytest tests/unit/study/test_study.py
 
 Per seed s, all under `output_dir`:
     seed{s}/pi0        base config, data.fraction = fraction, iterations 0: SFT of pi_0 and its evaluation
@@ -39,6 +39,8 @@ from tspin_ray.analysis.run_reader import PI0  # noqa: F401 - the study's module
 from tspin_ray.config.schema import RunConfig, from_dict, read_yaml_mapping
 from tspin_ray.errors import UserError
 from tspin_ray.rundir.store import write_atomic
+from tspin_ray.study.claims import Claim, parse_claims, parse_distribution
+from tspin_ray.study.distribution import DistributionSpec
 
 STUDY_KEYS = ("base", "seeds", "iterations", "fraction", "full_fraction", "output_dir", "methods", "distribution",
               "claims")
@@ -62,8 +64,8 @@ class Study:
     output_dir: str
     methods: dict  # name -> section overrides, in config order (that is also the run order)
     source: str = "study config"  # the YAML path, for messages and the command line
-    distribution: object = None  # distribution.DistributionSpec: score every checkpoint's answer distribution
-    claims: tuple = ()  # study_claims.Claim, declared in the config before any run
+    distribution: DistributionSpec | None = None  # score every checkpoint's answer distribution
+    claims: tuple[Claim, ...] = ()  # declared in the config before any run
 
     @property
     def out(self) -> Path:
@@ -123,7 +125,6 @@ def parse_study(raw, source: str = "study config") -> Study:
     output_dir = raw.get("output_dir", DEFAULTS["output_dir"])
     if not isinstance(output_dir, str) or not output_dir:
         raise UserError(f"output_dir: expected a path, got {output_dir!r}")
-    from tspin_ray.study.claims import parse_claims, parse_distribution
 
     methods = _parse_methods(raw["methods"])
     distribution = parse_distribution(raw.get("distribution"))

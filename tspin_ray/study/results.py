@@ -9,7 +9,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from tspin_ray.analysis.figures import figure, iteration_axis, save_figure
 from tspin_ray.rundir.store import RunDir, write_atomic
+from tspin_ray.study.judge import distribution_summary, judge, markdown, plot_curves
 from tspin_ray.study.plan import PI0, RESERVED_RUNS, Study, Timings, plan
 from tspin_ray.study.stats import fmt, iteration_rows, mean_std, number, paired, plus_minus, stats, verdict
 
@@ -243,7 +245,6 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
     lines += delta_table(results["deltas"])
     lines += ["", "![change from pi_0](results_delta.png)", ""]
     if study.claims or study.distribution is not None:
-        from tspin_ray.study.judge import markdown
 
         lines += markdown(study, results) + [""]
     lines += ["## Claim checks", "",
@@ -272,7 +273,6 @@ def plot_series(cols: list[int], series: dict[str, list[dict]], path: Path, titl
                 ref: tuple[str, dict] | None = None) -> None:
     """One line per method (mean over seeds, ±1 std band); `ref` a dashed horizontal line with its band.
     Methods of one setting share a colour index; a `.setting` suffix draws them dashed."""
-    from tspin_ray.analysis.figures import figure, iteration_axis, save_figure
 
     fig = figure(8, 4.8)
     ax = fig.add_subplot()
@@ -300,7 +300,6 @@ def plot_series(cols: list[int], series: dict[str, list[dict]], path: Path, titl
 
 def write_results(study: Study, command: str) -> Path:
     """Collect every run's numbers and write results.json, results.md and the plots."""
-    from tspin_ray.study.judge import distribution_summary, judge, plot_curves
     data = collect(study)
     summary = summarise(study, data)
     reuse_path = study.out / "proto_reuse.json"

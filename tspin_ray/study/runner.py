@@ -1,7 +1,7 @@
 """Running a study: every planned run in this process, sharing pi_0, its evaluation and y0 caches.
 
     tspin-ray study --config jobs/study-sorting.yaml
-    .venv/bin/pytest tests/test_study.py
+    .venv/bin/pytest tests/unit/study/test_study.py
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import uuid
 from pathlib import Path
 
 from tspin_ray.config.schema import RunConfig
+from tspin_ray.controller.driver import train
+from tspin_ray.controller.y0 import separate_phase
 from tspin_ray.errors import UserError
 from tspin_ray.rundir.store import RunDir, atomic_dir, write_atomic
+from tspin_ray.study.distribution import evaluate_run
 from tspin_ray.study.plan import (
     EXECUTION_ONLY,
     PI0,
@@ -28,6 +31,7 @@ from tspin_ray.study.plan import (
     pi0_path,
     plan,
 )
+from tspin_ray.study.results import write_results
 
 
 def is_complete(spec: RunSpec, cfg: RunConfig) -> bool:
@@ -42,7 +46,6 @@ def is_complete(spec: RunSpec, cfg: RunConfig) -> bool:
 def proto_key(cfg: RunConfig) -> str | None:
     """What y0 depends on: pi_0, the training prompts, the sampling settings and the seed. Only for T-SPIN
     runs with a proto phase of their own (the others take y0 from their iteration 0: tspin_ray/controller/y0.py)."""
-    from tspin_ray.controller.y0 import separate_phase
 
     if not separate_phase(cfg):
         return None
@@ -157,7 +160,6 @@ def execute(study: Study, quiet: bool = False, say=print) -> None:
             share_work(study, spec, cfg, pi0, proto_sources.get((spec.seed, pkey)) if pkey else None,
                        lambda msg, i=i: say(f"[study {i}/{len(specs)}] {msg}"))
             say(f"[study {i}/{len(specs)}] {spec.key}: running")
-            from tspin_ray.controller.driver import train  # imports Ray and torch: only when there is work
 
             t0 = time.time()
             try:
@@ -165,7 +167,6 @@ def execute(study: Study, quiet: bool = False, say=print) -> None:
             finally:  # an interrupted attempt's time counts too: the table reports the cost of the run
                 timings.add(spec.key, time.time() - t0)
         if study.distribution is not None:
-            from tspin_ray.study.distribution import evaluate_run
 
             t0 = time.time()
             if evaluate_run(spec.root, cfg, study.distribution, first=0 if spec.name in RESERVED_RUNS else 1):
@@ -185,6 +186,5 @@ def run_study(study: Study, quiet: bool = False, command: str | None = None, say
     """Run/resume every run of `study`, then write the results; return results.md's path."""
     study.out.mkdir(parents=True, exist_ok=True)
     execute(study, quiet=quiet, say=say)
-    from tspin_ray.study.results import write_results  # imports this module: import it late
 
     return write_results(study, command or command_line(study))

@@ -1,6 +1,6 @@
 """Per-seed statistics of a study: mean ± std, paired differences, verdicts and their formatting.
 
-    .venv/bin/pytest tests/test_study.py
+    .venv/bin/pytest tests/unit/study/test_study.py
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from tspin_ray.analysis.report import load_run
+
 
 def iteration_rows(root: Path) -> dict[int, dict]:
-    """iteration -> its metrics row (a resumed run may log one twice: the last wins, as in report.py)."""
-    from tspin_ray.analysis.report import load_run
+    """iteration -> its metrics row (a resumed run may log one twice: the last wins, as in analysis/report.py)."""
 
     return load_run(root).iterations
 

@@ -1,6 +1,6 @@
 """Generation engines behind one small Protocol: vLLM (default on GPUs) and HF transformers `generate`.
 
-    .venv/bin/pytest tests/test_engines.py
+    .venv/bin/pytest tests/unit/workers/test_engines.py
 
 Both take token ids (the prompt is formatted once, by `tspin_ray.models.chat_format`), sample one response per
 request with its own seed, score (prompt, response) pairs by summed log-probs, and reload new weights in
@@ -18,7 +18,11 @@ from typing import Protocol
 
 import torch
 
+from tspin_ray.algorithms.logprobs import sequence_logprobs
 from tspin_ray.faults import crash_if
+from tspin_ray.models.chat_format import ChatFormat
+from tspin_ray.models.checkpoints import base_of, is_adapter, load_format, load_model, rank_of, same_base
+from tspin_ray.workers.weight_broadcast import copy_into, receive, rejoin
 
 
 class Engine(Protocol):
@@ -44,10 +48,10 @@ class Engine(Protocol):
         ...
 
     sync_ranks: int
-    """Processes of this engine that join a weight broadcast (weight_sync.py)."""
+    """Processes of this engine that join a weight broadcast (workers/weight_broadcast.py)."""
 
-    format: object
-    """The checkpoint's formatting.ChatFormat (its stop ids end every sample)."""
+    format: ChatFormat
+    """The checkpoint's chat format (its stop ids end every sample)."""
 
     def receive_weights(self, key: str, host: str, port: int, rank: int, world_size: int, buckets: list,
                         timeout_s: float) -> int:
@@ -83,7 +87,6 @@ class HFEngine:
 
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                  max_batch: int = 256, **_):
-        from tspin_ray.models.checkpoints import load_format, load_model
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype, self.trust_remote_code, self.max_batch = dtype, trust_remote_code, max_batch
@@ -91,10 +94,9 @@ class HFEngine:
         self.tokenizer = self.format.tokenizer
         self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.pad_id = self.format.pad_id
-        self.sync = None  # weight_sync.SyncGroup while broadcasts come from the same trainer and pool
+        self.sync = None  # weight_broadcast.SyncGroup while broadcasts come from the same trainer and pool
         self.stop_ids = list(self.format.stop_ids)  # every end-of-turn id the model declares
         self.adapters = 0  # LoRA iterates loaded so far (each under a name of its own)
-        from tspin_ray.models.checkpoints import base_of
 
         self.base = str(base_of(path))  # the weights under any adapter
 
@@ -127,7 +129,6 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, prompts, responses):
-        from tspin_ray.algorithms.logprobs import sequence_logprobs
 
         scores: list[float] = []
         for start in range(0, len(prompts), self.max_batch):
@@ -138,7 +139,6 @@ class HFEngine:
 
     def reload(self, path: str) -> None:
         """New weights in place; a LoRA iterate (tspin_ray/models/lora.py) replaces only the adapter, through peft."""
-        from tspin_ray.models.checkpoints import load_model, same_base
 
         peft = hasattr(self.model, "peft_config")
         if same_base(path, self.base):
@@ -170,7 +170,6 @@ class HFEngine:
     sync_ranks = 1
 
     def receive_weights(self, key, host, port, rank, world_size, buckets, timeout_s):
-        from tspin_ray.workers.weight_broadcast import copy_into, receive, rejoin
 
         device = next(self.model.parameters()).device
         self.sync = rejoin(self.sync, key, host, port, rank, world_size, timeout_s, device)
@@ -196,7 +195,6 @@ class VLLMEngine:
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False, lora_rank: int | None = None, **_):
-        from tspin_ray.models.checkpoints import base_of, is_adapter, rank_of
 
         # CPU: in-process engine core (loads in ~3 s instead of ~25 s, leaves no shared memory behind).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -234,7 +232,6 @@ class VLLMEngine:
         # Callers on several threads (a long-lived generator's queued batches) share the engine's steps.
         self._lock, self._scoring, self._ids, self._owner = threading.Lock(), threading.Lock(), itertools.count(), {}
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
-        from tspin_ray.models.checkpoints import load_format
 
         self.format = load_format(path, trust_remote_code=trust_remote_code)
         if is_adapter(path):
@@ -343,7 +340,6 @@ class VLLMEngine:
         return scores
 
     def reload(self, path: str) -> None:
-        from tspin_ray.models.checkpoints import same_base
 
         if same_base(path, self.base):
             self._use_adapter(path)  # megabytes: the base weights stay as they are

@@ -1,7 +1,7 @@
 """The generation stage: opponent generation (and reference scoring) of one prompt batch, as a Ray Data
 actor pool.
 
-    .venv/bin/pytest tests/test_pipeline.py
+    .venv/bin/pytest tests/unit/rollout/test_pipeline.py
 
 `GenerateStage` is a Ray Data callable class: Ray Data runs it as an autoscaling actor pool between
 `generators_min` and `generators_max` (pending batches grow it; on KubeRay that demand adds generator
@@ -23,17 +23,19 @@ import pyarrow as pa
 import ray
 
 from tspin_ray.algorithms.inputs import to_list
+from tspin_ray.data.tasks import get_task
 from tspin_ray.faults import crash_if
+from tspin_ray.models.chat_format import response_budget
 from tspin_ray.rollout.phases import GenPhase, blocks
 from tspin_ray.rollout.seeds import sample_seed
 from tspin_ray.rollout.shards import block_dataset, write_shard
+from tspin_ray.workers.engines import make_engine
 
 
 class GenerateStage:
     """Opponent generation for one batch of prompts (and reference scoring for SPIN/SPACE)."""
 
     def __init__(self, phase: GenPhase):
-        from tspin_ray.workers.engines import make_engine
 
         t0 = time.time()
         self.engine = make_engine(phase.engine.backend, phase.model_path, seed=phase.seed, **phase.engine.kwargs())
@@ -48,7 +50,6 @@ class GenerateStage:
         self.phase = phase
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from tspin_ray.models.chat_format import response_budget
 
         fmt, ph = self.format, self.phase
         ids = [str(x) for x in batch["prompt_id"]]
@@ -58,7 +59,7 @@ class GenerateStage:
                  for p, r, s, h in zip(batch["prompt"], batch["response"], batch["system"], batch["history"],
                                        strict=True)]
         prompt_ids, real_ids = [p for p, _ in pairs], [y for _, y in pairs]
-        # One truncation rule for y, y' and y0 (formatting.response_budget): prompt + response <= max_length.
+        # One truncation rule for y, y' and y0 (chat_format.response_budget): prompt + response <= max_length.
         budget = [response_budget(len(p), ph.max_response_tokens, ph.max_length) for p in prompt_ids]
         given = to_list(batch["given_ids"])
         k = ph.samples
@@ -90,11 +91,10 @@ class GenerateStage:
             "scorer": [ph.engine.scorer if ph.score_ref else ""] * len(ids),
         }
         if ph.task:  # the verifier of objective rft, and generate/valid in the metrics
-            from tspin_ray.data.tasks import get_task
 
             task = get_task(ph.task)
             # valid = an accepted answer written as the ids y would have (RFT trains on these ids; the
-            # exact metrics of distribution.py score the same ids), ending with its end of turn
+            # exact metrics of study/distribution.py score the same ids), ending with its end of turn
             out["generated_valid"] = [
                 [task.check(str(p), text) and ids == fmt.response_ids(str(p), text.strip(), str(s), history=str(h))
                  for ids, text in zip(gs, texts, strict=True)]

@@ -1,14 +1,14 @@
 """Long-lived generator actors (`generation.persistent: true`): one engine each, for the whole run.
 
-    .venv/bin/pytest tests/test_weight_sync.py
+    .venv/bin/pytest tests/unit/workers/test_weight_sync.py
 
-The default generation stage (pipeline.py) is a Ray Data actor pool that starts fresh for every phase
+The default generation stage (workers/generation_stage.py) is a Ray Data actor pool that starts fresh for every phase
 and loads the committed checkpoint: elastic, but it pays an actor start and an engine load per phase and
 leaves no engine to sync weights into. Here the driver owns `generators_max` actors in a placement group
 of their own (each bundle holds one engine's tensor-parallel GPUs, so they share a node), Ray Data streams
 batches to them through light forwarding tasks that each take the next idle actor (work is pulled, so a
 slow engine does fewer batches), and new weights arrive in place: broadcast from trainer rank 0
-(`generation.weight_sync: broadcast`, weight_sync.py) or reloaded from the committed checkpoint.
+(`generation.weight_sync: broadcast`, workers/weight_broadcast.py) or reloaded from the committed checkpoint.
 
 Never stale: every batch names the checkpoint it must be generated with; an actor whose weights are not
 that checkpoint's (a restarted actor, or one that missed or failed a broadcast) reloads it first.
@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import warnings
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
@@ -32,7 +33,18 @@ from tspin_ray.errors import RunFailed
 from tspin_ray.rollout.phases import GenPhase, blocks
 from tspin_ray.rollout.shards import block_dataset
 from tspin_ray.workers.generation_stage import GenerateStage
+from tspin_ray.workers.records import SyncResult
+from tspin_ray.workers.weight_broadcast import plan_buckets
 
+
+@dataclass(frozen=True)
+class SyncPeers:
+    """The processes a sync group joins (trainer rank 0's and each generator's receiving ranks) and where
+    they meet; the group is reused while they stay the same."""
+    members: tuple
+    key: str
+    host: str
+    port: int
 
 class Generator:
     """One engine and the weights it holds (`loaded`: the checkpoint they equal)."""
@@ -194,27 +206,25 @@ class GeneratorPool:
                 compute=ray.data.TaskPoolStrategy(size=min(len(parts), (self.slots + 1) * self.n)),
                 max_retries=max_attempts)
 
-    def sync(self, trainers, path) -> dict:
+    def sync(self, trainers, path) -> SyncResult:
         """Broadcast the trainers' weights (= the checkpoint at `path`) to every generator with an engine.
 
         The sync group is made once per generator set (the trainer rank 0 and receiving processes of
         `members`) and reused while the set stays; a failed sync closes it on every live side and the
-        next one makes a new group. Returns seconds, bytes and GB/s. On failure the generators keep
-        `loaded` unset and reload `path` at their next batch; the error is under "error"."""
-        from tspin_ray.workers.weight_broadcast import plan_buckets
-
+        next one makes a new group. On failure the generators keep `loaded` unset and reload `path` at
+        their next batch; the result says why."""
         t0 = time.time()
         members = ray.get([a.sync_member.remote() for a in self.actors], timeout=self.timeout_s)
         ranks = [k for k, _ in members]
         if not any(ranks):
-            return {"seconds": 0.0, "bytes": 0, "gbps": 0.0, "receivers": 0}
+            return SyncResult()
         sender = ray.get(trainers.actors[0].__ray_call__.remote(lambda t: f"{os.getpid()}:{id(t)}"),
                          timeout=self.timeout_s)
-        if self._sync is None or self._sync[0] != (sender, members):
+        if self._sync is None or self._sync.members != (sender, members):
             host, port = ray.get(trainers.actors[0].address.remote(), timeout=self.timeout_s)
             # A new key every time: a rebuilt trainer group may get the same host and port again.
-            self._sync = ((sender, members), f"{host}:{port}:{uuid.uuid4().hex[:8]}", host, port)
-        _, key, host, port = self._sync
+            self._sync = SyncPeers((sender, members), f"{host}:{port}:{uuid.uuid4().hex[:8]}", host, port)
+        key, host, port = self._sync.key, self._sync.host, self._sync.port
         world = 1 + sum(ranks)
         bucket_bytes = int(self.cfg.generation.sync_bucket_mb * 2**20)
         specs = ray.get(trainers.actors[0].weight_specs.remote(), timeout=self.timeout_s)
@@ -232,7 +242,7 @@ class GeneratorPool:
         except ray.exceptions.GetTimeoutError:
             raise RunFailed(f"weight broadcast: the trainers did not return within {2 * timeout + 60:.0f}s "
                             f"(2 x generation.timeout_s + 60)") from None
-        errors = [sent["error"]] if sent.get("error") else []
+        errors = [sent.error] if sent.error else []
         for ref in recv:
             try:
                 ray.get(ref, timeout=2 * timeout + 60)
@@ -241,10 +251,8 @@ class GeneratorPool:
         if errors:  # tear down: live receivers leave the group (the sender already has); a new one next time
             self._sync = None
             self.close_sync()
-            return {"seconds": time.time() - t0, "bytes": 0, "gbps": 0.0, "receivers": 0, "error": errors[0]}
-        seconds = time.time() - t0
-        return {"seconds": seconds, "bytes": sent["bytes"], "gbps": sent["bytes"] / seconds / 1e9,
-                "receivers": sum(ranks)}
+            return SyncResult(seconds=time.time() - t0, error=errors[0])
+        return SyncResult(seconds=time.time() - t0, bytes=sent.bytes, receivers=sum(ranks))
 
     def close_sync(self) -> None:
         """Every live generator leaves its sync group (dead ones took theirs with them)."""

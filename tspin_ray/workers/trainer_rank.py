@@ -1,6 +1,6 @@
 """Main-player trainers: N Ray actors forming one torch.distributed group (gloo on CPU, NCCL on GPU).
 
-    .venv/bin/pytest tests/test_trainer.py
+    .venv/bin/pytest tests/unit/workers/test_trainer.py
 
 Each actor holds one model replica (DeepSpeed ZeRO 0-3 or plain torch / DDP), pulls its shard of the
 triplet stream from a Ray Data `DataIterator`, computes the sequence log-probs of real, generated and
@@ -19,9 +19,20 @@ import time
 import ray
 import torch
 
-from tspin_ray.algorithms.inputs import batch_logprobs, length_sorted
-from tspin_ray.algorithms.objectives import get_objective, needs_proto, needs_ref
-from tspin_ray.workers.weight_export import broadcast_weights, export_zero3, gathered, weight_specs
+from tspin_ray.algorithms.inputs import length_sorted, step_losses
+from tspin_ray.algorithms.logprobs import sequence_logprobs
+from tspin_ray.algorithms.objectives import get_objective
+from tspin_ray.models.checkpoints import load_format, load_model
+from tspin_ray.models.lora import merge, wrap
+from tspin_ray.workers.records import OptimizerSetup, SendResult, StepRecord
+from tspin_ray.workers.weight_broadcast import rejoin
+from tspin_ray.workers.weight_export import (
+    broadcast_weights,
+    export_adapter,
+    export_zero3,
+    gathered,
+    weight_specs,
+)
 
 # Largest safetensors file of an export: what rank 0 holds in host memory at once under ZeRO-3.
 EXPORT_SHARD_BYTES = 2 * 2**30
@@ -101,7 +112,7 @@ class Trainer:
         self.model = self.engine = self.optimizer = self.scheduler = None
         self.loaded_from: str | None = None
         self.step = 0
-        self.sync = None  # weight_sync.SyncGroup to the generators (rank 0), kept across iterations
+        self.sync = None  # weight_broadcast.SyncGroup to the generators (rank 0), kept across iterations
         self._zero3_hook = None  # transformers' HfDeepSpeedConfig, kept alive (it is held by weakref)
         self.trust_remote_code = False
 
@@ -127,8 +138,6 @@ class Trainer:
     def load(self, path: str, trust_remote_code: bool = False, lora=None) -> None:
         """Load the policy to train from an HF checkpoint (pi_t at the start of iteration t). With `lora`
         (config.LoraSpec) only an adapter trains: the one of an adapter iterate, else a fresh one."""
-        from tspin_ray.models.checkpoints import load_format, load_model
-        from tspin_ray.models.lora import wrap
 
         if self.loaded_from == path and self.model is not None:
             if lora is None or self.has_adapter:
@@ -173,16 +182,15 @@ class Trainer:
         return hasattr(self.model, "peft_config")
 
     # ------------------------------------------------------------ one iteration
-    def begin(self, *, objective: str, params: dict, optimizer: str, lr: float, weight_decay: float,
-              schedule: str, warmup_ratio: float, total_steps: int, micro_batch_size: int,
-              global_batch_size: int, grad_clip: float) -> None:
+    def begin(self, setup: OptimizerSetup) -> None:
         """Fresh optimizer and schedule for one training phase (SPIN and T-SPIN restart them per iteration)."""
         from transformers import get_scheduler
 
-        self.objective, self.params = objective, params
-        self.micro = micro_batch_size
-        self.accum = global_batch_size // (micro_batch_size * self.world_size)
-        self.grad_clip, self.total_steps, self.step = grad_clip, total_steps, 0
+        s = setup
+        self.objective, self.params = get_objective(s.objective), dict(s.params)
+        self.micro = s.micro_batch_size
+        self.accum = s.global_batch_size // (s.micro_batch_size * self.world_size)
+        self.grad_clip, self.total_steps, self.step = s.grad_clip, s.total_steps, 0
         # The previous phase's engine, optimizer and schedule go before the next are built: held while
         # DeepSpeed initializes, a 7B's Adam states would be in memory twice for a moment.
         release_engine(self.engine)  # a DeepSpeed engine's ZeRO-3 hooks would also run beside the new one's
@@ -190,15 +198,15 @@ class Trainer:
         gc.collect()
         module = self.model
         # Frozen weights (LoRA's base) get no optimizer state.
-        opt = make_optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, weight_decay)
-        sched_name = "constant_with_warmup" if schedule == "constant" else schedule
-        sched = get_scheduler(sched_name, opt, num_warmup_steps=int(warmup_ratio * total_steps),
-                              num_training_steps=max(total_steps, 1))
+        opt = make_optimizer(s.optimizer, [p for p in module.parameters() if p.requires_grad], s.lr, s.weight_decay)
+        sched_name = "constant_with_warmup" if s.schedule == "constant" else s.schedule
+        sched = get_scheduler(sched_name, opt, num_warmup_steps=int(s.warmup_ratio * s.total_steps),
+                              num_training_steps=max(s.total_steps, 1))
         if self.backend == "deepspeed":
             import deepspeed
 
-            config = ds_config(self.zero_stage, self.offload, self.precision, micro_batch_size, self.accum,
-                               self.world_size, grad_clip)
+            config = ds_config(self.zero_stage, self.offload, self.precision, s.micro_batch_size, self.accum,
+                               self.world_size, s.grad_clip)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=module, optimizer=opt, lr_scheduler=sched, config=config)
         else:
@@ -210,15 +218,13 @@ class Trainer:
         self.model.train()
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        module = self.engine
-        inputs = batch_logprobs(module, batch, self.objective, self.pad_id, needs_proto(self.objective, self.params),
-                                scope=self.params.get("pair_scope", "sequence"),
-                                ref=needs_ref(self.objective, self.params))
-        losses, metrics = get_objective(self.objective)(**inputs, **self.params)
+        losses, metrics = step_losses(self.engine, batch, self.objective, self.params, self.pad_id)
         return losses.mean(), {k: float(v) for k, v in metrics.items()}
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimizer step over `accum` micro-batches (a global batch across the group)."""
+    def train_step(self, micro_batches: list[dict], data_wait: float = 0.0) -> StepRecord:
+        """One optimizer step over `accum` micro-batches (a global batch across the group); `data_wait`:
+        what this rank waited for them, for the record."""
+        start = time.time()
         totals: dict[str, float] = {}
         lr = self.scheduler.get_last_lr()[0]  # the lr this step uses, read before anything steps the schedule
         for batch in micro_batches:
@@ -237,7 +243,11 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**self._all_mean(totals), "lr": lr}
+        means = self._all_mean(totals)
+        loss = means.pop("loss")
+        return StepRecord(step=self.step, loss=loss, lr=lr, time=time.time(), data_wait=data_wait,
+                          rows=sum(len(b["prompt_ids"]) for b in micro_batches), step_s=time.time() - start,
+                          metrics=means)
 
     def _all_mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1:
@@ -247,7 +257,7 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
-    def train_epoch(self, iterator, max_steps: int | None = None) -> list[dict]:
+    def train_epoch(self, iterator, max_steps: int | None = None) -> list[StepRecord]:
         """Consume this rank's shard; returns one record per optimizer step (same count on every rank)."""
         return [r for r in self.steps(iterator, max_steps) if r is not None]
 
@@ -271,11 +281,7 @@ class Trainer:
                 continue  # drain the shard so the split coordinator is not left waiting
             pending.append(batch)
             if len(pending) == self.accum:
-                start = time.time()
-                rec = self.train_step(length_sorted(pending))
-                rec.update(step=self.step, time=time.time(), rows=sum(len(b["prompt_ids"]) for b in pending),
-                           data_wait=start - ready, step_s=time.time() - start)
-                yield rec
+                yield self.train_step(length_sorted(pending), data_wait=time.time() - ready)
                 pending = []
                 ready = time.time()
 
@@ -283,7 +289,6 @@ class Trainer:
     @torch.no_grad()
     def nll(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> tuple[float, int]:
         """Summed NLL and token count of `responses` on this rank's slice (rank::world) of the rows."""
-        from tspin_ray.algorithms.logprobs import sequence_logprobs
 
         if self.engine is None and self.backend == "deepspeed" and self.zero_stage == 3:
             self._zero3_engine()  # a freshly loaded ZeRO-3 model holds placeholders until DeepSpeed wraps it
@@ -319,7 +324,6 @@ class Trainer:
         (plus, into `merged`, base and adapter merged into one checkpoint); returns seconds."""
         t0 = time.time()
         if self.has_adapter:
-            from tspin_ray.workers.weight_export import export_adapter
 
             export_adapter(self.model, self.rank, out_dir)
         elif self.backend == "deepspeed" and self.zero_stage == 3:
@@ -332,7 +336,6 @@ class Trainer:
         if self.rank == 0:
             self.tokenizer.save_pretrained(out_dir)
             if merged and self.has_adapter:
-                from tspin_ray.models.lora import merge
 
                 merge(out_dir, merged, dtype="bfloat16" if self.precision == "bf16" else "float32",
                       trust_remote_code=self.trust_remote_code)
@@ -344,11 +347,10 @@ class Trainer:
         return weight_specs(self.model)
 
     def send_weights(self, key: str, host: str, port: int, world_size: int, bucket_bytes: int,
-                     timeout_s: float) -> dict:
-        """Broadcast the current weights to the generators (weight_sync.py). Every rank calls this: under
+                     timeout_s: float) -> SendResult:
+        """Broadcast the current weights to the generators (workers/weight_broadcast.py). Every rank calls this: under
         ZeRO-3 each bucket is gathered from all ranks; rank 0 alone joins the sync group, which it keeps
         while the generator set (`key`) stays the same. A failed send closes the group on this side."""
-        from tspin_ray.workers.weight_broadcast import rejoin
 
         t0 = time.time()
         group, opened = None, None
@@ -362,7 +364,7 @@ class Trainer:
         error = opened or error
         if error:
             self.close_sync()
-        return {"seconds": time.time() - t0, "bytes": sent, "buckets": buckets, "error": error}
+        return SendResult(seconds=time.time() - t0, bytes=sent, buckets=buckets, error=error)
 
     def close_sync(self) -> None:
         if self.sync is not None:
@@ -392,7 +394,7 @@ TrainerActor = ray.remote(Trainer)
 def start_trainers(world: int, backend: str, zero_stage: int = 0, *, options: dict | None = None,
                    **trainer_kwargs) -> list:
     """`world` trainer actors joined into one process group: for tests and benchmarks. A run's group
-    (trainer_group.py) adds its placement group, resources and timeouts around the same two calls."""
+    (controller/trainer_group.py) adds its placement group, resources and timeouts around the same two calls."""
     actors = [TrainerActor.options(**(options or {})).remote(rank, world, backend, zero_stage, **trainer_kwargs)
               for rank in range(world)]
     addr, port = ray.get(actors[0].address.remote())

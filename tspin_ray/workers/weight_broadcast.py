@@ -1,13 +1,13 @@
 """Weight sync fast path: trainer rank 0 broadcasts the new weights to long-lived generators, in buckets.
 
-    .venv/bin/pytest tests/test_weight_sync.py
+    .venv/bin/pytest tests/unit/workers/test_weight_sync.py
 
 One process group per generator set, outside the trainers' own torch.distributed group: rank 0 is
 trainer rank 0 (it hosts the TCPStore), ranks 1.. are the generators' receiving processes (one per vLLM
 tensor-parallel worker, one per HF engine). gloo on CPU, NCCL on GPU. Parameters travel in buckets of
 about `bucket_bytes`, each flattened into one contiguous buffer, so a 7B model is a few hundred
 broadcasts instead of a few hundred per layer, and rank 0 never holds more than one gathered bucket of a
-ZeRO-3 model. Each side keeps its `SyncGroup` while the set stays the same (its key: generators.py);
+ZeRO-3 model. Each side keeps its `SyncGroup` while the set stays the same (its key: workers/generator_pool.py);
 a restarted generator or a failed sync makes a new key, and a generator outside the group loads the
 committed checkpoint instead. A failed sync closes the group on every side that is still alive.
 """

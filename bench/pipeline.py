@@ -106,7 +106,8 @@ def apart(driver, work) -> dict:
 
 def run_iteration(ctx: Context) -> dict:
     from tspin_ray.config.schema import from_dict
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
 
     s = ctx.sizes(SIZES)
     cfg = from_dict(run_config(s, ctx.work / "run"))
@@ -156,7 +157,7 @@ def run_iteration(ctx: Context) -> dict:
 def overhead_inputs(ctx: Context, s: dict):
     """Config, pi_t, and the iteration's rows with a fixed y0 per prompt (no generation needed for it)."""
     from tspin_ray.config.schema import from_dict
-    from tspin_ray.controller.driver import prepare
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.models.checkpoints import load_format
     from tspin_ray.rollout.phases import prompt_rows
 
@@ -277,7 +278,8 @@ def run_persistent(ctx: Context) -> dict:
     """The same run (SFT, y0, N iterations) with the default per-phase generator pool and with long-lived
     generators + the broadcast weight sync: seconds per iteration, where the per-phase actor start goes."""
     from tspin_ray.config.schema import from_dict
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.rundir.metrics import read_rows
 
     s = ctx.sizes(SIZES)

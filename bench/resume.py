@@ -73,7 +73,8 @@ def first_batch_s(driver, todo, phase) -> float:
 
 
 def run(ctx: Context) -> dict:
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.rollout.shards import done_keys, read_shards
 
     s = ctx.sizes(SIZES)

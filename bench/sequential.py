@@ -87,7 +87,7 @@ def run(cfg, out_dir: Path) -> dict:
     """cfg.iterations iterations from cfg.model.path; per-phase seconds of each, and where pi_N went."""
     import torch
 
-    from tspin_ray.controller.driver import prepare
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.rollout.phases import phase_for, prompt_rows, shuffled
     from tspin_ray.rollout.seeds import derive_seed
     from tspin_ray.workers.engines import make_engine

@@ -145,7 +145,8 @@ def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
     import ray
 
     from tspin_ray.config.schema import from_dict
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.controller.trainer_group import TrainerGroup
     from tspin_ray.rollout.phases import prompt_rows
     from tspin_ray.workers.generator_pool import GeneratorPool

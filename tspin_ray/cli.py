@@ -23,6 +23,7 @@ import sys
 import threading
 
 from tspin_ray.errors import RunFailed, UserError
+from tspin_ray.hub import resolve_hub_ids
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +37,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, quiet=args.quiet)
+    stopped = f"; stopped early: {result['stopped']}" if result.get("stopped") else ""
+    best = f", best {result['best']} (checkpoints/best)" if result.get("best") else ""
     print(f"done: {cfg.output_dir} ({result.get('iterations')} iterations, final checkpoint "
-          f"{result.get('checkpoint')})")
+          f"{result.get('checkpoint')}{best}{stopped})")
     return 0
 
 
@@ -47,7 +50,7 @@ def cmd_validate_data(args) -> int:
     from tspin_ray.models.checkpoints import load_format
     from tspin_ray.models.tiny import tiny_format
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_hub_ids(load_config(args.config, args.overrides))
     fmt = load_format(cfg.model.path, cfg.model.trust_remote_code) if cfg.model.path else tiny_format(cfg.model.tiny)
     splits = load_splits(cfg.data, count_tokens=lambda *context: len(fmt.prompt_ids(*context)))
     print(format_report(splits))
@@ -60,7 +63,7 @@ def cmd_export_task(args) -> int:
     from tspin_ray.data.loading import load_splits
     from tspin_ray.evaluation.harness import export_task
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_hub_ids(load_config(args.config, args.overrides))
     rows = load_splits(cfg.data).eval
     rows = rows[: cfg.eval.size] if cfg.eval.size else rows
     path = export_task(rows, args.out, args.name, cfg.eval.max_new_tokens)
@@ -71,7 +74,8 @@ def cmd_export_task(args) -> int:
 def _driver(args):
     """A driver for `eval` and `generate`: it reads checkpoints and never touches the config's run directory."""
     from tspin_ray.config.schema import load_config
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
     return Driver(prepare(cfg), quiet=args.quiet, record=False)
@@ -134,7 +138,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from tspin_ray.config.schema import describe, reference
+    from tspin_ray.config.reference import describe, reference
 
     print(reference(), end="") if args.markdown else print("\n".join(describe()))
     return 0

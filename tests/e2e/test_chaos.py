@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import CLI, REPO, small_config, write_config
 from tspin_ray.config.schema import from_dict
-from tspin_ray.controller.driver import Driver, prepare
+from tspin_ray.controller.driver import Driver
+from tspin_ray.controller.prepare import prepare
 
 pytestmark = pytest.mark.chaos
 

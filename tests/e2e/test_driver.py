@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
-from tests.helpers import small_config
+from tests.helpers import small_config, write_config
 from tspin_ray.config.schema import from_dict
 from tspin_ray.controller.driver import train
 from tspin_ray.models.checkpoints import load_format, load_model
@@ -156,7 +157,8 @@ def test_a_run_begun_with_a_proto_phase_keeps_its_y0(ray_session, tmp_path):
     """A T-SPIN run begun by a tspin-ray from before y0 came from iteration 0 holds committed proto/
     shards (the old driver sampled them right after pi_0): today's driver resumes it on those y0 in both
     iterations, and samples no others."""
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
 
     cfg = from_dict(small_config(tmp_path, generation={"batch_size": 64, "persistent": True}))  # one engine start
     driver = Driver(prepare(cfg), quiet=True)
@@ -269,3 +271,38 @@ def test_eval_and_generate_leave_the_run_directory_alone(ray_session, tmp_path, 
     assert len(rows) == 52 and all(r["generated"] for r in rows)  # 60 rows less 8 held out, one sample each
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
     assert (tmp_path / "run" / "config.yaml").read_text() == "other: run\n"
+
+
+def test_a_collapsing_run_warns_stops_and_points_best_at_the_better_iterate(ray_session, tmp_path, capsys):
+    """lr 0.05 pushes the tiny model's held-out NLL from 2.58 (pi_0) to 2.95 (pi_1, 1.14x): with
+    eval.collapse_nll_factor 1.1 and stop_on_collapse the run warns at pi_1, stops there, keeps its
+    iterates, names pi_0 the best (checkpoints/best, the manifest, the report), and a rerun does nothing."""
+    from tspin_ray import cli
+    from tspin_ray.analysis.report import write_report
+
+    raw = small_config(tmp_path, training={"lr": 0.05}, eval={"collapse_nll_factor": 1.1, "stop_on_collapse": True},
+                       iterations=2)
+    result = train(from_dict(raw), quiet=True)
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: pi_1 looks collapsed")]
+    assert len(warnings) == 1 and "is 1.1" in warnings[0] and "eval.collapse_nll_factor 1.1" in warnings[0]
+    assert warnings[0].endswith("Best iterate: pi_0 (eval/nll 2.576, eval.select; checkpoints/best); the run "
+                                "stops here (eval.stop_on_collapse)")
+    run = tmp_path / "run"
+    assert result["iterations"] == 1 and result["best"] == "pi_0" and result["stopped"].startswith("held-out NLL")
+    assert os.readlink(run / "checkpoints" / "best") == "pi_0" and (run / "checkpoints" / "pi_1").is_dir()
+    assert not (run / "checkpoints" / "pi_2").exists()
+    manifest = json.loads((run / "manifest.json").read_text())["entries"]
+    assert manifest["best"]["iterate"] == "pi_0" and manifest["best"]["metric"] == "eval/nll"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    it0 = [r for r in rows if r.get("phase") == "iteration" and r["iteration"] == 0][0]
+    assert it0["health/best_iterate"] == 0 and it0["health/nll_vs_best"] > 1.1
+    assert {"health/logp_real_train", "health/logp_real_heldout", "health/distinct_greedy",
+            "health/distinct_samples", "health/sample_tokens"} <= set(it0)
+    answers = [json.loads(line) for line in (run / "eval" / "pi_1.jsonl").read_text().splitlines()]
+    assert len(answers) == 40 and set(answers[0]) == {"prompt_id", "prompt", "answer", "greedy"}
+    report = write_report(run).read_text()
+    assert "Best iterate: **pi_0** by eval/nll" in report and "| prompt | annotated | pi_0 | pi_1 |" in report
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw)), "--quiet"]) == 0
+    assert "already complete (1 iterations); nothing to do" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import small_config
 from tspin_ray.config.schema import from_dict
-from tspin_ray.controller.driver import prepare
+from tspin_ray.controller.prepare import prepare
 from tspin_ray.models.chat_format import response_budget
 from tspin_ray.models.checkpoints import load_format, load_model
 from tspin_ray.rollout.shards import read_shards

@@ -8,7 +8,8 @@ import torch
 from tests.helpers import small_config
 from tests.helpers.trainers import BEGIN, addition_rows
 from tspin_ray.config.schema import from_dict
-from tspin_ray.controller.driver import Driver, prepare
+from tspin_ray.controller.driver import Driver
+from tspin_ray.controller.prepare import prepare
 from tspin_ray.controller.trainer_group import TrainerGroup
 from tspin_ray.models.checkpoints import load_model
 from tspin_ray.rollout.phases import prompt_rows

@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from tspin_ray.analysis.figures import figure, iteration_axis, save_figure
+from tspin_ray.analysis.health_report import answers_table, health_lines
 from tspin_ray.analysis.run_reader import PI0, Run, finite, load_run  # noqa: F401 - load_run: part of this API
 from tspin_ray.errors import UserError
 from tspin_ray.rundir.store import write_atomic
@@ -416,6 +417,14 @@ def render_markdown(runs: list[Run], missing: dict[str, str], command: str) -> s
             lines += [f"Notes on `{r.root}`: " + "; ".join(r.notes) + ".", ""]
     lines += ["EM = exact match; 'real/syn' = real / synthetic response; 'real > syn' = the alignment check "
               "below; 'len gen/real' = mean tokens of pi_t's samples / of the real responses.", ""]
+    health = [line for r in runs for line in health_lines(r)]
+    if health:
+        lines += ["## Health and the best iterate", "", "Likelihood displacement shows as logp y falling while the "
+                  "loss falls; a collapsed iterate as NLL / best so far rising and few distinct greedy answers "
+                  "(tspin_ray/controller/health.py).", ""] + health
+    answers = [line for r in runs for line in answers_table(r)]
+    if answers:
+        lines += ["## Held-out answers", ""] + answers
     lines += ["## Alignment check (T-SPIN paper)", ""]
     for r in runs:
         lines += alignment_text(r)

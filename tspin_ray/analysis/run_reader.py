@@ -28,6 +28,8 @@ class Run:
     lengths: dict[int, tuple[float, float]]  # iteration -> (mean generated tokens, mean real tokens)
     notes: list[str]
     label: str = ""
+    best: dict | None = None  # the manifest's best iterate: {"iterate": "pi_1", "metric": "eval/nll", ...}
+    answers: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # pi_k -> eval/pi_k.jsonl rows
 
     def value(self, t: int, key: str) -> float | None:
         return finite(self.iterations.get(t, {}).get(key))
@@ -71,7 +73,23 @@ def load_run(root: str | Path) -> Run:
     return Run(root=root, objective=str((cfg.get("objective") or {}).get("name", "unknown")),
                planned=cfg.get("iterations"), complete="complete" in manifest.get("entries", {}),
                sft=sft, train=train, iterations=dict(sorted(iterations.items())),
-               lengths=_read_lengths(root, notes), notes=notes)
+               lengths=_read_lengths(root, notes), notes=notes, best=manifest.get("entries", {}).get("best"),
+               answers=_read_answers(root))
+
+
+def _read_answers(root: Path) -> dict[str, list[dict]]:
+    """Every iterate's greedy held-out answers (eval/pi_k.jsonl), pi_0 first; torn lines skipped."""
+    out = {}
+    files = sorted((root / "eval").glob("pi_*.jsonl"), key=lambda f: int(f.stem.split("_")[1]))
+    for f in files:
+        rows = []
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        out[f.stem] = rows
+    return out
 
 
 def _read_config(root: Path, notes: list[str]) -> dict:

@@ -4,7 +4,7 @@
 
 `load_config(path, overrides)` reads the YAML, applies dotted overrides, and builds `RunConfig`. An unknown
 key, a wrong type or a bad value raises `UserError` naming the key path (and, for a typo, the nearest valid
-key). Every field carries its documentation in `metadata["doc"]`; `describe()` renders them all.
+key). Every field carries its documentation in `metadata["doc"]`; `config/reference.py` renders them all.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tspin_ray.algorithms.objectives import OBJECTIVES, Objective, get_objective
-from tspin_ray.config import typed_yaml
 from tspin_ray.config.typed_yaml import apply_override, build, read_yaml_mapping
 from tspin_ray.errors import UserError
 
@@ -54,7 +53,8 @@ class TinyModelSpec:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str | None = _f(None, "HF checkpoint directory of the initial policy (or of the base for the SFT stage).")
+    path: str | None = _f(None, "HF checkpoint directory of the initial policy (or of the base for the SFT stage), "
+                                "or a hub id org/name[@revision] resolved from the local HF cache (HF_HUB_CACHE).")
     tiny: TinyModelSpec | None = _f(None, "Build a tiny random checkpoint locally instead of `path` (shaped like "
                                           "tiny.family: char, zephyr, llama3 or qwen2).")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "Weights dtype for generation and training.")
@@ -69,7 +69,8 @@ class ModelConfig:
 class DataConfig:
     task: str | None = _f(None, "Built-in task name (see `tspin_ray.data.tasks.TASKS`) instead of `path`.")
     task_size: int = _f(4000, "Examples the built-in task generates (train pool + eval).")
-    path: str | None = _f(None, "JSONL, Parquet or CSV file, or a saved HF `datasets` directory.")
+    path: str | None = _f(None, "JSONL, Parquet or CSV file, a saved HF `datasets` directory, or a hub dataset id "
+                                "org/name[@revision] resolved from the local HF cache (with data.split).")
     format: Literal["auto", "jsonl", "parquet", "csv", "hf"] = _f("auto", "File format; auto = by extension.")
     prompt_column: str = _f("prompt", "Column holding the prompt.")
     response_column: str = _f("response", "Column holding the annotated response y.")
@@ -82,7 +83,7 @@ class DataConfig:
                                          "renders it).")
     id_column: str | None = _f(None, "Column with a stable example id; default: `prompt_id` when the rows have "
                                      "it, else a hash of the prompt.")
-    split: str = _f("train", "Split to read from a saved HF DatasetDict.")
+    split: str = _f("train", "Split to read from a saved HF DatasetDict or a dataset repository (e.g. train_sft).")
     eval_path: str | None = _f(None, "Held-out file for evaluation; default: `eval_size` rows held out.")
     eval_size: int = _f(200, "Rows held out for evaluation when `eval_path` is not set.")
     fraction: float = _f(1.0, "Fraction of the (remaining) training rows used, e.g. 0.25.")
@@ -372,6 +373,23 @@ class EvalConfig:
     size: int | None = _f(None, "Evaluate on at most this many held-out rows (default: all).")
     lm_eval: LmEvalSpec | None = _f(None, "Also score every committed checkpoint with lm-evaluation-harness "
                                           "(pip install -e .[eval]); scores go to eval/lm_eval/<task>/<metric>.")
+    select: str = _f("nll", "How the best iterate is chosen (checkpoints/best, the manifest, the report): nll "
+                            "(held-out NLL of y, lowest), exact_match, or an lm-eval score lm_eval/<task>/<metric>.")
+    collapse_nll_factor: float = _f(1.5, "Warn that an iterate collapsed when its held-out NLL exceeds this "
+                                         "times the best so far.")
+    collapse_min_distinct: float = _f(0.2, "Warn that an iterate collapsed when fewer than this share of its "
+                                           "greedy held-out answers are distinct.")
+    stop_on_collapse: bool = _f(False, "Stop the run at an iterate that looks collapsed (committed iterates stay; "
+                                       "checkpoints/best still points to the best).")
+
+    def __post_init__(self):
+        if self.select not in ("nll", "exact_match") and not self.select.startswith("lm_eval/"):
+            raise ValueError(f"select must be nll, exact_match or lm_eval/<task>/<metric>, not {self.select!r}")
+        if self.select.startswith("lm_eval/") and (
+                self.lm_eval is None or self.select.split("/")[1] not in self.lm_eval.tasks):
+            raise ValueError(f"select: {self.select} names a task that eval.lm_eval.tasks does not run")
+        if self.collapse_nll_factor <= 1.0:
+            raise ValueError("collapse_nll_factor must be > 1 (held-out NLL relative to the best so far)")
 
 
 @dataclass(frozen=True)
@@ -486,16 +504,3 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunCo
         return from_dict(raw, overrides)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-
-
-def describe() -> list[str]:
-    """Every config key with its default and documentation (`tspin-ray config`)."""
-    return typed_yaml.describe(RunConfig)
-
-
-def reference() -> str:
-    """docs/configuration.md: every key by section, from the fields' own documentation."""
-    head = ("# Configuration reference\n\nOne YAML file describes a run; `key.sub=value` arguments override it. "
-            "Generated from the config's own field documentation by `tspin-ray config --markdown` "
-            "(tests/unit/config/test_reference.py checks this page is current).\n")
-    return head + "\n" + typed_yaml.reference(RunConfig)

@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 import ray
 
 from tspin_ray.config.schema import ObjectiveConfig, RunConfig
+from tspin_ray.controller.health import Verdict, evaluation_figures, judge, sample_figures
+from tspin_ray.controller.prepare import Prepared, prepare
 from tspin_ray.controller.progress import Progress
 from tspin_ray.controller.summary import iteration_summary
 from tspin_ray.controller.trainer_group import (
@@ -31,15 +33,13 @@ from tspin_ray.controller.trainer_group import (
     steps_per_epoch,
 )
 from tspin_ray.controller.y0 import ITERATION_0, SEPARATE, y0_of_iteration_0, y0_source
-from tspin_ray.data.loading import load_splits
 from tspin_ray.data.tasks import exact_match
 from tspin_ray.deadlines import consume
 from tspin_ray.errors import RunFailed, UserError
-from tspin_ray.evaluation.harness import check_tasks, checkpoint_scores
+from tspin_ray.evaluation.harness import checkpoint_scores
 from tspin_ray.faults import maybe_fail
-from tspin_ray.models.chat_format import ChatFormat
-from tspin_ray.models.checkpoints import MERGED, check_checkpoint, load_format, max_positions
-from tspin_ray.models.tiny import save_tiny, tiny_format
+from tspin_ray.models.checkpoints import MERGED
+from tspin_ray.models.tiny import save_tiny
 from tspin_ray.rollout.phases import GenPhase, in_row_order, phase_for, prompt_rows, ramp, row_keys, shuffled
 from tspin_ray.rollout.seeds import derive_seed
 from tspin_ray.rollout.shards import block_dataset, check_complete, done_keys, read_shards, set_aside
@@ -49,45 +49,6 @@ from tspin_ray.workers.generator_pool import GeneratorPool
 from tspin_ray.workers.records import StepRecord, SyncResult
 
 MAX_TRAINER_ATTEMPTS = 3  # a phase whose trainers keep dying fails instead of looping
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """Validated inputs: nothing is written before these all exist."""
-    cfg: RunConfig
-    train: list
-    eval: list
-    format: ChatFormat  # of the policy's tokenizer
-
-
-def prepare(cfg: RunConfig) -> Prepared:
-    """Check every input before any work or any write: model path, data, objective needs, resources."""
-
-    if cfg.model.path is not None:
-        check_checkpoint(cfg.model.path)
-        fmt = load_format(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        positions = max_positions(cfg.model.path)
-    else:
-        fmt, positions = tiny_format(cfg.model.tiny), cfg.model.tiny.max_position_embeddings
-    if cfg.generation.backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise UserError("generation.backend is vllm but vllm is not installed "
-                            "(pip install -e .[cpu] or .[gpu], or set generation.backend=hf)") from None
-        if positions is not None and cfg.training.max_length >= positions:
-            # vLLM scores prompt + response as a prompt, which must be shorter than its max_model_len.
-            raise UserError(f"training.max_length ({cfg.training.max_length}) must be below the model's "
-                            f"max_position_embeddings ({positions}) for the vllm backend")
-    if cfg.eval.lm_eval is not None:
-
-        check_tasks(cfg.eval.lm_eval)
-    splits = load_splits(cfg.data, count_tokens=lambda *context: len(fmt.prompt_ids(*context)))
-    if not splits.train:
-        raise UserError(f"no training rows left after data.fraction={cfg.data.fraction} / data.limit")
-    for e in splits.train + splits.eval:  # y in context for every row, before any work (one-line refusal)
-        fmt.response_ids(e.prompt, e.response, e.system, history=e.history)
-    return Prepared(cfg, splits.train, splits.eval, fmt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,9 +234,15 @@ class Driver:
                     on_batch, self.cfg.generation.timeout_s, f"evaluation of {label}")
         self.rest_generators()
         acc = float(np.mean([exact_match(got[e.prompt_id], e.response) for e in ev]))
-        rows = self.sft_rows(ev)
-        nll, tokens = self.trainer_group(path).nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
-        out = {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0}
+        rows, train = self.sft_rows(ev), self.sft_rows(self.prep.train[: len(ev)])  # y's likelihood on both
+        group = self.trainer_group(path)
+        nll, tokens = group.nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
+        train_nll, _ = group.nll([r["prompt_ids"] for r in train], [r["real_ids"] for r in train])
+        out = {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0,
+               **evaluation_figures(got, nll, len(rows), train_nll, len(train))}
+        if self.run is not None:
+            self.run.write_answers(label, [{"prompt_id": e.prompt_id, "prompt": e.prompt, "answer": e.response,
+                                            "greedy": got[e.prompt_id]} for e in ev])
         if self.cfg.eval.lm_eval is not None:  # benchmark scores with lm-evaluation-harness
             with contextlib.ExitStack() as stack:  # without a run, the exported held-out task lives in a temp dir
                 root = self.run.root if self.run else stack.enter_context(tempfile.TemporaryDirectory())
@@ -295,8 +262,8 @@ class Driver:
         table = self.commit_generations(plan)
         export_s = self.export(t + 1, t0)
         sync = self.sync_weights(self.run.checkpoint(t + 1))
-        return iteration_summary(t0=t0, t_train=t_train, records=records, table=table, generated_all=plan.generates_all,
-                                 rows=plan.rows.num_rows, export_s=export_s, sync=sync), records
+        return {**iteration_summary(t0=t0, t_train=t_train, records=records, table=table, generated_all=plan.generates_all,
+                                    rows=plan.rows.num_rows, export_s=export_s, sync=sync), **sample_figures(table)}, records
 
     def plan(self, t: int, pi_t: Path, proto: dict | None) -> Plan:
         """The rows of iteration t, how pi_t generates for them, and which of them are still to generate."""
@@ -440,14 +407,16 @@ class Driver:
     def run_all(self) -> dict:
         c, run = self.cfg, self.run
         latest = run.latest_good_checkpoint(c.iterations)  # verifies checksums; drops corrupt iterates
-        if run.done("complete") and latest == c.iterations:
-            self.progress.say(f"run {run.root} is already complete ({c.iterations} iterations); nothing to do")
+        if run.done("complete") and (latest == c.iterations or run.entry("complete").get("stopped")):
+            self.progress.say(f"run {run.root} is already complete ({run.entry('complete')['iterations']} "
+                              f"iterations); nothing to do")
             return run.entry("complete")
         run.prune_metrics(self.committed)
         self.start_generators(latest)
         pi0 = self.with_trainer_retries("SFT of pi_0", self.initial_policy)
         if not run.done("eval_0"):
             ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))
+            ev.update(self.check_health(0, ev).figures())
             self.log([{"phase": "iteration", "iteration": -1, **ev}])
             run.commit("eval_0", **ev)
         source = y0_source(c, run.proto)
@@ -467,14 +436,36 @@ class Driver:
 
             summary, records = self.with_trainer_retries(f"iteration {t}", one_iteration)
             summary["timing/iteration"] = time.time() - t0
+            health = self.check_health(t + 1, summary)
+            summary.update(health.figures())
             # Step rows and the summary together, right before the commit: a retried iteration logs once.
             self.log([{"phase": "train", "iteration": t, **r.row()} for r in records]
                      + [{"phase": "iteration", "iteration": t, **summary}])
             run.commit(f"iter_{t}", **summary)
+            run.mark_best(int(health.best.split("_")[1]), metric=health.key, value=health.best_value)
             maybe_fail("between")
-        final = {"iterations": c.iterations, "checkpoint": str(run.checkpoint(c.iterations))}
+            if health.collapsed and c.eval.stop_on_collapse:
+                final = {"iterations": t + 1, "checkpoint": str(run.checkpoint(t + 1)), "best": health.best,
+                         "stopped": health.reasons[0]}
+                run.commit("complete", **final)
+                return final
+        final = {"iterations": c.iterations, "checkpoint": str(run.checkpoint(c.iterations)),
+                 "best": run.entry("best")["iterate"]}
         run.commit("complete", **final)
         return final
+
+    def check_health(self, k: int, row: dict) -> Verdict:
+        """The health verdict on pi_k from its evaluation row and the committed ones before it; warns when
+        it looks collapsed (controller/health.py)."""
+        e, run = self.cfg.eval, self.run
+        history = [("pi_0", run.entry("eval_0") or row)] + [(f"pi_{j + 1}", run.entry(f"iter_{j}")) for j in range(k - 1)]
+        verdict = judge(history + [(f"pi_{k}", row)] if k else history, e.select, e.collapse_nll_factor,
+                        e.collapse_min_distinct)
+        if verdict.collapsed:
+            self.progress.say(verdict.warning(stops=e.stop_on_collapse))
+        if k == 0:
+            run.mark_best(0, metric=verdict.key, value=verdict.best_value)
+        return verdict
 
     def close(self) -> None:
         for group in (self.generators, self.trainers):  # colocated engines live in the trainers' bundles

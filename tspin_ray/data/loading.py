@@ -345,16 +345,34 @@ def _hf_rows(path: Path, cols: _Columns, split: str) -> Iterator[tuple[int, dict
     return _arrow_rows(path, ds.select_columns(cols.needed).with_format("arrow").iter(batch_size=4096))
 
 
+def _repo_rows(path: Path, cols: _Columns, split: str) -> Iterator[tuple[int, dict | _BadRow]]:
+    """A dataset repository's snapshot (a hub id resolved from the HF cache): its data files by split, as
+    datasets reads them from the hub (`data/train_sft-00000-of-00003.parquet` is split train_sft)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(path), split=split)
+    except ValueError as e:
+        if "Unknown split" in str(e):
+            raise UserError(f"{path}: no split {split!r} ({str(e).split('. ', 1)[-1].rstrip('.')}); set data.split") from None
+        raise UserError(f"{path}: cannot load the dataset repository ({e})") from None
+    cols = _require(path, ds.column_names, cols)
+    return _arrow_rows(path, ds.select_columns(cols.needed).with_format("arrow").iter(batch_size=4096))
+
+
 def _detect(path: Path, fmt: str) -> str:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if path.is_dir():
         if fmt not in ("auto", "hf"):
             raise UserError(f"{path} is a directory, not a {fmt} file")
-        if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-            raise UserError(f"{path} is a directory but not a dataset saved by HF datasets' save_to_disk "
-                            "(no dataset_info.json or dataset_dict.json); give a .jsonl, .parquet or .csv file")
-        return "hf"
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "hf"
+        if any(f.suffix.lower() in _EXTENSIONS for f in path.rglob("*") if f.is_file()):
+            return "repo"
+        raise UserError(f"{path} is a directory but neither a dataset saved by HF datasets' save_to_disk (no "
+                        "dataset_info.json or dataset_dict.json) nor a dataset repository with data files; give a "
+                        ".jsonl, .parquet or .csv file")
     if fmt == "hf":
         raise UserError(f"{path} is a file; format hf expects a directory written by datasets' save_to_disk")
     if fmt == "auto" and path.suffix.lower() not in _EXTENSIONS:
@@ -371,7 +389,7 @@ def read_examples(path: str | os.PathLike, cfg: DataConfig,
     cols = _Columns(cfg.prompt_column, cfg.response_column, cfg.messages_column, cfg.id_column,
                     auto=True)
     readers = {"jsonl": lambda: _jsonl_rows(p), "csv": lambda: _csv_rows(p, cols),
-               "parquet": lambda: _parquet_rows(p, cols), "hf": lambda: _hf_rows(p, cols, cfg.split)}
+               "parquet": lambda: _parquet_rows(p, cols), "hf": lambda: _hf_rows(p, cols, cfg.split), "repo": lambda: _repo_rows(p, cols, cfg.split)}
     try:
         rows = readers[fmt]()
         return _collect(str(path), rows, cols, cfg, count_tokens, "line" if fmt in ("jsonl", "csv") else "row")

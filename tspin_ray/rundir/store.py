@@ -148,7 +148,7 @@ class RunDir:
         except OSError as e:
             raise UserError(f"output_dir {root} is not writable: {e.strerror or e}") from None
         for stale in list(root.glob("checkpoints/.*.tmp-*")) + list(root.glob(".*.tmp-*")):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
         run = cls(root)
         stored = run.manifest.get("config_hash")
         if not run.config_matches(cfg) and not cfg.allow_config_change:
@@ -224,6 +224,22 @@ class RunDir:
         if "identity" not in e:  # committed by an older tspin-ray: taken now, kept from now on
             self.commit(f"pi_{t}", **e, identity=listing_identity(self.root / e["path"]))
         return self.entry(f"pi_{t}")["identity"]
+
+    def write_answers(self, label: str, rows: list[dict]) -> None:
+        """eval/<label>.jsonl: the greedy answer to every held-out prompt (the report's table of answers)."""
+        (self.root / "eval").mkdir(exist_ok=True)
+        write_atomic(self.root / "eval" / f"{label}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def mark_best(self, t: int, **info) -> None:
+        """checkpoints/best -> pi_t (relative inside the run; an external pi_0's own path), and the manifest's
+        `best` entry: which iterate, by which metric."""
+        target = self.root / self.entry(f"pi_{t}")["path"]
+        link, tmp = self.root / "checkpoints" / "best", self.root / "checkpoints" / f".best.tmp-{uuid.uuid4().hex[:8]}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        inside = target.resolve().is_relative_to(self.root.resolve())
+        os.symlink(os.path.relpath(target, link.parent) if inside else target.resolve(), tmp)
+        os.replace(tmp, link)
+        self.commit("best", iterate=f"pi_{t}", path=str(link.relative_to(self.root)), **info)
 
     def uncommit(self, name: str) -> None:
         self.manifest["entries"].pop(name, None)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from tspin_ray.algorithms.logprobs import pad_batch
-from tspin_ray.controller.driver import prepare
+from tspin_ray.controller.prepare import prepare
 from tspin_ray.data.tasks import get_task
 from tspin_ray.rollout.seeds import derive_seed
 from tspin_ray.rundir.store import write_atomic

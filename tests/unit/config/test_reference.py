@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from tests.helpers import REPO
-from tspin_ray.config.schema import describe, reference
+from tspin_ray.config.reference import describe, reference
 
 
 def test_the_configuration_page_is_generated_from_the_config():

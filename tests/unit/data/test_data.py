@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
 import types
 
 import pytest
@@ -334,9 +333,10 @@ def test_task_source(monkeypatch):
     def make(n, seed):
         return [{"id": f"t{seed}-{i}", "prompt": f"{i}+1=", "response": str(i + 1)} for i in range(n)]
 
-    fake = types.ModuleType("tspin_ray.data.tasks")
-    fake.TASKS = {"add": types.SimpleNamespace(make=make), "reverse": types.SimpleNamespace(make=make)}
-    monkeypatch.setitem(sys.modules, "tspin_ray.data.tasks", fake)
+    from tspin_ray.data import loading
+
+    monkeypatch.setattr(loading, "TASKS", {"add": types.SimpleNamespace(make=make),
+                                           "reverse": types.SimpleNamespace(make=make)})
     splits = load_splits(DataConfig(task="add", task_size=50, eval_size=10, seed=2))
     assert (len(splits.train), len(splits.eval)) == (40, 10)
     assert splits.reports == (DataReport("task:add", 50, 50, {}, ()),)

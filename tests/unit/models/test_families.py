@@ -226,7 +226,8 @@ def test_tied_models_after_a_broadcast_equal_a_fresh_engine(ray_session, tmp_pat
 
     from tests.helpers import small_config
     from tspin_ray.config.schema import from_dict
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.controller.trainer_group import TrainerGroup
     from tspin_ray.rollout.phases import prompt_rows
     from tspin_ray.workers.generator_pool import GeneratorPool

@@ -188,7 +188,8 @@ def test_shards_of_other_weights_are_set_aside_and_regenerated(ray_session, tmp_
     generated again, and the manifest says why; shards written before rows recorded it are kept."""
     from tests.helpers import small_config
     from tspin_ray.config.schema import from_dict
-    from tspin_ray.controller.driver import Driver, prepare
+    from tspin_ray.controller.driver import Driver
+    from tspin_ray.controller.prepare import prepare
     from tspin_ray.rollout.shards import shard_name, write_shard
 
     driver = Driver(prepare(from_dict(small_config(tmp_path))), quiet=True)

@@ -116,13 +116,13 @@ def _reference_params(ckpt) -> float:
 def test_tspin_at_beta0_forwards_no_y0(tiny_ckpt, monkeypatch):
     """beta = 0 (iteration 0): one forward over y and y' only, with their log-probs unchanged; rows from
     iteration 0 carry no y0 at all, and a beta != 0 step on such rows is refused with the reason."""
-    from tspin_ray.algorithms import logprobs
+    from tspin_ray.algorithms import inputs
 
     model, rows = load_model(tiny_ckpt), addition_rows(tiny_ckpt)
     batch = {k: [r[k] for r in rows] for k in rows[0]}
     sizes = []
-    real = logprobs.sequence_logprobs
-    monkeypatch.setattr(logprobs, "sequence_logprobs", lambda m, p, r, pad: sizes.append(len(p)) or real(m, p, r, pad))
+    real = inputs.sequence_logprobs
+    monkeypatch.setattr(inputs, "sequence_logprobs", lambda m, p, r, pad: sizes.append(len(p)) or real(m, p, r, pad))
     with torch.no_grad():
         full = batch_logprobs(model, batch, TSPIN, {"beta": 0.1}, pad_id=0)
         lean = batch_logprobs(model, {**batch, "proto_ids": [[] for _ in rows]}, TSPIN, {"beta": 0.0}, pad_id=0)
@@ -220,7 +220,7 @@ def test_the_previous_optimizer_is_freed_before_the_next_is_built(ray_session, t
 
     actor = one_rank(tiny_ckpt, backend, zero)
     try:
-        ray.get(actor.begin.remote(**begin))
+        ray.get(actor.begin.remote(OptimizerSetup(**begin)))
         epoch_records(actor, addition_rows(tiny_ckpt)[:4])
         assert ray.get(actor.__ray_call__.remote(probe)) == [[True, True]]
     finally:

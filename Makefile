@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup real-model demo test test-all chaos bench lint clean
+.PHONY: setup real-model demo demo-real test test-all chaos bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ real-model: setup
 demo: setup
 	$(BIN)/tspin-ray train --config jobs/demo-cpu.yaml
 	$(BIN)/tspin-ray report --run runs/demo-cpu
+
+# The real-model demo: SmolLM2 by its hub id, resolved offline from the fixture's HF cache.
+demo-real: real-model
+	HF_HUB_CACHE=$(CURDIR)/.cache/real-model/hf/hub HF_HUB_OFFLINE=1 $(BIN)/tspin-ray train --config jobs/demo-real.yaml
+	$(BIN)/tspin-ray report --run runs/demo-real
 
 test: setup real-model
 	$(BIN)/pytest -q

@@ -14,13 +14,11 @@ from tspin_ray.models.chat_format import response_budget
 from tspin_ray.models.checkpoints import load_format, load_model
 from tspin_ray.rollout.shards import read_shards
 
-END_OF_TURN = {"char": "</s>", "zephyr": "</s>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
-
-
-BOS_IN_PROMPT = {"char": 0, "zephyr": 1, "llama3": 1, "qwen2": 0}
-
-
-TIED = {"char": False, "zephyr": False, "llama3": True, "qwen2": True}
+# smollm2: the real model (tests/e2e/test_real_runs.py); its BOS is <|im_start|>, which its ChatML template
+# writes at each of the prompt's three turns (system, user, assistant)
+END_OF_TURN = {"char": "</s>", "zephyr": "</s>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>", "smollm2": "<|im_end|>"}
+BOS_IN_PROMPT = {"char": 0, "zephyr": 1, "llama3": 1, "qwen2": 0, "smollm2": 3}
+TIED = {"char": False, "zephyr": False, "llama3": True, "qwen2": True, "smollm2": True}
 
 
 def in_context(tok, family: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -55,11 +53,12 @@ def family_config(tmp_path, family: str, objective: str, engine: str, zero: int,
                                                                    "trainer_cpus": 0.5})
 
 
-def check_run(run, raw: dict) -> None:
-    """The invariants of real checkpoints, read back from a finished run directory."""
+def check_run(run, raw: dict, family: str | None = None) -> None:
+    """The invariants of real checkpoints, read back from a finished run directory (`family` for a
+    checkpoint that is not a tiny one)."""
     cfg = from_dict(raw)
     prep = prepare(cfg)
-    family, max_length = cfg.model.tiny.family, cfg.training.max_length
+    family, max_length = family or cfg.model.tiny.family, cfg.training.max_length
     fmt = load_format(run / "checkpoints" / "pi_0")
     examples = {e.prompt_id: e for e in prep.train}
     limit = cfg.generation.max_new_tokens

@@ -74,7 +74,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
 def release_engine(engine) -> None:
     """Let a DeepSpeed engine go. Its destroy() (0.19) leaves the engine's forward hooks on the module, so
     the module kept every earlier engine alive, optimizer states included, and ran their hooks on each
-    forward; remove them too. A torch module or DDP wrapper needs nothing."""
+    forward; remove them too. Under ZeRO-3 every parameter also points at the optimizer
+    (`p._z3_optimizer = self`, runtime/zero/stage3.py), which destroy() leaves: two full sets of fp32
+    master weights and optimizer states while the next begin() builds its own. A torch module or DDP
+    wrapper needs nothing."""
     if not hasattr(engine, "destroy"):
         return
     engine.destroy()
@@ -82,6 +85,9 @@ def release_engine(engine) -> None:
         handle = getattr(engine, name, None)
         if hasattr(handle, "remove"):
             handle.remove()
+    for p in engine.module.parameters():
+        if hasattr(p, "_z3_optimizer"):
+            del p._z3_optimizer
 
 
 def free_port() -> int:

@@ -42,6 +42,9 @@ BENCHMARKS = {
     "padding": ("bench.padding:run", "Mixed-length T-SPIN rows: a padded row per sequence vs packed rows"),
     "generator_pull": ("bench.pull:run", "Two long-lived generators, one slowed: round robin vs pulled by idle ones"),
     "lora": ("bench.lora:run", "LoRA vs full weights: bytes and seconds per sync, trainer peak memory of a step"),
+    "self_play_real": ("bench.self_play:run_real", "self_play on the real model (SmolLM2, jobs/demo-real.yaml)"),
+    "real_generation": ("bench.real_generation:run", "The real model (SmolLM2-135M-Instruct): vLLM (prefix caching "
+                                                     "on / off) vs HF generate tokens/s"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 

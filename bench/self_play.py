@@ -1,4 +1,4 @@
-"""Issue 16 item 1: `tspin-ray train` against the same iterations done in one process, at equal work.
+"""`tspin-ray train` against the same iterations done in one process, at equal work.
 
     .venv/bin/python -m bench --only self_play [--quick]
 
@@ -25,7 +25,7 @@ from statistics import fmean as mean
 
 import yaml
 
-from bench.common import REPO, Context, compare, make_checkpoint, median, now
+from bench.common import REPO, Context, Skip, compare, make_checkpoint, median, now
 
 SIZES = {
     "quick": dict(task_size=800, fraction=0.25, iterations=2, max_new_tokens=12, gen_batch=64, global_batch=32,
@@ -48,6 +48,21 @@ def run_config(s: dict, pi0: Path, out_dir: Path) -> dict:
     demo["generation"].update(max_new_tokens=s["max_new_tokens"], batch_size=s["gen_batch"])
     demo["training"].update(epochs=s["epochs"], global_batch_size=s["global_batch"],
                             micro_batch_size=s["micro_batch"])
+    demo.update(iterations=s["iterations"], output_dir=str(out_dir))
+    return demo
+
+
+REAL_SIZES = {"quick": dict(iterations=2, repeats=1, limit=16), "full": dict(iterations=2, repeats=2, limit=32)}
+
+
+def real_config(s: dict, pi0: Path, out_dir: Path) -> dict:
+    """jobs/demo-real.yaml's self-play (SmolLM2-135M-Instruct, T-SPIN, vLLM-CPU generator with broadcast)
+    from the real model itself as pi_0, no evaluation."""
+    demo = yaml.safe_load((REPO / "jobs" / "demo-real.yaml").read_text())
+    demo.pop("sft")
+    demo.pop("eval")
+    demo["model"] = {"path": str(pi0)}
+    demo["data"].update(path=str(REPO / demo["data"]["path"]), eval_size=0, limit=s["limit"])
     demo.update(iterations=s["iterations"], output_dir=str(out_dir))
     return demo
 
@@ -86,13 +101,28 @@ def ray_iterations(run_dir: Path) -> list[dict]:
     return its
 
 
-def run(ctx: Context) -> dict:
-    s = ctx.sizes(SIZES)
-    pi0 = make_checkpoint(ctx.work / "pi_0", **MODEL)
+def run_real(ctx: Context) -> dict:
+    """The same comparison on the real model (`make real-model`): jobs/demo-real.yaml's self-play."""
+    from bench import real_model
+
+    if not real_model.ready():
+        raise Skip(real_model.missing_message())
+    return run(ctx, real=True)
+
+
+def run(ctx: Context, real: bool = False) -> dict:
+    s = ctx.sizes(REAL_SIZES) if real else ctx.sizes(SIZES)
+    config = real_config if real else run_config
+    if real:
+        from bench import real_model
+
+        pi0 = real_model.model_dir()
+    else:
+        pi0 = make_checkpoint(ctx.work / "pi_0", **MODEL)
     cfgs = {}
     for name in ("sequential", "ray"):
         cfgs[name] = ctx.work / f"{name}.yaml"
-        cfgs[name].write_text(yaml.safe_dump(run_config(s, pi0, ctx.work / f"run-{name}")))
+        cfgs[name].write_text(yaml.safe_dump(config(s, pi0, ctx.work / f"run-{name}")))
     seq_json = ctx.work / "sequential.json"
     seq_cmd = [sys.executable, "-m", "bench.sequential", "--config", str(cfgs["sequential"]), "--out", str(seq_json)]
     ray_cmd = [str(Path(sys.executable).parent / "tspin-ray"), "train", "--config", str(cfgs["ray"]), "--quiet"]
@@ -126,7 +156,7 @@ def run(ctx: Context) -> dict:
               r["timing/iteration"] - r["steps_s"], r["steps"]] for r in its]
     same_tokens = [i["tokens"] for i in seq["iterations"]] == [r["tokens"] for r in its]
     return {
-        "comparisons": comparisons, "config": {**s, "run_config": run_config(s, Path("<pi_0>"), Path("<tmp>"))},
+        "comparisons": comparisons, "config": {**s, "run_config": config(s, Path("<pi_0>"), Path("<tmp>"))},
         "details": {"sequential": seq, "ray_iterations": [{k: r[k] for k in (*BREAKDOWN, "steps", "steps_s", "tokens") if k in r}
                                                       for r in its],
                     "sequential_wall_s": seq_wall, "ray_wall_s": ray_wall, "max_weight_difference": diff,
@@ -140,9 +170,11 @@ def run(ctx: Context) -> dict:
         "notes": [
             f"Medians of {s['repeats']} repeat(s), the two commands alternating; per-iteration ratio of each "
             f"repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; the table shows the last repeat.",
-            f"Work: {n} T-SPIN iterations x {s['epochs']} epochs on sorting (task_size {s['task_size']}, fraction "
-            f"{s['fraction']}), global batch {s['global_batch']}, max_new_tokens {s['max_new_tokens']}, generation "
-            f"batch {s['gen_batch']}, the demo's tiny Llama from a random pi_0, DeepSpeed ZeRO-0, no evaluation.",
+            (f"Work: jobs/demo-real.yaml's {n} T-SPIN iteration(s) on {s['limit']} questions from SmolLM2-135M-Instruct "
+             f"itself as pi_0 (Q4_1-rounded weights, fp32), vLLM-CPU generator, DeepSpeed ZeRO-0, no evaluation." if real else
+             f"Work: {n} T-SPIN iterations x {s['epochs']} epochs on sorting (task_size {s['task_size']}, fraction "
+             f"{s['fraction']}), global batch {s['global_batch']}, max_new_tokens {s['max_new_tokens']}, generation "
+             f"batch {s['gen_batch']}, the demo's tiny Llama from a random pi_0, DeepSpeed ZeRO-0, no evaluation."),
             f"Equal work: the final checkpoints differ by at most {diff:.2e} in any weight; generated tokens per "
             f"iteration {'equal' if same_tokens else 'NOT equal'}.",
             "`iteration - steps` is what is not an optimizer step: in the single process generation, the optimizer "

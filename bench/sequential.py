@@ -1,4 +1,4 @@
-"""The baseline of issue 16: a run config's self-play iterations in one process, the uclaml/SPIN way.
+"""The reference loop and the self_play baseline: a run config's self-play iterations in one process, the uclaml/SPIN way.
 
     .venv/bin/python -m bench.sequential --config run.yaml --out seq.json
 

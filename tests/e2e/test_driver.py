@@ -259,7 +259,8 @@ def test_eval_and_generate_leave_the_run_directory_alone(ray_session, tmp_path, 
     cfg = write_config(tmp_path / "eval.yaml", raw)
     assert cli.main(["eval", "--config", str(cfg), "--checkpoint", str(tiny_ckpt), "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert set(scores) == {"eval/exact_match", "eval/nll", "timing/eval"} and scores["eval/nll"] > 0
+    assert set(scores) == {"eval/exact_match", "eval/nll", "timing/eval", "health/logp_real_heldout",
+                           "health/logp_real_train", "health/distinct_greedy"} and scores["eval/nll"] > 0
     assert not (tmp_path / "run").exists()
 
     (tmp_path / "run").mkdir()  # another run's directory: eval used to refuse it, and wrote config.yaml

@@ -194,7 +194,8 @@ class VLLMEngine:
 
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 tensor_parallel_size: int = 1, sleep_mode: bool = False, lora_rank: int | None = None, **_):
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False, lora_rank: int | None = None,
+                 prefix_caching: bool = True, **_):
 
         # CPU: in-process engine core (loads in ~3 s instead of ~25 s, leaves no shared memory behind).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -207,7 +208,7 @@ class VLLMEngine:
         self.base = str(base_of(path))
         kwargs = dict(model=self.base, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                      enforce_eager=not torch.cuda.is_available(),
+                      enforce_eager=not torch.cuda.is_available(), enable_prefix_caching=prefix_caching,
                       worker_extension_cls="tspin_ray.workers.weight_broadcast.VLLMWorkerExtension")
         lora_rank = lora_rank or rank_of(path)
         if lora_rank:  # LoRA iterates arrive as adapters: one loaded at a time, a new id for each

@@ -158,7 +158,8 @@ def test_missing_path_directory_and_unknown_extension(tmp_path):
     with pytest.raises(UserError, match=rf"^{tmp_path}/nope.jsonl does not exist$"):
         read_examples(tmp_path / "nope.jsonl", cfg_for(tmp_path / "nope.jsonl"))
     (tmp_path / "dir").mkdir()
-    with pytest.raises(UserError, match=r"dir is a directory but not a dataset saved by HF datasets"):
+    with pytest.raises(UserError, match=r"dir is a directory but neither a dataset saved by HF datasets. save_to_disk "
+                                        r"\(no dataset_info.json or dataset_dict.json\) nor a dataset repository with data files"):
         read_examples(tmp_path / "dir", cfg_for(tmp_path / "dir"))
     with pytest.raises(UserError, match=r"dir is a directory, not a jsonl file"):
         read_examples(tmp_path / "dir", cfg_for(tmp_path / "dir", format="jsonl"))

@@ -20,11 +20,14 @@ from tspin_ray.errors import UserError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".txt", ".yaml", ".safetensors"}  # a missing local file
 
 
 def hub_id(value: str | None) -> tuple[str, str | None] | None:
     """(repo id, revision) when `value` is a hub id rather than an existing local path; else None."""
     if not value or Path(value).expanduser().exists() or value.startswith((".", "/", "~")):
+        return None
+    if Path(value).suffix.lower() in FILE_SUFFIXES:
         return None
     m = HUB_ID.match(value)
     return (m["repo"], m["revision"]) if m else None
@@ -45,8 +48,8 @@ def resolve(value: str, repo_type: str, key: str) -> str:
         return snapshot_download(repo, revision=revision, repo_type=repo_type, local_files_only=True)
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise UserError(f"{key}: {kind} {value} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                            f"HF_HUB_OFFLINE is set: download it where there is network (`hf download {repo}"
+            raise UserError(f"{key}: {value} is no local path, and {kind} {value} is not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: download it where there is network (`hf download {repo}"
                             f"{' --repo-type dataset' if kind == 'dataset' else ''}`) into that cache, or give a "
                             f"local path") from None
     try:

@@ -305,5 +305,9 @@ def test_a_collapsing_run_warns_stops_and_points_best_at_the_better_iterate(ray_
     report = write_report(run).read_text()
     assert "Best iterate: **pi_0** by eval/nll" in report and "| prompt | annotated | pi_0 | pi_1 |" in report
     capsys.readouterr()
-    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw)), "--quiet"]) == 0
+    config = str(write_config(tmp_path / "c.yaml", raw))
+    assert cli.main(["train", "--config", config, "--quiet"]) == 0
     assert "already complete (1 iterations); nothing to do" in capsys.readouterr().out
+    # the thresholds do not change what an iteration computes: the same run goes on without the stop
+    assert cli.main(["train", "--config", config, "eval.stop_on_collapse=false", "--quiet"]) == 0
+    assert "2 iterations, final checkpoint" in capsys.readouterr().out and (run / "checkpoints" / "pi_2").is_dir()

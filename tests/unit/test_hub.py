@@ -31,6 +31,7 @@ def test_what_counts_as_a_hub_id(tmp_path):
     assert hub_id("org/name@v1.0") == ("org/name", "v1.0")
     assert hub_id(str(tmp_path)) is None and hub_id("./org/name") is None and hub_id("jobs/demo-cpu.yaml") is None
     assert hub_id("a/b/c") is None and hub_id("name") is None
+    assert hub_id("data/train.jsonl") is None and hub_id("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
 
 
 def ultrachat_rows(n: int, offset: int = 0) -> list[dict]:
@@ -79,10 +80,11 @@ def test_model_and_dataset_ids_resolve_to_their_cached_snapshots(offline_hub, tm
 def test_an_id_missing_from_the_cache_offline_is_one_line(offline_hub):
     with pytest.raises(UserError) as err:
         resolve("org/not-there", "model", "model.path")
-    assert str(err.value) == (f"model.path: model org/not-there is not in the Hugging Face cache ({offline_hub}) and "
-                              "HF_HUB_OFFLINE is set: download it where there is network (`hf download org/not-there`) "
-                              "into that cache, or give a local path")
-    with pytest.raises(UserError, match=r"^data.path: dataset org/chats is not in the Hugging Face cache .*--repo-type dataset"):
+    assert str(err.value) == (f"model.path: org/not-there is no local path, and model org/not-there is not in the "
+                              f"Hugging Face cache ({offline_hub}) while HF_HUB_OFFLINE is set: download it where there "
+                              "is network (`hf download org/not-there`) into that cache, or give a local path")
+    with pytest.raises(UserError, match=r"^data.path: org/chats is no local path, and dataset org/chats is not in the "
+                                        r"Hugging Face cache .*--repo-type dataset"):
         resolve("org/chats", "dataset", "data.path")
 
 
@@ -101,4 +103,4 @@ def test_validate_data_resolves_ids_from_the_cache_the_environment_names(offline
                          env=env, capture_output=True, text=True, timeout=300)
     lines = [x for x in bad.stderr.splitlines() if x.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr
-    assert lines[0].startswith("error: model.path: model org/not-there is not in the Hugging Face cache")
+    assert lines[0].startswith("error: model.path: org/not-there is no local path, and model org/not-there is not in")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tspin_ray.algorithms.objectives import OBJECTIVES, Objective, get_objective
-from tspin_ray.config.typed_yaml import apply_override, build, read_yaml_mapping
+from tspin_ray.config.typed_yaml import apply_override, build, plain, positive, read_yaml_mapping
 from tspin_ray.errors import UserError
 
 
@@ -102,7 +102,7 @@ class DataConfig:
             raise ValueError("fraction must be in (0, 1]")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError("max_bad_fraction must be in [0, 1]")
-        _positive(self, "task_size", "max_prompt_tokens", "max_response_tokens")
+        positive(self, "task_size", "max_prompt_tokens", "max_response_tokens")
         if self.eval_size < 0 or (self.limit is not None and self.limit <= 0):
             raise ValueError("eval_size must be >= 0 and limit > 0")
 
@@ -134,7 +134,7 @@ class GenerationConfig:
                                 "so may the last bits of a sample (docs/performance.md).")
 
     def __post_init__(self):
-        _positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",
+        positive(self, "max_new_tokens", "samples_per_prompt", "batch_size", "max_attempts", "timeout_s",
                   "tensor_parallel_size", "sync_bucket_mb", "engine_batches")
         if self.engine_batches > 1 and not (self.persistent and self.backend == "vllm"):
             raise ValueError("engine_batches > 1 needs persistent: true and backend: vllm (HF generate runs one "
@@ -161,7 +161,7 @@ class LoraSpec:
                                    "a full HF checkpoint that transformers and vLLM load alone).")
 
     def __post_init__(self):
-        _positive(self, "r", "alpha")
+        positive(self, "r", "alpha")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
         if not self.target_modules:
@@ -209,7 +209,7 @@ class TrainingConfig:
                                      "synced to generators as adapters. Off when unset.")
 
     def __post_init__(self):
-        _positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length", "stall_timeout_s",
+        positive(self, "lr", "epochs", "global_batch_size", "micro_batch_size", "max_length", "stall_timeout_s",
                   "load_timeout_s", "export_timeout_s")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
@@ -243,7 +243,7 @@ class SFTConfig:
     micro_batch_size: int = _f(64, "Examples per forward on one trainer.")
 
     def __post_init__(self):
-        _positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size")
+        positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size")
 
 
 def loss_params() -> set[str]:
@@ -340,7 +340,7 @@ class ResourcesConfig:
     local_num_cpus: int | None = _f(None, "Logical CPUs of an embedded local Ray (default: max(8, cores)).")
 
     def __post_init__(self):
-        _positive(self, "generators_min", "generators_max", "trainers")
+        positive(self, "generators_min", "generators_max", "trainers")
         if self.generators_min > self.generators_max:
             raise ValueError("generators_min must be <= generators_max")
         if min(self.generator_cpus, self.generator_gpus, self.trainer_cpus, self.trainer_gpus) < 0:
@@ -364,7 +364,7 @@ class LmEvalSpec:
             raise ValueError("tasks must name at least one task")
         if self.limit is not None and (self.limit <= 0 or (self.limit >= 1 and self.limit != int(self.limit))):
             raise ValueError("limit must be a fraction in (0, 1) or a whole count")
-        _positive(self, "batch_size")
+        positive(self, "batch_size")
 
 
 @dataclass(frozen=True)
@@ -451,7 +451,7 @@ class RunConfig:
         return self.sft.enabled or self.model.tiny is not None
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def hash(self) -> str:
         """Hash of everything that changes results: not output_dir, allow_config_change or the limits of
@@ -469,22 +469,11 @@ class RunConfig:
 RETIRED = {"training": {"seed": "the run's top-level `seed` seeds every shuffle"},
            "sft": {"fraction": "use data.fraction"}}
 
-# Limits and retry counts: they decide whether a phase finishes, never what it computes.
+# Limits, retry counts and health thresholds: they decide whether a phase finishes or which iterate is
+# named best, never what an iteration computes.
 RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
-               "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s")}
-
-
-def _plain(value: Any) -> Any:
-    """Tuples (how list keys are held, frozen) back to lists, so config.yaml stays plain YAML."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise ValueError(f"{name} must be > 0")
+               "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s"),
+               "eval": ("select", "collapse_nll_factor", "collapse_min_distinct", "stop_on_collapse")}
 
 
 # ---------------------------------------------------------------- parsing (config/typed_yaml.py)

@@ -176,3 +176,17 @@ def reference(cls: type) -> str:
     if top:
         lines += ["", "## Top-level keys", "", *table, *top]
     return "\n".join(lines).strip() + "\n"
+
+
+def plain(value: Any) -> Any:
+    """Tuples (how list keys are held, frozen) back to lists, so config.yaml stays plain YAML."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def positive(obj: Any, *names: str) -> None:
+    """A ValueError naming the first of `names` that is not > 0 on `obj` (a dataclass's __post_init__)."""
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name} must be > 0")

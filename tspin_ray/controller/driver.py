@@ -407,10 +407,12 @@ class Driver:
     def run_all(self) -> dict:
         c, run = self.cfg, self.run
         latest = run.latest_good_checkpoint(c.iterations)  # verifies checksums; drops corrupt iterates
-        if run.done("complete") and (latest == c.iterations or run.entry("complete").get("stopped")):
-            self.progress.say(f"run {run.root} is already complete ({run.entry('complete')['iterations']} "
-                              f"iterations); nothing to do")
-            return run.entry("complete")
+        done = run.entry("complete")
+        if done and (latest == c.iterations or (done.get("stopped") and c.eval.stop_on_collapse)):
+            self.progress.say(f"run {run.root} is already complete ({done['iterations']} iterations); nothing to do")
+            return done
+        if done:  # it stopped at a collapse and this config does not stop: go on from its last iterate
+            run.uncommit("complete")
         run.prune_metrics(self.committed)
         self.start_generators(latest)
         pi0 = self.with_trainer_retries("SFT of pi_0", self.initial_policy)

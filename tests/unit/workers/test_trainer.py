@@ -320,8 +320,9 @@ def test_a_toy_objective_is_one_registry_entry(ray_session, tiny_ckpt, tmp_path,
     rows = addition_rows(tiny_ckpt)[:4]
     model = load_model(tiny_ckpt)
     batch = {k: [r[k] for r in rows] for k in rows[0]}
-    lp_y = sequence_logprobs(model, batch["prompt_ids"], batch["real_ids"], 0)
-    lp_g = sequence_logprobs(model, batch["prompt_ids"], [g[0] for g in batch["generated_ids"]], 0)
+    with torch.no_grad():
+        lp_y = sequence_logprobs(model, batch["prompt_ids"], batch["real_ids"], 0)
+        lp_g = sequence_logprobs(model, batch["prompt_ids"], [g[0] for g in batch["generated_ids"]], 0)
     by_hand = float(torch.relu(2.0 - (lp_y - lp_g)).mean())  # one forward per response set, no registry
 
     actor = one_rank(tiny_ckpt, "torch")

@@ -95,7 +95,6 @@ class Driver:
         r, g = self.cfg.resources, self.cfg.generation
         if g.persistent:
             if self.generators is None:
-
                 share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
                 self.generators = GeneratorPool(self.cfg, share_pg=share)
             return self.generators.dataset(rows, phase, g.batch_size, g.max_attempts, first)
@@ -167,7 +166,6 @@ class Driver:
             return Path(c.model.path).resolve()
         base = Path(c.model.path).resolve() if c.model.path else run.root / "checkpoints" / "base"
         if c.model.tiny is not None and not (base / "config.json").exists():
-
             with atomic_dir(base) as tmp:
                 save_tiny(tmp, c.model.tiny)
         rows = self.sft_rows(self.prep.train)

@@ -48,7 +48,6 @@ def prepare(cfg: RunConfig) -> Prepared:
             raise UserError(f"training.max_length ({cfg.training.max_length}) must be below the model's "
                             f"max_position_embeddings ({positions}) for the vllm backend")
     if cfg.eval.lm_eval is not None:
-
         check_tasks(cfg.eval.lm_eval)
     splits = load_splits(cfg.data, count_tokens=lambda *context: len(fmt.prompt_ids(*context)))
     if not splits.train:

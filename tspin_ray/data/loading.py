@@ -406,7 +406,6 @@ def _ranked(examples: list[Example], seed: int, salt: str) -> list[Example]:
 def load_splits(cfg: DataConfig, count_tokens: TokenCounter | None = None) -> Splits:
     """Train and eval examples, both in a seeded order that depends only on ids. Same cfg -> same lists."""
     if cfg.task is not None:
-
         if cfg.task not in TASKS:
             raise UserError(f"unknown data.task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
         rows = enumerate(TASKS[cfg.task].make(cfg.task_size, cfg.seed), 1)

@@ -34,7 +34,6 @@ def model_args(path: str | Path, backend: str, dtype: str, trust_remote_code: bo
     if is_adapter(path):
         adapter = str(Path(path).resolve())
         if backend == "vllm":
-
             args.update(lora_local_path=adapter, max_lora_rank=vllm_lora_rank(rank_of(path)))
         else:
             args["peft"] = adapter

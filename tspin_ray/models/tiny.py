@@ -91,7 +91,6 @@ def save_tiny(out_dir: str | Path, spec: TinyModelSpec, weights: bool = True) ->
     """Build the tokenizer and model and save both (safetensors) plus generation_config.json in out_dir
     (`weights=False`: the tokenizer and generation config only)."""
     if spec.family != "char":
-
         return save_family(out_dir, spec, weights=weights)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

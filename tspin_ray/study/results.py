@@ -245,7 +245,6 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
     lines += delta_table(results["deltas"])
     lines += ["", "![change from pi_0](results_delta.png)", ""]
     if study.claims or study.distribution is not None:
-
         lines += markdown(study, results) + [""]
     lines += ["## Claim checks", "",
               "Computed from the numbers above, on per-seed (paired) differences: a mean difference within one "

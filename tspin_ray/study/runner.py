@@ -167,7 +167,6 @@ def execute(study: Study, quiet: bool = False, say=print) -> None:
             finally:  # an interrupted attempt's time counts too: the table reports the cost of the run
                 timings.add(spec.key, time.time() - t0)
         if study.distribution is not None:
-
             t0 = time.time()
             if evaluate_run(spec.root, cfg, study.distribution, first=0 if spec.name in RESERVED_RUNS else 1):
                 timings.add(spec.key + ":distribution", time.time() - t0)

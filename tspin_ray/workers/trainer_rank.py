@@ -330,7 +330,6 @@ class Trainer:
         (plus, into `merged`, base and adapter merged into one checkpoint); returns seconds."""
         t0 = time.time()
         if self.has_adapter:
-
             export_adapter(self.model, self.rank, out_dir)
         elif self.backend == "deepspeed" and self.zero_stage == 3:
             export_zero3(self.model, self.rank, out_dir, shard_bytes)
@@ -342,7 +341,6 @@ class Trainer:
         if self.rank == 0:
             self.tokenizer.save_pretrained(out_dir)
             if merged and self.has_adapter:
-
                 merge(out_dir, merged, dtype="bfloat16" if self.precision == "bf16" else "float32",
                       trust_remote_code=self.trust_remote_code)
         if self.world_size > 1:

@@ -38,7 +38,7 @@ BENCHMARKS = {
     "scaling": ("bench.scaling:run", "Generation throughput with 1, 2 and 4 generator actors"),
     "persistent": ("bench.pipeline:run_persistent", "Long-lived generators + broadcast vs the per-phase pool"),
     "resume": ("bench.resume:run", "Resume with 90% of a generation on disk: start to the first new batch"),
-    "logprob_memory": ("bench.logprobs:run", "Log-probs at a 128k vocabulary: full logits vs chunked target log-probs"),
+    "logprob_memory": ("bench.logprobs:run", "Log-probs at 128k and 152k vocabularies: full logits vs chunked, the head's gradient in place"),
     "padding": ("bench.padding:run", "Mixed-length T-SPIN rows: a padded row per sequence vs packed rows"),
     "generator_pull": ("bench.pull:run", "Two long-lived generators, one slowed: round robin vs pulled by idle ones"),
     "lora": ("bench.lora:run", "LoRA vs full weights: bytes and seconds per sync, trainer peak memory of a step"),

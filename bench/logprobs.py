@@ -1,9 +1,11 @@
-"""Log-probs without the full-vocabulary tensor: activation memory and tokens/s of one T-SPIN step at a
-128k vocabulary, the full-logits path (baseline) vs the chunked target log-probs (tspin_ray/algorithms/logprobs.py).
+"""Log-probs without the full-vocabulary tensor: activation memory and tokens/s of one T-SPIN step at a 128k
+and a 152k vocabulary, the full-logits path (baseline) vs the chunked target log-probs
+(tspin_ray/algorithms/logprobs.py), and the chunked backward's weight gradient before and after it
+accumulated in place (before: a [V, H] product and an fp32 copy of it per chunk in bf16).
 
     .venv/bin/python -m bench --only logprob_memory [--quick]
 
-Each variant runs in a fresh process (`python -m bench.logprobs VARIANT SIZE`): a random Llama-3-sized
+Each variant runs in a fresh process (`python -m bench.logprobs VARIANT SIZE VOCAB`): a random Llama-3-sized
 vocabulary (128,256) on a small trunk, one warm-up step (AdamW's states exist before anything is read),
 then timed steps of the trainer's computation: `step_losses`: log-probs of y / y' / y0 -> T-SPIN loss -> backward
 -> AdamW step. Memory is what the step adds on top of the memory held before it: on a GPU the CUDA
@@ -24,11 +26,23 @@ import threading
 from bench.common import Context, anon_mb, compare, now, sync
 
 SIZES = {
-    "quick": dict(vocab=128256, hidden=128, layers=1, rows=2, prompt=24, response=24, steps=2, dtype="float32"),
-    "full": dict(vocab=128256, hidden=256, layers=2, rows=4, prompt=64, response=64, steps=3, dtype="float32"),
-    "gpu": dict(vocab=128256, hidden=1024, layers=4, rows=8, prompt=256, response=256, steps=5, dtype="bfloat16"),
+    "quick": dict(hidden=128, layers=1, rows=2, prompt=24, response=48, steps=2, dtype="bfloat16"),  # 2 chunks
+    "full": dict(hidden=256, layers=2, rows=4, prompt=64, response=64, steps=3, dtype="bfloat16"),
+    "gpu": dict(hidden=1024, layers=4, rows=8, prompt=256, response=256, steps=5, dtype="bfloat16"),
 }
-VARIANTS = ("full logits", "chunked")
+VOCABS = {"Llama-3": 128256, "Qwen2": 152064}
+VARIANTS = ("full logits", "chunked, product per chunk", "chunked")
+
+
+def product_per_chunk(grad_weight, dlogits, h):
+    """How the chunked backward added a chunk's weight gradient before (bf16): a whole [V, H] product, then
+    an fp32 copy of it."""
+    import torch
+
+    if dlogits.dtype == torch.float32:
+        grad_weight.addmm_(dlogits.T, h)
+    else:
+        grad_weight += (dlogits.T @ h).float()
 
 
 def measure(variant: str, s: dict) -> dict:
@@ -42,6 +56,8 @@ def measure(variant: str, s: dict) -> dict:
 
     if variant == "full logits":
         logprobs._scored_head = lambda model: None  # the path every model took before the chunked one
+    elif variant == "chunked, product per chunk":
+        logprobs.accumulate = product_per_chunk
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
@@ -89,7 +105,8 @@ def measure(variant: str, s: dict) -> dict:
     thread.join()
     grads_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # made in every backward
     out = {"tokens_per_s": tokens * s["steps"] / seconds, "step_s": seconds / s["steps"], "last_loss": losses[-1],
-           "grads_mb": grads_mb, "host_peak_added_mb": max(peak[0], anon_mb()) - start}
+           "grads_mb": grads_mb, "host_peak_added_mb": max(peak[0], anon_mb()) - start,
+           "weights_l1": sum(float(p.double().abs().sum()) for p in model.parameters())}  # after the steps
     if device == "cuda":
         out["gpu_peak_added_mb"] = (torch.cuda.max_memory_allocated() - held) / 2**20
     out["activation_mb"] = out.get("gpu_peak_added_mb", out["host_peak_added_mb"]) - grads_mb
@@ -98,37 +115,50 @@ def measure(variant: str, s: dict) -> dict:
 
 def run(ctx: Context) -> dict:
     size = "quick" if ctx.quick else "gpu" if ctx.gpu else "full"
-    s, figures = SIZES[size], {}
+    s, figures, comparisons, rows = SIZES[size], {}, [], []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for variant in VARIANTS:
-        proc = subprocess.run([sys.executable, "-m", "bench.logprobs", variant, size], capture_output=True, text=True,
-                              env=env, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{variant}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
-        figures[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base, new = figures["full logits"], figures["chunked"]
-    mem = "gpu_peak_added_mb" if "gpu_peak_added_mb" in base else "host_peak_added_mb"
-    where = "GPU (CUDA peak)" if mem.startswith("gpu") else "host (RssAnon peak)"
-    full_logits_mb = 3 * s["rows"] * (s["prompt"] + s["response"]) * s["vocab"] * 4 / 2**20
-    comparisons = [
-        compare("activation memory", f"MB one step adds beyond its parameter gradients, {where}", "full logits",
-                base["activation_mb"], "chunked", new["activation_mb"], higher_is_better=False),
-        compare("step memory", f"MB one step adds, gradients included, {where}", "full logits", base[mem], "chunked",
-                new[mem], higher_is_better=False),
-        compare("speed", "train tokens/s", "full logits", base["tokens_per_s"], "chunked", new["tokens_per_s"]),
-    ]
-    notes = [f"Random Llama, vocabulary {s['vocab']:,}, hidden {s['hidden']}, {s['layers']} layer(s), {s['dtype']}; "
-             f"one T-SPIN micro-batch of {s['rows']} rows = {3 * s['rows']} sequences of {s['prompt']} prompt + "
-             f"{s['response']} response tokens; one fp32 [sequences, positions, vocab] tensor is "
-             f"{full_logits_mb:.0f} MiB. Each variant in its own process; medians are not taken (one run).",
+    for family, vocab in VOCABS.items():
+        for variant in VARIANTS:
+            proc = subprocess.run([sys.executable, "-m", "bench.logprobs", variant, size, str(vocab)],
+                                  capture_output=True, text=True, env=env, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{variant}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+            figures[f"{variant} @ {vocab}"] = f = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append([f"{variant}, {family} {vocab:,}", f["activation_mb"], f.get("gpu_peak_added_mb",
+                         f["host_peak_added_mb"]), f["tokens_per_s"], f["step_s"], f["last_loss"], f["weights_l1"]])
+        base, before, new = (figures[f"{v} @ {vocab}"] for v in VARIANTS)
+        mem = "gpu_peak_added_mb" if "gpu_peak_added_mb" in base else "host_peak_added_mb"
+        where = "GPU (CUDA peak)" if mem.startswith("gpu") else "host (RssAnon peak)"
+        comparisons += [
+            compare(f"activation memory, {vocab:,}", f"MB one step adds beyond its parameter gradients, {where}",
+                    "full logits", base["activation_mb"], "chunked", new["activation_mb"], higher_is_better=False),
+            compare(f"step memory, {vocab:,}", f"MB one step adds, gradients included, {where}", "full logits",
+                    base[mem], "chunked", new[mem], higher_is_better=False),
+            compare(f"in-place weight gradient, {vocab:,}", f"MB one step adds, {where}", "product per chunk",
+                    before[mem], "in place", new[mem], higher_is_better=False),
+            compare(f"speed, {vocab:,}", "train tokens/s", "full logits", base["tokens_per_s"], "chunked",
+                    new["tokens_per_s"]),
+        ]
+        # the in-place sum changes no number: the same weights after the steps, to 1e-5 relative
+        if abs(before["weights_l1"] - new["weights_l1"]) > 1e-5 * abs(before["weights_l1"]):
+            raise RuntimeError(f"vocabulary {vocab}: weights differ after the steps ({before['weights_l1']!r} vs "
+                               f"{new['weights_l1']!r})")
+    logits_mb = {v: 3 * s["rows"] * (s["prompt"] + s["response"]) * v * 4 / 2**20 for v in VOCABS.values()}
+    notes = [f"Random Llama, vocabularies {' and '.join(f'{v:,}' for v in VOCABS.values())}, hidden {s['hidden']}, "
+             f"{s['layers']} layer(s), {s['dtype']}; one T-SPIN micro-batch of {s['rows']} rows = {3 * s['rows']} "
+             f"sequences of {s['prompt']} prompt + {s['response']} response tokens; one fp32 [sequences, positions, "
+             f"vocab] tensor is {' / '.join(f'{m:.0f}' for m in logits_mb.values())} MiB. Each variant in its own "
+             f"process; one run each.",
              "Baseline = the full-logits path (logits of every position, fp32 log-softmax, gather), which every "
              "model took before; candidate = response positions only, 128 MiB fp32 chunks, logits recomputed in "
-             "backward. Both give the same log-probs to 1e-5 in fp32 (tests/unit/algorithms/test_logprobs.py)."]
-    rows = [[v, f["activation_mb"], f[mem], f["tokens_per_s"], f["step_s"], f["last_loss"]] for v, f in figures.items()]
-    return {"comparisons": comparisons, "config": s, "notes": notes, "details": figures, "headline": "activation memory",
-            "tables": [{"title": "Per variant", "columns": ["variant", "activation MB", f"MB added ({where})",
-                                                            "tokens/s", "step s", "last loss"], "rows": rows}]}
+             "backward. 'product per chunk' = the chunked backward as it was before its weight gradient "
+             "accumulated in place (a [V, H] product and an fp32 copy per chunk); weights_l1 (the sum of |w| "
+             "after the steps) is the same for both to 1e-5, checked here."]
+    return {"comparisons": comparisons, "config": {**s, "vocabs": VOCABS}, "notes": notes, "details": figures,
+            "headline": "in-place weight gradient, 152,064",
+            "tables": [{"title": "Per variant", "columns": ["variant", "activation MB", "MB added", "tokens/s", "step s",
+                                                            "last loss", "weights l1"], "rows": rows}]}
 
 
-if __name__ == "__main__":  # a variant in this fresh process: python -m bench.logprobs VARIANT SIZE
-    print(json.dumps(measure(sys.argv[1], SIZES[sys.argv[2]])))
+if __name__ == "__main__":  # a variant in this fresh process: python -m bench.logprobs VARIANT SIZE VOCAB
+    print(json.dumps(measure(sys.argv[1], {**SIZES[sys.argv[2]], "vocab": int(sys.argv[3])})))

@@ -260,7 +260,7 @@ def _export_peak(trainer, out_dir: str, shard_bytes: int) -> dict:  # __ray_call
         torch.cuda.reset_peak_memory_stats()
     gpu_start = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     thread.start()
-    seconds = trainer.export(out_dir, shard_bytes)
+    seconds = trainer.export(out_dir, shard_bytes).seconds
     done.set()
     thread.join()
     out = {"rank": trainer.rank, "host_mb": max(peak[0], anon_mb()) - start, "seconds": seconds}

@@ -39,8 +39,10 @@ CPU_RUN = ["model.dtype=float32", "training.precision=fp32", "resources.trainer_
            "resources.generator_gpus=0", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
            "model.tiny.num_heads=2", "model.tiny.intermediate_size=128", "data.task_size=128", "data.eval_size=32"]
 # name -> (seconds it needs to be worth starting, its cap): on an H200 they should fit in ~4 of the 8 minutes.
-GPU_BENCHES = {"trainer": (60, 110), "logprob_memory": (25, 60), "trainer_memory": (45, 90), "generation": (30, 60),
+GPU_BENCHES = {"trainer": (60, 110), "logprob_memory": (60, 120), "trainer_memory": (45, 90), "generation": (30, 60),
                "weight_sync": (45, 90)}
+# The torch the project's CPU suite runs on (Makefile); the image brings its own CUDA build (image.txt).
+PROJECT_TORCH = "2.13.0"
 # Import names of image.txt's distributions where they differ.
 MODULES = {"pyyaml": "yaml", "py-cpuinfo": "cpuinfo", "protobuf": "google.protobuf", "attrs": "attr",
            "pytest": "pytest"}
@@ -161,13 +163,14 @@ def environment(c: Check) -> Step:
         str(Path(site).resolve()))]
     details = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                "gpu": torch.cuda.get_device_name(0) if c.gpu else None, "ray": ray.__version__,
-               "deepspeed": deepspeed.__version__, "image": versions}
+               "deepspeed": deepspeed.__version__, "image": versions, "project_torch": PROJECT_TORCH}
     seconds = time.time() - t0
     if foreign:
         return c.record(Step("environment", "fail", seconds, f"not from the kit ({site}): {', '.join(foreign)}",
                              details))
     where = details["gpu"] or "no CUDA (CPU stand-in)"
-    return c.record(Step("environment", "ok", seconds, f"Python {details['python']}, torch {details['torch']}, "
+    return c.record(Step("environment", "ok", seconds, f"Python {details['python']}, torch {details['torch']} (the "
+                         f"project pins {PROJECT_TORCH}: a figure here is for this build), "
                          f"ray {details['ray']}, deepspeed {details['deepspeed']}; {where}", details))
 
 

@@ -248,6 +248,9 @@ def test_pods_share_the_run_volume_and_have_shm(label, spec):
         runs = volumes[mounts[RUNS_MOUNT]["name"]]
         claim = claims[runs["persistentVolumeClaim"]["claimName"]]
         assert "ReadWriteMany" in claim["spec"]["accessModes"], group
+        # where a user looking at a Pending claim sees it: the mode it needs and the key to set
+        note = claim["metadata"]["annotations"]["tspin-ray/access-mode"]
+        assert "Needs ReadWriteMany" in note and "spec.storageClassName" in note, group
         assert not mounts[RUNS_MOUNT].get("readOnly"), group
         # /dev/shm in memory and bounded; Ray's object store has to fit inside it.
         shm = volumes[mounts["/dev/shm"]["name"]]["emptyDir"]

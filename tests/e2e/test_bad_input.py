@@ -110,6 +110,10 @@ CONFIG_CASES = {
                                  ["overrides[1]: pair_scope: first_divergence works with name: tspin only"]),
     "override_scope_typo": ({"objective": {"overrides": {1: {"pair_scope": "first_divergance"}}}},
                             ["overrides[1]: pair_scope must be sequence or first_divergence, not 'first_divergance'"]),
+    "broadcast_on_shared_gpus": ({"generation": {"persistent": True, "weight_sync": "broadcast"},
+                                  "resources": {"trainer_gpus": 0.5, "generator_gpus": 0.5}},
+                                 ["generation.weight_sync: broadcast with fractional GPUs (resources.trainer_gpus 0.5, "
+                                  "generator_gpus 0.5)", "use whole GPUs or weight_sync: checkpoint"]),
     "rft_without_task": ({"objective": {"name": "rft"}, "data": {"task": None, "path": "tests/x.jsonl"}},
                          ["objective.name: rft keeps the samples a built-in task's checker accepts: set data.task"]),
     # Keys that were never read (they changed the config hash and nothing else) are gone.

@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.engines import PROMPTS, check_two_threads_share_steps, reference_logprob_gap
+from tests.helpers.engines import (
+    PROMPTS,
+    check_two_threads_share_steps,
+    reference_logprob_gap,
+    release_gpu_memory,
+)
 from tests.helpers.trainers import addition_rows, group_step
 from tspin_ray.models.checkpoints import load_model
 from tspin_ray.workers.engines import HFEngine, make_engine
@@ -19,6 +24,14 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")]
 
 GREEDY = dict(max_new_tokens=8, temperature=0.0, top_p=1.0)
+
+
+@pytest.fixture(autouse=True)
+def free_engines():
+    """Every engine a test made is gone when it ends: vLLM's start-up check wants its whole
+    gpu_memory_utilization free, so an engine left over would fail the next test's start."""
+    yield
+    release_gpu_memory()
 
 
 def test_vllm_gpu_generation_and_reload_match_hf(tiny_ckpt, tiny_ckpt_b):
@@ -32,19 +45,23 @@ def test_vllm_gpu_generation_and_reload_match_hf(tiny_ckpt, tiny_ckpt_b):
     assert after == hf_b.generate(prompts, [0] * 4, **GREEDY) and after != before
 
 
-def test_vllm_sleep_frees_gpu_memory_and_wake_restores_the_same_outputs(tiny_ckpt):
-    """Colocated mode: a sleeping engine gives its KV cache (and weights, to host RAM) back to the trainer."""
+@pytest.mark.parametrize("lora_enabled", [False, True])
+def test_vllm_sleep_frees_gpu_memory_and_wake_restores_the_same_outputs(tiny_ckpt, lora_enabled):
+    """Colocated mode: a sleeping engine gives its KV cache and weights back to the trainer. Full weights
+    sleep at level 2 (discarded: the checkpoint is loaded again while waking), LoRA at level 1 (the base
+    goes to host RAM and comes back)."""
     pytest.importorskip("vllm")
     engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64, gpu_memory_utilization=0.3,
-                         sleep_mode=True)
+                         sleep_mode=True, lora_rank=8 if lora_enabled else None)
     prompts = [HFEngine(str(tiny_ckpt)).format.prompt_ids(p) for p in PROMPTS]
     before = engine.generate(prompts, [0] * 4, **GREEDY)
     free_awake = torch.cuda.mem_get_info()[0]
-    engine.sleep()
+    discarded = engine.sleep()
+    assert discarded is not lora_enabled
     freed = torch.cuda.mem_get_info()[0] - free_awake
-    print(f"vLLM sleep freed {freed / 2**30:.2f} GiB")
+    print(f"vLLM sleep (level {2 if discarded else 1}) freed {freed / 2**30:.2f} GiB")
     assert freed > 0.1 * 0.3 * torch.cuda.mem_get_info()[1]  # most of its 30% share
-    engine.wake()
+    engine.wake(str(tiny_ckpt) if discarded else None)
     assert engine.generate(prompts, [0] * 4, **GREEDY) == before
 
 
@@ -53,13 +70,8 @@ def test_vllm_gpu_batches_from_two_threads_share_steps(tiny_ckpt):
     engine (its core runs in this process). Greedy, so the check does not hang on whether sampling
     reproduces under another batch composition (docs/cluster.md: on GPUs it may not, in the last bits)."""
     pytest.importorskip("vllm")
-    import gc
-
     engine = make_engine("vllm", str(tiny_ckpt), dtype="float32", max_model_len=64, gpu_memory_utilization=0.3)
     check_two_threads_share_steps(engine, dict(GREEDY, max_new_tokens=16))  # enough steps to tell apart
-    del engine
-    gc.collect()
-    torch.cuda.empty_cache()  # the next tests start engines of their own
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-3), ("bfloat16", 0.25)])

@@ -77,3 +77,18 @@ def full_logits_logprobs(model, prompts, responses, pad_id) -> torch.Tensor:
     ids, attn, resp = (t.to(device) for t in pad_batch(prompts, responses, pad_id))
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
     return (logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]).sum(-1)
+
+
+def release_gpu_memory() -> None:
+    """Free what engines no longer referenced hold on the GPU: vLLM's distributed state and the allocator
+    caches (a no-op on CPU)."""
+    import gc
+    import sys
+
+    gc.collect()
+    if "vllm" in sys.modules and torch.cuda.is_available():
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -3,7 +3,7 @@
     .venv/bin/pytest tests/unit/test_layers.py
 
 Layers, lowest first (a module may import its own subpackage and any lower layer, never a higher one):
-base modules (errors, faults, deadlines, hub) < algorithms (pure torch) < config < data < models < rollout <
+base modules (errors, faults, deadlines, hub, checksums) < algorithms (pure torch) < config < data < models < rollout <
 workers (code inside Ray actors) < evaluation < rundir < controller < analysis < study < cli. So nothing
 below analysis/ and study/ imports them, and algorithms/ imports nothing of the package but the base.
 Every import counts, at module level or inside a function, type-only ones included.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "tspin_ray"
-LAYERS = (("errors", "faults", "deadlines", "hub"), ("algorithms",), ("config",), ("data",), ("models",), ("rollout",),
+LAYERS = (("errors", "faults", "deadlines", "hub", "checksums"), ("algorithms",), ("config",), ("data",), ("models",), ("rollout",),
           ("workers",), ("evaluation",), ("rundir",), ("controller",), ("analysis",), ("study",),
           ("cli", "__main__", "__init__"))
 # Function-level imports of the package: only the CLI dispatcher, so `tspin-ray config` or `report` do not

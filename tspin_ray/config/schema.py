@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tspin_ray.algorithms.objectives import OBJECTIVES, Objective, get_objective
+from tspin_ray.config.resume import RETIRED, config_hash
 from tspin_ray.config.typed_yaml import apply_override, build, plain, positive, read_yaml_mapping
 from tspin_ray.errors import UserError
 
@@ -83,6 +82,8 @@ class DataConfig:
                                          "renders it).")
     id_column: str | None = _f(None, "Column with a stable example id; default: `prompt_id` when the rows have "
                                      "it, else a hash of the prompt.")
+    checker: str | None = _f(None, "Built-in task whose checker verifies samples of `path`'s rows (objective rft, "
+                                   "generate/valid), e.g. arithmetic for jobs/data/arithmetic*.jsonl.")
     split: str = _f("train", "Split to read from a saved HF DatasetDict or a dataset repository (e.g. train_sft).")
     eval_path: str | None = _f(None, "Held-out file for evaluation; default: `eval_size` rows held out.")
     eval_size: int = _f(200, "Rows held out for evaluation when `eval_path` is not set.")
@@ -424,6 +425,11 @@ class RunConfig:
             # ("invalid device ordinal" when more, idle GPUs when fewer).
             raise ValueError(f"resources.generator_gpus ({r.generator_gpus:g}) must equal "
                              f"generation.tensor_parallel_size ({g.tensor_parallel_size}): one engine per actor")
+        if g.weight_sync == "broadcast" and (0 < r.trainer_gpus < 1 or 0 < r.generator_gpus < 1):
+            raise ValueError(f"generation.weight_sync: broadcast with fractional GPUs (resources.trainer_gpus "
+                             f"{r.trainer_gpus:g}, generator_gpus {r.generator_gpus:g}): Ray may place trainer rank 0 "
+                             f"and a generator on one GPU, where NCCL cannot connect them; use whole GPUs or "
+                             f"weight_sync: checkpoint")
         if g.colocate and r.generators_max != r.trainers:
             raise ValueError(f"generation.colocate pairs one engine with each trainer rank on its GPU: "
                              f"resources.generators_max ({r.generators_max}) must equal trainers ({r.trainers})")
@@ -434,9 +440,9 @@ class RunConfig:
         if self.training.lora is not None and g.weight_sync == "broadcast":
             raise ValueError("training.lora syncs each iterate as its adapter (megabytes, read from the committed "
                              "checkpoint): set generation.weight_sync: checkpoint")
-        if self.objective.entry.verified and self.data.task is None:
-            raise ValueError("objective.name: rft keeps the samples a built-in task's checker accepts: set data.task "
-                             "(user data has no checker)")
+        if self.objective.entry.verified and self.data.task is None and self.data.checker is None:
+            raise ValueError("objective.name: rft keeps the samples a built-in task's checker accepts: set data.task, "
+                             "or data.checker for user data")
         if g.tensor_parallel_size > 1 and g.backend != "vllm":
             raise ValueError(f"generation.tensor_parallel_size ({g.tensor_parallel_size}) needs backend: vllm "
                              f"(an HF engine runs on one device)")
@@ -454,26 +460,8 @@ class RunConfig:
         return plain(dataclasses.asdict(self))
 
     def hash(self) -> str:
-        """Hash of everything that changes results: not output_dir, allow_config_change or the limits of
-        RESUME_SAFE (a phase that timed out resumes after its limit is raised)."""
-        d = self.to_dict()
-        d.pop("output_dir")
-        d.pop("allow_config_change")
-        for section, keys in RESUME_SAFE.items():
-            for key in keys:
-                d[section].pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# Keys that were never read and are gone; a run directory written before still holds them in config.yaml.
-RETIRED = {"training": {"seed": "the run's top-level `seed` seeds every shuffle"},
-           "sft": {"fraction": "use data.fraction"}}
-
-# Limits, retry counts and health thresholds: they decide whether a phase finishes or which iterate is
-# named best, never what an iteration computes.
-RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
-               "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s"),
-               "eval": ("select", "collapse_nll_factor", "collapse_min_distinct", "stop_on_collapse")}
+        """Hash of everything that changes results (config/resume.py says what is left out)."""
+        return config_hash(self.to_dict())
 
 
 # ---------------------------------------------------------------- parsing (config/typed_yaml.py)

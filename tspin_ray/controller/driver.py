@@ -97,6 +97,8 @@ class Driver:
             if self.generators is None:
                 share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
                 self.generators = GeneratorPool(self.cfg, share_pg=share)
+            if g.colocate:  # the engines wake on this phase's first batch, into what the trainers gave back
+                self.trainer_group().release_memory()
             return self.generators.dataset(rows, phase, g.batch_size, g.max_attempts, first)
         return generation_dataset(rows, phase, batch_size=g.batch_size, min_actors=r.generators_min,
                                   max_actors=r.generators_max, num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
@@ -341,12 +343,12 @@ class Driver:
         run = self.run
         lora = self.cfg.training.lora
         with atomic_dir(run.checkpoint(t)) as tmp:
-            seconds = self.trainers.export(tmp, merged=tmp / MERGED if t > 0 and lora and lora.merge_export else None)
+            written = self.trainers.export(tmp, merged=tmp / MERGED if t > 0 and lora and lora.merge_export else None)
             if t > 0:  # the chaos point is an iteration's export (pi_0's SFT has its own, "sft")
                 maybe_fail("export")
-        run.commit_checkpoint(t, seconds=time.time() - t0)
+        run.commit_checkpoint(t, files=dict(written.files), seconds=time.time() - t0)
         self.trainers.mark_loaded(run.checkpoint(t))
-        return seconds
+        return written.seconds
 
     def rest_generators(self) -> None:
         """Colocated mode: long-lived engines sleep once a generation phase is consumed (the next batch

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tspin_ray.config.schema import RunConfig
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
-from tspin_ray.workers.records import OptimizerSetup, StepRecord
+from tspin_ray.workers.records import ExportResult, OptimizerSetup, StepRecord
 from tspin_ray.workers.trainer_rank import TrainerActor
 
 WORKER_ENV = {
@@ -119,6 +119,18 @@ def rank_iterators(ds: ray.data.Dataset, n: int) -> list:
     return ds.streaming_split(n, equal=True)
 
 
+# The trainers' process group outlives every driver-side limit of a phase with a collective in it (a rank
+# waits at a barrier while rank 0 alone exports or merges), so a stalled collective fails as the driver's
+# one-line training.* error, not by the NCCL watchdog aborting every rank (DeepSpeed's default is 10 min,
+# below the default load and export limits).
+GROUP_MARGIN_S = 60.0
+
+
+def group_timeout_s(t) -> float:
+    """The process-group timeout for training limits `t` (TrainingConfig)."""
+    return max(t.stall_timeout_s, t.load_timeout_s, t.export_timeout_s) + GROUP_MARGIN_S
+
+
 class TrainerGroup:
     def __init__(self, cfg: RunConfig, timeout_s: float = 600.0):
         r, t = cfg.resources, cfg.training
@@ -143,7 +155,8 @@ class TrainerGroup:
             for i in range(self.n)
         ]
         addr, port = self.get(self.actors[0].address.remote(), "trainer rank 0 address")
-        self.get([a.init_group.remote(addr, port) for a in self.actors], "torch.distributed group init")
+        self.get([a.init_group.remote(addr, port, group_timeout_s(t)) for a in self.actors],
+                 "torch.distributed group init")
 
     def get(self, refs, what: str, timeout: float | None = None, key: str | None = None):
         timeout = self.timeout_s if timeout is None else timeout
@@ -168,6 +181,10 @@ class TrainerGroup:
         """The trainers already hold the weights they just exported to `path`; skip reloading them."""
         self.get([a.__ray_call__.remote(lambda self, p=str(path): setattr(self, "loaded_from", p))
                   for a in self.actors], "mark loaded")
+
+    def release_memory(self) -> None:
+        """Colocated mode: every rank returns its cached accelerator memory before the engines wake."""
+        self.call("release_memory", what="trainers releasing cached memory", key="stall_timeout_s")
 
     def begin(self, setup: OptimizerSetup) -> None:
         self.call("begin", setup, what="trainer optimizer setup", key="load_timeout_s")
@@ -202,7 +219,8 @@ class TrainerGroup:
                                 f"(training.stall_timeout_s)")
         return records
 
-    def export(self, out_dir, merged=None) -> float:
+    def export(self, out_dir, merged=None) -> ExportResult:
+        """Rank 0's result: it wrote the files and checksummed them."""
         return self.call("export", str(out_dir), merged=merged and str(merged), what=f"checkpoint export to {out_dir}",
                          key="export_timeout_s")[0]
 

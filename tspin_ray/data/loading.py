@@ -405,9 +405,10 @@ def _ranked(examples: list[Example], seed: int, salt: str) -> list[Example]:
 
 def load_splits(cfg: DataConfig, count_tokens: TokenCounter | None = None) -> Splits:
     """Train and eval examples, both in a seeded order that depends only on ids. Same cfg -> same lists."""
+    for key, name in (("task", cfg.task), ("checker", cfg.checker)):
+        if name is not None and name not in TASKS:
+            raise UserError(f"unknown data.{key} {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     if cfg.task is not None:
-        if cfg.task not in TASKS:
-            raise UserError(f"unknown data.task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
         rows = enumerate(TASKS[cfg.task].make(cfg.task_size, cfg.seed), 1)
         task_cols = _Columns("prompt", "response", None, "id")
         pool, report = _collect(f"task:{cfg.task}", rows, task_cols, cfg, count_tokens, "row")

@@ -20,6 +20,7 @@ import difflib
 import functools
 import json
 import random
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,11 +46,13 @@ def exact_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
-def _distinct(name: str, sample: Callable[[random.Random], tuple[str, str]]) -> Callable[[int, int], list[dict]]:
+def _distinct(name: str, sample: Callable[[random.Random], tuple[str, str]],
+              rng_for: Callable[[int], random.Random] | None = None) -> Callable[[int, int], list[dict]]:
     """make(n, seed): draw examples until n distinct prompts; fails loudly when the task has fewer."""
 
     def make(n: int, seed: int) -> list[dict]:
-        rng = random.Random(f"{name}:{seed}")  # string seed: stable across Python versions and processes
+        # string seed by default: stable across Python versions and processes
+        rng = rng_for(seed) if rng_for else random.Random(f"{name}:{seed}")
         seen: set[str] = set()
         rows: list[dict] = []
         misses = 0
@@ -114,6 +117,29 @@ def sorting(length_min: int = 5, length_max: int = 8, alphabet: str = "abcdefghi
         return (",".join(sorted(prompt.removeprefix("sort:").removesuffix("=").split(","))),)
 
     return Task(name, f"sort {length_min}-{length_max} letters", _distinct(name, sample), answers)
+
+
+def arithmetic(name: str = "arithmetic") -> Task:
+    """`What is 47 + 38?` -> `47 + 38 = 85`: two-digit sums and differences (a >= b for '-'), in the style
+    SmolLM2-135M-Instruct answers in by itself; the real model's data (jobs/data/make_arithmetic.py writes it
+    in UltraChat's shape, and `data.checker: arithmetic` verifies samples of those files)."""
+
+    def solve(a: int, op: str, b: int) -> str:
+        return f"{a} {op} {b} = {a + b if op == '+' else a - b}"
+
+    def sample(rng: random.Random) -> tuple[str, str]:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        op = rng.choice("+-")
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+        return f"What is {a} {op} {b}?", solve(a, op, b)
+
+    def answers(prompt: str) -> tuple[str, ...]:
+        m = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", prompt.strip())
+        return () if m is None else (solve(int(m[1]), m[2], int(m[3])),)
+
+    # seeded by the plain int, as the demo's file was first written: that file stays byte-identical
+    return Task(name, "two-digit sums and differences, answered as 'a + b = c'",
+                _distinct(name, sample, random.Random), answers)
 
 
 def random_graph(nodes: int, degree: int, seed: int) -> dict[int, frozenset[int]]:
@@ -214,7 +240,7 @@ def paths(nodes: int = 90, degree: int = 5, min_answers: int = 2, max_answers: i
                       f"{degree}; {min_answers}-{max_answers} valid answers per prompt)", make, answers)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (addition(), multiplication(), sorting(), paths())}
+TASKS: dict[str, Task] = {t.name: t for t in (addition(), multiplication(), sorting(), paths(), arithmetic())}
 
 
 def get_task(name: str) -> Task:

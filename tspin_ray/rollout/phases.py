@@ -63,7 +63,7 @@ class GenPhase:
     score_ref: bool = False
     out_dir: str | None = None
     checkpoint: str = ""  # RunDir.checkpoint_id of the checkpoint at model_path ("" when not known)
-    task: str = ""  # built-in task whose checker marks each sample valid or not ("": user data, no checker)
+    task: str = ""  # built-in task whose checker marks each sample valid or not (data.task or data.checker)
 
 
 def phase_for(cfg, model_path, iteration: int | str, *, samples: int, temperature: float, max_new_tokens: int,
@@ -81,7 +81,7 @@ def phase_for(cfg, model_path, iteration: int | str, *, samples: int, temperatur
                     top_p=c.generation.top_p if temperature > 0 else 1.0,
                     max_response_tokens=c.data.max_response_tokens, max_length=c.training.max_length,
                     score_ref=score_ref, out_dir=str(out_dir) if out_dir else None, checkpoint=checkpoint,
-                    task=c.data.task or "")
+                    task=c.data.task or c.data.checker or "")
 
 
 def prompt_rows(examples, t: int, proto: dict | None = None, given: dict | None = None) -> pa.Table:

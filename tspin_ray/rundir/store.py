@@ -26,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from tspin_ray.config.schema import RETIRED, from_dict
+from tspin_ray.checksums import checksum_dir, verify_dir
+from tspin_ray.config.resume import RETIRED
+from tspin_ray.config.schema import from_dict
 from tspin_ray.errors import UserError
 from tspin_ray.models.checkpoints import MERGED
 from tspin_ray.rundir.metrics import append_metrics
@@ -74,25 +76,6 @@ def atomic_dir(final: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def checksum_dir(path: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
-    """sha256 and size of every file under `path`, keyed by relative path; top-level folders in `skip`
-    are left out (a LoRA iterate's merged/ export: deleting it leaves the checkpoint intact)."""
-    out = {}
-    for f in sorted(Path(path).rglob("*")):
-        rel = f.relative_to(path)
-        if f.is_file() and rel.parts[0] not in skip:
-            out[str(rel)] = {"sha256": _sha256(f), "size": f.stat().st_size}
-    return out
-
-
 def identity(files: dict[str, dict]) -> str:
     """sha256 naming a checkpoint by its files' recorded sha256 and sizes (what commit_checkpoint stores)."""
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
@@ -105,21 +88,6 @@ def listing_identity(path: Path) -> str:
     stats = {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
              for f in sorted(path.rglob("*")) if f.is_file()}
     return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
-
-
-def verify_dir(path: Path, expected: dict[str, dict]) -> str | None:
-    """None if `path` matches its recorded checksums, else a one-line description of the first problem."""
-    path = Path(path)
-    for rel, meta in expected.items():
-        f = path / rel
-        if not f.is_file():
-            return f"{f}: missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{f}: size {f.stat().st_size} != recorded {meta['size']} (truncated?)"
-    for rel, meta in expected.items():  # the recorded files only: an export beside them is not read
-        if _sha256(path / rel) != meta["sha256"]:
-            return f"{path / rel}: sha256 mismatch (corrupted)"
-    return None
 
 
 class RunDir:
@@ -211,9 +179,10 @@ class RunDir:
         self.manifest["entries"][name] = info
         self.save()
 
-    def commit_checkpoint(self, t: int, **info) -> None:
+    def commit_checkpoint(self, t: int, files: dict | None = None, **info) -> None:
+        """Commit pi_t with `files`, the checksums its writer took (Trainer.export), or else read here."""
         self.commit(f"pi_{t}", path=str(self.checkpoint(t).relative_to(self.root)),
-                    files=checksum_dir(self.checkpoint(t), skip=(MERGED,)), **info)
+                    files=checksum_dir(self.checkpoint(t), skip=(MERGED,)) if files is None else files, **info)
 
     def checkpoint_id(self, t: int) -> str:
         """The identity of committed pi_t, recorded in every generation row it makes: `identity` of the

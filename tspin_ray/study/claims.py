@@ -5,7 +5,10 @@ distribution tables and temperature curves of a study on a task with enumerable 
     .venv/bin/pytest tests/unit/study/test_study.py -k "declared or distribution"
 
 A claim says "a beats b on metric at temperature": a and b are methods of the study, or `pi0` (the seed's
-pi_0) or `sft_full` (SFT on full_fraction); each is read at its final iterate. Metrics: `exact_match`
+pi_0) or `sft_full` (SFT on full_fraction); each is read at its final iterate, or at the one a suffix names:
+`tspin@2` (after iteration 2; `@0` is pi_0) or `tspin@best` (the run's best iterate by eval.select, as its
+manifest names it). So "T-SPIN improves at every iteration" is one claim per step (`tspin@1` vs `tspin@0`,
+...) and "best-iterate selection recovers what the final iterate lost" is `spin@best` vs `spin`. Metrics: `exact_match`
 and `nll` (greedy evaluation, metrics.jsonl; lower NLL is better), or `<split>/<name>` from
 distribution.json with split `heldout` or `train` and name one of DISTRIBUTION_METRICS (lower KL is
 better). `at`: one temperature of the sweep; `best`: each side at the temperature where its mean over
@@ -61,7 +64,13 @@ def parse_distribution(raw):
         raise UserError(str(e) if str(e).startswith("distribution") else f"distribution: {e}") from None
 
 
-def parse_claims(raw, methods: dict, distribution) -> tuple[Claim, ...]:
+def side(name: str) -> tuple[str, str]:
+    """'tspin@2' -> ('tspin', '2'); 'tspin' -> ('tspin', '') (its final iterate)."""
+    run, _, iterate = name.partition("@")
+    return run, iterate
+
+
+def parse_claims(raw, methods: dict, distribution, iterations: int) -> tuple[Claim, ...]:
     """The `claims:` list; each entry checked against the methods and the metrics the study measures."""
     if raw is None:
         return ()
@@ -72,9 +81,13 @@ def parse_claims(raw, methods: dict, distribution) -> tuple[Claim, ...]:
         where = f"claims[{i}]"
         if not isinstance(c, dict) or set(c) - set(CLAIM_KEYS) or not {"id", "claim", "a", "b", "metric"} <= set(c):
             raise UserError(f"{where}: expected a mapping with keys id, claim, a, b, metric (and at), got {c!r}")
-        for side in ("a", "b"):
-            if c[side] not in runs:
-                raise UserError(f"{where}.{side}: '{c[side]}' is not a method of the study (nor pi0 / sft_full)")
+        for key in ("a", "b"):
+            run, iterate = side(str(c[key]))
+            if run not in runs:
+                raise UserError(f"{where}.{key}: '{run}' is not a method of the study (nor pi0 / sft_full)")
+            if iterate and (run in SIDES or not (iterate == "best" or iterate.isdigit() and int(iterate) <= iterations)):
+                raise UserError(f"{where}.{key}: '@{iterate}' expected @best or @0..@{iterations} (an iterate of a "
+                                f"method; pi0 and sft_full have one)")
         metric, at = str(c["metric"]), c.get("at", "best")
         split, _, name = metric.rpartition("/")
         if metric not in GREEDY and (split not in SPLITS or name not in DISTRIBUTION_METRICS):
@@ -85,7 +98,7 @@ def parse_claims(raw, methods: dict, distribution) -> tuple[Claim, ...]:
         if at not in ("best", "all") and (isinstance(at, bool) or not isinstance(at, int | float) or distribution is None
                                           or float(at) not in distribution.temperatures):
             raise UserError(f"{where}.at: expected best, all or one of distribution.temperatures, got {at!r}")
-        out.append(Claim(str(c["id"]), str(c["claim"]), c["a"], c["b"], metric, at))
+        out.append(Claim(str(c["id"]), str(c["claim"]), str(c["a"]), str(c["b"]), metric, at))
     if len({c.id for c in out}) != len(out):
         raise UserError("claims: ids must be distinct")
     return tuple(out)

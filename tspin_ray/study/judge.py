@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from tspin_ray.analysis.figures import figure, save_figure
-from tspin_ray.study.claims import DISTRIBUTION_METRICS, GREEDY, LOWER_IS_BETTER, SIDES, SPLITS, Claim
+from tspin_ray.rundir.store import RunDir
+from tspin_ray.study.claims import DISTRIBUTION_METRICS, GREEDY, LOWER_IS_BETTER, SIDES, SPLITS, Claim, side
 from tspin_ray.study.plan import PI0
 from tspin_ray.study.stats import iteration_rows, mean_std, number, paired, plus_minus, stats, verdict
 
@@ -21,27 +22,38 @@ def _run_root(study, seed: int, run: str) -> Path:
     return study.out / f"seed{seed}" / run
 
 
-def _checkpoint(study, run: str) -> str:
-    return "pi_0" if run in SIDES else f"pi_{study.iterations}"
+def _iterate(study, name: str, seed: int) -> int | None:
+    """Which iterate a claim's side reads: 0 (pi_0) .. iterations; None when a best iterate is not named (yet)."""
+    run, iterate = side(name)
+    if run in SIDES:
+        return 0
+    if iterate == "best":
+        best = RunDir(_run_root(study, seed, run)).entry("best")
+        return None if best is None else int(str(best["iterate"]).removeprefix("pi_"))
+    return int(iterate) if iterate else study.iterations
 
 
-def curve(study, run: str, seed: int, metric: str, checkpoint: str | None = None) -> list[float] | None:
-    """The metric of `run`'s final iterate (or of `checkpoint`, a distribution metric) for one seed: per
-    temperature (a list of one for greedy metrics); None when it is not there (yet)."""
+def curve(study, name: str, seed: int, metric: str, checkpoint: str | None = None) -> list[float] | None:
+    """The metric of a claim side's iterate (`run`, `run@k`, `run@best`; or of `checkpoint`, a distribution
+    metric) for one seed: per temperature (a list of one for greedy metrics); None when it is not there (yet)."""
 
+    run = side(name)[0]
+    k = _iterate(study, name, seed)
+    if k is None:
+        return None
     if metric in GREEDY:
         root = _run_root(study, seed, run)
         if not (root / "metrics.jsonl").exists():  # not run (yet), or left out by --methods
             return None
-        row = iteration_rows(root).get(PI0 if run in SIDES else study.iterations - 1, {})
+        row = iteration_rows(root).get(PI0 if k == 0 else k - 1, {})
         v = number(row.get(f"eval/{metric}"))
         return None if v is None else [v]
     path = _run_root(study, seed, run) / "distribution.json"
     if not path.exists():
         return None
-    split, _, name = metric.rpartition("/")
-    ckpt = checkpoint or _checkpoint(study, run)
-    got = json.loads(path.read_text())["checkpoints"].get(ckpt, {}).get(split, {}).get(name)
+    split, _, metric_name = metric.rpartition("/")
+    ckpt = checkpoint or f"pi_{k}"
+    got = json.loads(path.read_text())["checkpoints"].get(ckpt, {}).get(split, {}).get(metric_name)
     # a non-finite score (NaN) is no measurement: judged "not measured", never "does not hold"
     return got if got is None or all(math.isfinite(v) for v in got) else None
 
@@ -125,7 +137,8 @@ def iterate_table(study, split: str, name: str, temperature: float) -> list[str]
 def markdown(study, results: dict) -> list[str]:
 
     lines = ["## Claims declared in the config before the runs", "",
-             "Each compares final iterates on per-seed (paired) differences: holds when the mean difference "
+             "Each compares final iterates (or the one a side names: run@k after iteration k, run@best) on per-seed "
+             "(paired) differences: holds when the mean difference "
              "is better than zero by more than one std of the differences, does not hold when worse by more, "
              "else inconclusive.", ""]
     lines += [f"- {c['sentence']}" for c in results["declared_claims"]] or ["- (none declared)"]

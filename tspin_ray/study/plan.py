@@ -133,7 +133,7 @@ def parse_study(raw, source: str = "study config") -> Study:
     study = Study(base=base, seeds=tuple(seeds), iterations=iterations, fraction=_number(raw, "fraction", 0, 1),
                   full_fraction=_number(raw, "full_fraction", 0, 1), output_dir=output_dir, methods=methods,
                   source=source, distribution=distribution,
-                  claims=parse_claims(raw.get("claims"), methods, distribution))
+                  claims=parse_claims(raw.get("claims"), methods, distribution, iterations))
     check_runs(study)
     return study
 

@@ -22,6 +22,7 @@ from tspin_ray.algorithms.logprobs import sequence_logprobs
 from tspin_ray.faults import crash_if
 from tspin_ray.models.chat_format import ChatFormat
 from tspin_ray.models.checkpoints import base_of, is_adapter, load_format, load_model, rank_of, same_base
+from tspin_ray.workers.devices import local_device
 from tspin_ray.workers.weight_broadcast import copy_into, receive, rejoin
 
 
@@ -39,12 +40,14 @@ class Engine(Protocol):
         """Load the weights of the HF checkpoint at `path` into the running engine."""
         ...
 
-    def sleep(self) -> None:
-        """Free accelerator memory between phases (colocated mode: the trainers need it); no-op on CPU."""
+    def sleep(self) -> bool:
+        """Free accelerator memory between phases (colocated mode: the trainers need it); no-op on CPU.
+        True when the weights were discarded: the next `wake` must be given a checkpoint to load."""
         ...
 
-    def wake(self) -> None:
-        """Undo `sleep` before the next generation."""
+    def wake(self, reload: str | None = None) -> None:
+        """Undo `sleep` before the next generation, loading the checkpoint at `reload` (if given) once the
+        weights' memory is back and before the KV cache's."""
         ...
 
     sync_ranks: int
@@ -88,7 +91,7 @@ class HFEngine:
     def __init__(self, path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                  max_batch: int = 256, **_):
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = str(local_device())  # the actor's own GPU
         self.dtype, self.trust_remote_code, self.max_batch = dtype, trust_remote_code, max_batch
         self.format = load_format(path, trust_remote_code=trust_remote_code)
         self.tokenizer = self.format.tokenizer
@@ -159,13 +162,16 @@ class HFEngine:
         new = load_model(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         self.model.load_state_dict(new.state_dict())
 
-    def sleep(self) -> None:
-        if self.device == "cuda":
+    def sleep(self) -> bool:
+        if self.device.startswith("cuda"):
             self.model.to("cpu")
             torch.cuda.empty_cache()
+        return False  # the weights wait in host memory
 
-    def wake(self) -> None:
+    def wake(self, reload: str | None = None) -> None:
         self.model.to(self.device)
+        if reload is not None:
+            self.reload(reload)
 
     sync_ranks = 1
 
@@ -354,13 +360,25 @@ class VLLMEngine:
         self.llm.collective_rpc("tspin_tie_embeddings")  # tied models: the head follows the new embedding
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
-    def sleep(self) -> None:
-        if self.sleep_mode:
-            self.llm.sleep(level=1)  # weights to CPU memory, KV cache dropped
+    def sleep(self) -> bool:
+        """Level 2 (weights and KV cache discarded) for full weights: the next iterate replaces them anyway,
+        and level 1 would first copy the old ones to pinned host memory and back (8 x 14.5 GB for a 7B on
+        8 GPUs). Level 1 with LoRA: the base weights stay valid, only an adapter changes."""
+        if not self.sleep_mode:
+            return False
+        level = 1 if self.lora_enabled else 2
+        self.llm.sleep(level=level)
+        return level == 2
 
-    def wake(self) -> None:
-        if self.sleep_mode:
-            self.llm.wake_up()
+    def wake(self, reload: str | None = None) -> None:
+        if not self.sleep_mode:
+            if reload is not None:
+                self.reload(reload)
+            return
+        self.llm.wake_up(tags=["weights"])  # the weights first, so the KV cache is laid out around them
+        if reload is not None:
+            self.reload(reload)
+        self.llm.wake_up(tags=["kv_cache"])  # fully awake: vLLM resumes scheduling
 
     def receive_weights(self, key, host, port, rank, world_size, buckets, timeout_s):
         # Plain lists: collective_rpc arguments cross vLLM's msgpack IPC when the engine core is a process.

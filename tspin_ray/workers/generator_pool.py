@@ -79,10 +79,12 @@ class Generator:
             if self.stage is None:
                 self.stage = GenerateStage(phase)
             else:
-                self.wake()
-                if phase.model_path != self.loaded:
-                    t0 = time.time()
+                new = phase.model_path != self.loaded  # also after a sleep that discarded the weights
+                t0 = time.time()
+                self.wake(phase.model_path if new else None)
+                if new and self.loaded != phase.model_path:  # it was awake: load now
                     self.stage.engine.reload(phase.model_path)
+                if new:
                     self.stage.load_seconds = time.time() - t0
                 elif self.stage.phase != phase:  # a new phase on the same weights: it loaded nothing
                     self.stage.load_seconds = 0.0
@@ -92,14 +94,18 @@ class Generator:
     def sleep(self) -> bool:
         """Colocated mode: give the accelerator memory back to the trainers until the next batch."""
         if self.stage is not None and not self.asleep:
-            self.stage.engine.sleep()
+            if self.stage.engine.sleep():
+                self.loaded = None  # weights discarded: whatever comes next is loaded on waking
             self.asleep = True
         return self.asleep
 
-    def wake(self) -> None:
+    def wake(self, reload: str | None = None) -> None:
+        """Awake, with `reload`'s weights loaded while waking if given (then `loaded` is it)."""
         if self.asleep:
-            self.stage.engine.wake()
+            self.stage.engine.wake(reload)
             self.asleep = False
+            if reload is not None:
+                self.loaded = reload
 
     def sync_member(self) -> tuple[int, str]:
         """Ranks this actor takes in a weight broadcast (0 before its engine exists: it loads lazily), and

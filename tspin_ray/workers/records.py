@@ -60,6 +60,14 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
+class ExportResult:
+    """Trainer.export: its seconds, and the sha256 and size of every file written (rank 0, the writer;
+    {} on the other ranks), keyed by path relative to the checkpoint: the manifest's `files`."""
+    seconds: float
+    files: Mapping[str, Mapping] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SendResult:
     """What one trainer rank's part of a weight broadcast did (rank 0 reports bytes and buckets)."""
     seconds: float

@@ -11,10 +11,12 @@ process group, the model and the tokenizer are set up once instead of once per i
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import socket
 import time
+from pathlib import Path
 
 import ray
 import torch
@@ -22,9 +24,11 @@ import torch
 from tspin_ray.algorithms.inputs import length_sorted, step_losses
 from tspin_ray.algorithms.logprobs import sequence_logprobs
 from tspin_ray.algorithms.objectives import get_objective
-from tspin_ray.models.checkpoints import load_format, load_model
+from tspin_ray.checksums import checksum_dir
+from tspin_ray.models.checkpoints import MERGED, load_format, load_model
 from tspin_ray.models.lora import merge, wrap
-from tspin_ray.workers.records import OptimizerSetup, SendResult, StepRecord
+from tspin_ray.workers.devices import local_device
+from tspin_ray.workers.records import ExportResult, OptimizerSetup, SendResult, StepRecord
 from tspin_ray.workers.weight_broadcast import rejoin
 from tspin_ray.workers.weight_export import (
     broadcast_weights,
@@ -114,7 +118,7 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.backend, self.zero_stage, self.precision = backend, zero_stage, precision
         self.gradient_checkpointing, self.offload = gradient_checkpointing, offload
-        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.device = local_device()
         self.model = self.engine = self.optimizer = self.scheduler = None
         self.loaded_from: str | None = None
         self.step = 0
@@ -126,10 +130,13 @@ class Trainer:
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1", free_port()
 
-    def init_group(self, master_addr: str, master_port: int) -> None:
+    def init_group(self, master_addr: str, master_port: int, timeout_s: float = 1800.0) -> None:
+        """Join the trainers' process group; a collective that waits longer than timeout_s fails there
+        (a run: controller/trainer_group.group_timeout_s, above every driver-side limit; else torch's 30 min)."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.device.index or 0))
         dist_backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         if self.backend == "deepspeed":
             import deepspeed
 
@@ -137,9 +144,9 @@ class Trainer:
                 # On CPU, skip DeepSpeed's shared-memory comm op: it is a 45 s C++ build on every new machine.
                 # (Only here: reading __compatible_ops__ probes every op builder, nvcc included, on a GPU.)
                 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-            deepspeed.init_distributed(dist_backend=dist_backend, verbose=False)
+            deepspeed.init_distributed(dist_backend=dist_backend, verbose=False, timeout=timeout)
         elif not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(dist_backend)
+            torch.distributed.init_process_group(dist_backend, timeout=timeout)
 
     def load(self, path: str, trust_remote_code: bool = False, lora=None) -> None:
         """Load the policy to train from an HF checkpoint (pi_t at the start of iteration t). With `lora`
@@ -325,9 +332,10 @@ class Trainer:
         self.engine = deepspeed.initialize(model=self.model, config=ds_config(
             3, self.offload, self.precision, world_size=self.world_size))[0]
 
-    def export(self, out_dir: str, shard_bytes: int = EXPORT_SHARD_BYTES, merged: str | None = None) -> float:
+    def export(self, out_dir: str, shard_bytes: int = EXPORT_SHARD_BYTES, merged: str | None = None) -> ExportResult:
         """Write the current weights as an HF checkpoint (safetensors) from rank 0, or with LoRA the adapter
-        (plus, into `merged`, base and adapter merged into one checkpoint); returns seconds."""
+        (plus, into `merged`, base and adapter merged into one checkpoint). Rank 0, the writer, also returns
+        the files' checksums, read back from its own page cache: the driver never re-reads the checkpoint."""
         t0 = time.time()
         if self.has_adapter:
             export_adapter(self.model, self.rank, out_dir)
@@ -338,14 +346,25 @@ class Trainer:
 
             hf_logging.disable_progress_bar()  # its "Writing model shards" bar would reach the driver's output
             self.model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=shard_bytes)
+        files = {}
         if self.rank == 0:
             self.tokenizer.save_pretrained(out_dir)
+            files = checksum_dir(Path(out_dir), skip=(MERGED,))
             if merged and self.has_adapter:
                 merge(out_dir, merged, dtype="bfloat16" if self.precision == "bf16" else "float32",
                       trust_remote_code=self.trust_remote_code)
         if self.world_size > 1:
             torch.distributed.barrier()
-        return time.time() - t0
+        return ExportResult(seconds=time.time() - t0, files=files)
+
+    def release_memory(self) -> int:
+        """Give the allocator's cached, unused blocks back to the device (a colocated engine wakes into them;
+        the model and optimizer states stay). Returns the bytes still reserved (0 on CPU)."""
+        gc.collect()
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.device)
 
     def weight_specs(self) -> list:
         return weight_specs(self.model)

@@ -224,6 +224,35 @@ def test_target_logprobs_run_on_the_meta_device_without_cpu_tensors():
     assert out.shape == (10,) and h.grad.shape == h.shape and w.grad.shape == w.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_weight_gradient_accumulates_in_place_block_by_block(monkeypatch, dtype):
+    """Several chunks add into one fp32 [V, H] gradient without a [V, H] product per chunk: blocks of 700
+    vocabulary rows here, each the same numbers as the whole product (bit for bit on CPU)."""
+    from tspin_ray.algorithms import logprobs
+
+    torch.manual_seed(0)
+    d, h = torch.randn(40, 5000).to(dtype), torch.randn(40, 64).to(dtype)
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 2 * 4 * 64 * 700)
+    grad = torch.ones(5000, 64)
+    before = grad.data_ptr()
+    logprobs.accumulate(grad, d, h)
+    assert grad.data_ptr() == before and grad.dtype == torch.float32
+    assert torch.equal(grad, 1 + (d.T @ h).float())
+
+
+def test_bf16_chunks_run_on_the_meta_device_without_cpu_tensors(monkeypatch):
+    """The blocked bf16 accumulation makes nothing on another device either (3 chunks, 4 blocks)."""
+    from tspin_ray.algorithms import logprobs
+    from tspin_ray.algorithms.logprobs import TargetLogProbs
+
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 2 * 4 * 8 * 13)
+    h = torch.empty(10, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(50, 8, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    out = TargetLogProbs.apply(h, w, torch.zeros(10, dtype=torch.long, device="meta"), 4)
+    out.sum().backward()
+    assert w.grad.shape == w.shape and w.grad.dtype == torch.bfloat16 and h.grad.device.type == "meta"
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean 4D mask, an additive one
 @pytest.mark.parametrize("family", ["char", "llama3", "qwen2", "zephyr"])
 def test_packed_rows_equal_one_padded_row_per_sequence_with_their_gradients(family_ckpt, tiny_ckpt, family,

@@ -344,6 +344,8 @@ def test_task_source(monkeypatch):
     assert all(e.prompt_id.startswith("t2-") for e in splits.train)
     with pytest.raises(UserError, match="unknown data.task 'mul'; valid tasks: add, reverse"):
         load_splits(DataConfig(task="mul"))
+    with pytest.raises(UserError, match="unknown data.checker 'arith'; valid tasks: add, reverse"):
+        load_splits(DataConfig(path="jobs/data/arithmetic.jsonl", checker="arith"))
 
 
 def test_write_jsonl_round_trips_atomically(tmp_path):

@@ -11,6 +11,7 @@ from tspin_ray.errors import UserError
 from tspin_ray.models.tiny import CHARSET, build_tokenizer
 
 N = 500
+TOY = sorted(set(TASKS) - {"arithmetic"})  # arithmetic is the real model's (words and spaces: not the char set)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -25,7 +26,7 @@ def test_make_is_deterministic_and_distinct(name):
     assert all(set(r) == {"id", "prompt", "response"} and r["prompt"] and r["response"] for r in rows)
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", TOY)
 def test_examples_use_charset_and_round_trip_through_tokenizer(name):
     tok = build_tokenizer()
     for row in TASKS[name].make(N, 3):
@@ -45,6 +46,28 @@ def test_answers_are_correct():
     for row in TASKS["sorting"].make(200, 0):
         items = row["prompt"].removeprefix("sort:").rstrip("=").split(",")
         assert row["response"].split(",") == sorted(items)
+    for row in TASKS["arithmetic"].make(200, 0):
+        a, op, b = row["prompt"].removeprefix("What is ").rstrip("?").split()
+        assert row["response"] == f"{a} {op} {b} = {int(a) + int(b) if op == '+' else int(a) - int(b)}"
+        assert 10 <= int(b) <= int(a) <= 99 if op == "-" else 10 <= min(int(a), int(b))
+    assert not TASKS["arithmetic"].check("What is 47 + 38?", "85")  # the answer in the annotated form only
+    assert TASKS["arithmetic"].answers("What is 47 plus 38?") == ()
+
+
+def test_the_real_models_data_files_are_what_the_script_writes():
+    """jobs/data/make_arithmetic.py rewrites both files byte for byte (the demo's figures depend on its rows)."""
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("make_arithmetic", REPO / "jobs/data/make_arithmetic.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, (n, seed) in script.FILES.items():
+        written = "".join(json.dumps(r) + "\n" for r in script.rows(n, seed))
+        assert (REPO / "jobs/data" / name).read_text() == written, name
+    first = json.loads((REPO / "jobs/data/arithmetic.jsonl").read_text().splitlines()[0])
+    assert first["prompt_id"] == "arith-000" and first["messages"][1] == {"role": "assistant", "content": "59 + 63 = 122"}
 
 
 def test_exact_match_ignores_surrounding_whitespace_only():

@@ -277,6 +277,12 @@ def fake_curves(root, run, seeds_curves: dict[int, list[float]], metric="validit
     ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin", "metric": "train/coverage", "at": "max"}],
      "claims[0].at: expected best, all or one of distribution.temperatures, got 'max'"),
     ([{"id": "x", "claim": "c", "a": "tspin", "b": "pi0", "metric": "nll"}] * 2, "claims: ids must be distinct"),
+    ([{"id": "x", "claim": "c", "a": "tspin@3", "b": "tspin@2", "metric": "nll"}],
+     "claims[0].a: '@3' expected @best or @0..@2"),
+    ([{"id": "x", "claim": "c", "a": "tspin@last", "b": "spin", "metric": "nll"}],
+     "claims[0].a: '@last' expected @best or @0..@2"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "pi0@1", "metric": "nll"}], "claims[0].b: '@1' expected"),
+    ([{"id": "x", "claim": "c", "a": "tspn@1", "b": "spin", "metric": "nll"}], "claims[0].a: 'tspn' is not a method"),
 ])
 def test_bad_declared_claims_name_the_entry(tmp_path, claims, message):
     with pytest.raises(UserError) as e:
@@ -337,3 +343,40 @@ def test_declared_claims_judge_paired_differences_at_one_best_and_all_temperatur
     assert got["gone"]["status"] == "not measured"
     fake_curves(out, "sft_continued", {1: [0.5, float("nan"), 0.1]})  # a NaN score is no measurement
     assert judge(s, s.claims[0])["status"] == "not measured"
+
+
+def test_claim_sides_name_an_iterate_or_the_best_one(tmp_path):
+    """`run@k` reads the evaluation after iteration k (`@0`: pi_0's row), `run@best` the iterate the run's
+    manifest names best; per step and best-vs-final claims judge the paired per-seed differences."""
+    from tspin_ray.rundir.store import RunDir
+    from tspin_ray.study.judge import judge
+
+    claims = [{"id": "step1", "claim": "iteration 1 helps", "a": "spin@1", "b": "spin@0", "metric": "nll"},
+              {"id": "step2", "claim": "iteration 2 helps", "a": "spin@2", "b": "spin@1", "metric": "exact_match"},
+              {"id": "best", "claim": "the best iterate recovers", "a": "spin@best", "b": "spin", "metric": "nll"},
+              {"id": "vs", "claim": "best vs SFT-100%", "a": "spin@best", "b": "sft_full", "metric": "nll"}]
+    s = study.parse_study(declared_raw(tmp_path, claims))
+    nll = {0: [2.0, 1.0, 3.0], 1: [2.2, 1.3, 2.7]}  # pi_0, pi_1, pi_2 per seed
+    em = {0: [0.1, 0.3, 0.2], 1: [0.1, 0.4, 0.1]}
+    for seed in (0, 1):
+        root = s.out / f"seed{seed}"
+        run = RunDir(root / "spin")
+        rows = [{"phase": "iteration", "iteration": t - 1, "eval/nll": nll[seed][t], "eval/exact_match": em[seed][t]}
+                for t in range(3)]
+        run.root.mkdir(parents=True)
+        run.append_metrics(rows)
+        full = RunDir(root / "sft_full")
+        full.root.mkdir(parents=True)
+        full.append_metrics([{"phase": "iteration", "iteration": -1, "eval/nll": 1.2, "eval/exact_match": 0.3}])
+    got = {c.id: judge(s, c) for c in s.claims}
+    assert got["best"]["status"] == "not measured"  # no manifest names a best iterate yet
+    for seed in (0, 1):
+        RunDir(s.out / f"seed{seed}" / "spin").commit("best", iterate="pi_1", metric="eval/nll")
+    got = {c.id: judge(s, c) for c in s.claims}
+    # NLL (lower is better): -1.0 and -0.9 at step 1 -> holds
+    assert got["step1"]["status"] == "holds" and got["step1"]["comparisons"][0]["difference"] == pytest.approx(-0.95)
+    assert got["step2"]["status"] == "does not hold"  # EM -0.1, -0.3
+    # best (pi_1) vs final (pi_2): 1.0 - 3.0, 1.3 - 2.7 -> holds
+    assert got["best"]["status"] == "holds" and got["best"]["comparisons"][0]["a"] == pytest.approx(1.15)
+    assert got["vs"]["comparisons"][0]["difference"] == pytest.approx(1.15 - 1.2)
+    assert "spin@best" in got["best"]["sentence"]

@@ -109,3 +109,53 @@ def test_cpu_thread_binds_doctests():
 
     assert doctest.testmod(engines).failed == 0
     assert engines.cpu_thread_binds(list(range(6)), 4) == "0|1|2|3"  # a remainder is left idle, never shared
+
+
+class Recorder:
+    """Stands in for vllm.LLM (whose sleep mode needs a GPU): records the calls the engine makes."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+
+@pytest.mark.parametrize("lora, level", [(False, 2), (True, 1)])
+def test_colocated_vllm_sleeps_by_what_changes_and_wakes_weights_before_the_kv_cache(lora, level):
+    """Full weights: level 2 (nothing copied to host; the next iterate is loaded on waking), LoRA: level 1
+    (the base stays). Waking: the weights' memory, the checkpoint into it, then the KV cache."""
+    from tspin_ray.workers.engines import VLLMEngine
+
+    calls = []
+    engine = object.__new__(VLLMEngine)
+    engine.sleep_mode, engine.lora_enabled, engine.llm = True, lora, Recorder(calls)
+    engine.reload = lambda path: calls.append(("reload", path))
+    assert engine.sleep() is (level == 2)
+    engine.wake("pi_2")
+    assert calls == [("sleep", level), ("wake_up", ["weights"]), ("reload", "pi_2"), ("wake_up", ["kv_cache"])]
+
+
+def test_a_generator_whose_weights_were_discarded_loads_them_while_waking(tiny_ckpt, monkeypatch):
+    """After a sleep that discarded the weights, the next batch on the SAME checkpoint still loads it (the
+    memory holds nothing); after one that kept them, nothing is reloaded."""
+    from tspin_ray.rollout.phases import GenPhase
+    from tspin_ray.workers.generator_pool import Generator
+
+    phase = GenPhase(model_path=str(tiny_ckpt), iteration=0, max_new_tokens=2)
+    gen = Generator()
+    gen._prepare(phase)
+    engine, loads = gen.stage.engine, []
+    monkeypatch.setattr(engine, "reload", lambda path: loads.append(path))
+    monkeypatch.setattr(engine, "sleep", lambda: False)  # kept (HF on CPU, vLLM level 1)
+    gen.sleep()
+    gen._prepare(phase)
+    assert loads == [] and not gen.asleep and gen.loaded == str(tiny_ckpt)
+    monkeypatch.setattr(engine, "sleep", lambda: True)  # discarded (vLLM level 2)
+    gen.sleep()
+    assert gen.loaded is None
+    gen._prepare(phase)
+    assert loads == [str(tiny_ckpt)] and not gen.asleep and gen.loaded == str(tiny_ckpt)

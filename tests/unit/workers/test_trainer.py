@@ -335,3 +335,27 @@ def test_a_toy_objective_is_one_registry_entry(ray_session, tiny_ckpt, tmp_path,
         ray.kill(actor)
     assert record.loss == pytest.approx(by_hand, rel=1e-5)
     assert record.metrics["toy/margin"] == pytest.approx(float((lp_y - lp_g).mean()), rel=1e-5)
+
+
+def test_the_writer_checksums_the_checkpoint_it_exports(tiny_ckpt, tmp_path, monkeypatch):
+    """Rank 0 returns the sha256 and size of every file it wrote; the run commits them as they are, so the
+    driver never re-reads a checkpoint (14.5 GB over a shared filesystem at 7B), and a resume verifies them."""
+    from tspin_ray.checksums import checksum_dir
+    from tspin_ray.rundir import store
+    from tspin_ray.workers.trainer_rank import Trainer
+
+    trainer = Trainer(0, 1, "torch")
+    trainer.load(str(tiny_ckpt))
+    out = tmp_path / "pi_1"
+    written = trainer.export(str(out))
+    assert written.seconds > 0 and "model.safetensors" in written.files and "config.json" in written.files
+    assert dict(written.files) == checksum_dir(out)
+
+    run = store.RunDir(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "checkpoints").mkdir()
+    out.rename(run.checkpoint(1))
+    monkeypatch.setattr(store, "checksum_dir", lambda *a, **k: pytest.fail("the driver re-read the checkpoint"))
+    run.commit_checkpoint(1, files=dict(written.files))
+    assert run.entry("pi_1")["files"] == dict(written.files)
+    assert run.latest_good_checkpoint(1) == 1

@@ -1,0 +1,44 @@
+"""Which accelerator this process uses: the one Ray assigned to the actor, by its index among the visible ones.
+
+    .venv/bin/pytest tests/unit/workers/test_devices.py
+
+Ray narrows CUDA_VISIBLE_DEVICES to an actor's GPUs, so the assigned one is usually index 0; with
+RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 (set by clusters that share GPUs between processes) every id
+stays visible and index 0 would put each rank of a node on the same GPU, which NCCL refuses. The trainer's
+LOCAL_RANK and `torch.cuda.set_device` follow the index found here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import ray
+import torch
+
+
+def visible_index(assigned: Sequence[str], visible: str | None) -> int:
+    """Index among this process's visible devices of the first one Ray assigned (0 without an assignment).
+
+    >>> visible_index(["3"], "3"), visible_index(["3"], "0,1,2,3"), visible_index(["2"], None)
+    (0, 3, 2)
+    """
+    if not assigned:
+        return 0
+    if not visible:  # every device visible, in the order of their ids
+        return int(assigned[0])
+    ids = [v.strip() for v in visible.split(",")]
+    if str(assigned[0]) not in ids:
+        raise RuntimeError(f"Ray assigned GPU {assigned[0]} but CUDA_VISIBLE_DEVICES is {visible!r}: this process "
+                           f"cannot see its own device")
+    return ids.index(str(assigned[0]))
+
+
+def local_device() -> torch.device:
+    """This actor's device (made current), or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    assigned = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    index = visible_index(assigned, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)

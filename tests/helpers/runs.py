@@ -92,3 +92,6 @@ def check_run(run, raw: dict, family: str | None = None) -> None:
     if cfg.objective.name == "spin":  # lp_ref from the generator equals the trainer's lp at the first step
         first = next(r for r in metrics if r["phase"] == "train" and r["iteration"] == 0)
         assert first["loss"] == pytest.approx(math.log(2), abs=2e-3)
+    if cfg.generation.persistent and cfg.objective.name != "sft":  # every sync was checked against the trainers
+        gaps = [r["sync/probe_gap"] for r in metrics if r["phase"] == "iteration" and r["iteration"] >= 0]
+        assert len(gaps) == cfg.iterations and max(gaps) < 1e-3, gaps

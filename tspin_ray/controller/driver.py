@@ -25,6 +25,7 @@ from tspin_ray.controller.health import Verdict, evaluation_figures, judge, samp
 from tspin_ray.controller.prepare import Prepared, prepare
 from tspin_ray.controller.progress import Progress
 from tspin_ray.controller.summary import iteration_summary
+from tspin_ray.controller.sync_check import PROBE_ROWS, verify
 from tspin_ray.controller.trainer_group import (
     TrainerGroup,
     ensure_ray,
@@ -262,8 +263,10 @@ class Driver:
         table = self.commit_generations(plan)
         export_s = self.export(t + 1, t0)
         sync = self.sync_weights(self.run.checkpoint(t + 1))
+        checked = self.check_sync(self.run.checkpoint(t + 1))
         return {**iteration_summary(t0=t0, t_train=t_train, records=records, table=table, generated_all=plan.generates_all,
-                                    rows=plan.rows.num_rows, export_s=export_s, sync=sync), **sample_figures(table)}, records
+                                    rows=plan.rows.num_rows, export_s=export_s, sync=sync), **sample_figures(table),
+                **checked}, records
 
     def plan(self, t: int, pi_t: Path, proto: dict | None) -> Plan:
         """The rows of iteration t, how pi_t generates for them, and which of them are still to generate."""
@@ -366,6 +369,16 @@ class Driver:
             self.progress.say(f"warning: weight broadcast failed ({sync.error}); generators will reload "
                               f"{path} instead")
         return sync
+
+    def check_sync(self, path: Path) -> dict:
+        """Long-lived generators hold what the trainers hold (controller/sync_check.py)."""
+        probe = self.prep.eval[:PROBE_ROWS] or self.prep.train[:PROBE_ROWS]
+        if self.generators is None or not probe:
+            return {}
+        if self.cfg.generation.colocate:  # the probe wakes the engines
+            self.trainers.release_memory()
+        return verify(self.trainers, self.generators, self.sft_rows(probe), path, self.cfg.model.dtype,
+                      self.progress.say)
 
     # ------------------------------------------------------------ the loop
     def committed(self, row: dict) -> bool:

@@ -181,17 +181,17 @@ class HFEngine:
         self.sync = rejoin(self.sync, key, host, port, rank, world_size, timeout_s, device)
         try:
             n = 0
-            for i, pairs in enumerate(receive(self.sync.group, buckets, device)):
+            for i, pairs in enumerate(receive(self.sync.group, buckets, device, timeout_s)):
                 crash_if("receive", [str(i)])  # chaos tests: a receiver dying mid-broadcast
                 n += copy_into(self.model, pairs)
             return n
         except Exception:
-            self.close_sync()
+            self.close_sync(failed=True)
             raise
 
-    def close_sync(self):
+    def close_sync(self, failed: bool = False):
         if self.sync is not None:
-            self.sync.close()
+            self.sync.close(failed)
             self.sync = None
 
 

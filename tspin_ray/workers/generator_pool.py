@@ -79,17 +79,37 @@ class Generator:
             if self.stage is None:
                 self.stage = GenerateStage(phase)
             else:
-                new = phase.model_path != self.loaded  # also after a sleep that discarded the weights
-                t0 = time.time()
-                self.wake(phase.model_path if new else None)
-                if new and self.loaded != phase.model_path:  # it was awake: load now
-                    self.stage.engine.reload(phase.model_path)
-                if new:
-                    self.stage.load_seconds = time.time() - t0
+                seconds = self._hold(phase.model_path)
+                if seconds is not None:
+                    self.stage.load_seconds = seconds
                 elif self.stage.phase != phase:  # a new phase on the same weights: it loaded nothing
                     self.stage.load_seconds = 0.0
                 self.stage.set_phase(phase)
             self.loaded = phase.model_path
+
+    def _hold(self, path: str) -> float | None:
+        """Awake with `path`'s weights: the seconds it took to load them, None when it held them already."""
+        new = path != self.loaded  # also after a sleep that discarded the weights
+        t0 = time.time()
+        self.wake(path if new else None)
+        if new and self.loaded != path:  # it was awake: load now
+            self.stage.engine.reload(path)
+        self.loaded = path
+        return time.time() - t0 if new else None
+
+    def probe(self, path: str, prompts: list, responses: list) -> list[float] | None:
+        """Summed log-probs of `responses` under the weights this engine holds for `path` (loaded now when
+        it does not hold them yet: a checkpoint sync); None before its engine exists. The driver compares
+        them with the trainers' (controller/sync_check.py)."""
+        with self._setup:
+            if self.stage is None:
+                return None
+            self._hold(path)
+            return self.stage.engine.score(prompts, responses)
+
+    def forget(self) -> None:
+        """Whatever this engine holds is suspect: load the checkpoint again at the next batch or probe."""
+        self.loaded = None
 
     def sleep(self) -> bool:
         """Colocated mode: give the accelerator memory back to the trainers until the next batch."""
@@ -259,6 +279,16 @@ class GeneratorPool:
             self.close_sync()
             return SyncResult(seconds=time.time() - t0, error=errors[0])
         return SyncResult(seconds=time.time() - t0, bytes=sent.bytes, receivers=sum(ranks))
+
+    def probe(self, path, prompts: list, responses: list) -> list[list[float]]:
+        """Each generator's scores of the probe rows under `path`'s weights (those with an engine)."""
+        got = ray.get([a.probe.remote(str(path), prompts, responses) for a in self.actors],
+                      timeout=self.cfg.generation.timeout_s)
+        return [g for g in got if g is not None]
+
+    def forget(self) -> None:
+        """Every generator loads the checkpoint again before its next batch or probe."""
+        ray.get([a.forget.remote() for a in self.actors], timeout=self.timeout_s)
 
     def close_sync(self) -> None:
         """Every live generator leaves its sync group (dead ones took theirs with them)."""

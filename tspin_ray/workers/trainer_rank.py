@@ -29,7 +29,7 @@ from tspin_ray.models.checkpoints import MERGED, load_format, load_model
 from tspin_ray.models.lora import merge, wrap
 from tspin_ray.workers.devices import local_device
 from tspin_ray.workers.records import ExportResult, OptimizerSetup, SendResult, StepRecord
-from tspin_ray.workers.weight_broadcast import rejoin
+from tspin_ray.workers.weight_broadcast import RENDEZVOUS_S, handshake, rejoin
 from tspin_ray.workers.weight_export import (
     broadcast_weights,
     export_adapter,
@@ -373,25 +373,34 @@ class Trainer:
                      timeout_s: float) -> SendResult:
         """Broadcast the current weights to the generators (workers/weight_broadcast.py). Every rank calls this: under
         ZeRO-3 each bucket is gathered from all ranks; rank 0 alone joins the sync group, which it keeps
-        while the generator set (`key`) stays the same. A failed send closes the group on this side."""
+        while the generator set (`key`) stays the same. Rank 0 meets every receiver (the handshake) before
+        any rank gathers: when it cannot, no rank starts. A failed send aborts the group on this side."""
 
         t0 = time.time()
-        group, opened = None, None
+        group, error = None, None
         if self.rank == 0:
             try:
                 self.sync = rejoin(self.sync, key, host, port, 0, world_size, timeout_s, self.device)
+                handshake(self.sync.group, self.device, min(timeout_s, RENDEZVOUS_S))
                 group = self.sync.group
-            except Exception as e:  # receivers never joined: still gather below, so no rank is left waiting
-                opened = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        sent, buckets, error = broadcast_weights(self.model, group, bucket_bytes, self.device)
-        error = opened or error
+            except Exception as e:  # a receiver never joined or never listened
+                error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if self.world_size > 1:  # rank 0 tells the others whether to start gathering at all
+            met = torch.tensor([0 if error else 1], device=self.device)
+            torch.distributed.broadcast(met, 0)
+            if not met.item():
+                self.close_sync(failed=True)
+                return SendResult(seconds=time.time() - t0, bytes=0, buckets=0, error=error or "rank 0 met no receivers")
+        sent, buckets, failed = (0, 0, None) if error else broadcast_weights(self.model, group, bucket_bytes,
+                                                                              self.device, timeout_s)
+        error = error or failed
         if error:
-            self.close_sync()
+            self.close_sync(failed=True)
         return SendResult(seconds=time.time() - t0, bytes=sent, buckets=buckets, error=error)
 
-    def close_sync(self) -> None:
+    def close_sync(self, failed: bool = False) -> None:
         if self.sync is not None:
-            self.sync.close()
+            self.sync.close(failed)
             self.sync = None
 
     def param_counts(self) -> dict[str, int]:

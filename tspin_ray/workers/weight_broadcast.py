@@ -9,7 +9,12 @@ about `bucket_bytes`, each flattened into one contiguous buffer, so a 7B model i
 broadcasts instead of a few hundred per layer, and rank 0 never holds more than one gathered bucket of a
 ZeRO-3 model. Each side keeps its `SyncGroup` while the set stays the same (its key: workers/generator_pool.py);
 a restarted generator or a failed sync makes a new key, and a generator outside the group loads the
-committed checkpoint instead. A failed sync closes the group on every side that is still alive.
+committed checkpoint instead. A failed sync aborts the group on every side that is still alive.
+
+Every sync starts with a handshake (all members count themselves in within RENDEZVOUS_S), before trainer
+rank 0 gathers anything, and every broadcast waits with a deadline: on NCCL a `wait()` without one only
+orders CUDA streams and returns at once, so a dead receiver would go unseen and the logged seconds would
+time the enqueueing; with one it blocks the CPU until the transfer completes, or raises.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Every member is asked to sync at the same moment: one not in the group within this is not coming.
+RENDEZVOUS_S = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +77,25 @@ def plan_buckets(specs: list[ParamSpec], bucket_bytes: int) -> list[list[ParamSp
     return buckets
 
 
+def wait(work, timeout_s: float) -> None:
+    """Until `work` completes, or raise after timeout_s (NCCL too: see the module docstring)."""
+    work.wait(datetime.timedelta(seconds=timeout_s))
+
+
+def handshake(group, device: torch.device, timeout_s: float) -> None:
+    """Every member is in the group and listening: a one-element all-reduce that must count them all."""
+    count = torch.ones(1, device=device)
+    wait(group.allreduce([count]), timeout_s)
+    if int(count.item()) != group.size():
+        raise RuntimeError(f"weight sync handshake counted {int(count.item())} of {group.size()} members")
+
+
 def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, device: torch.device):
-    """A process group of its own (not the default one): gloo for CPU tensors, NCCL for CUDA ones."""
+    """A process group of its own (not the default one): gloo for CPU tensors, NCCL for CUDA ones. Its
+    members meet within RENDEZVOUS_S (at most timeout_s); each operation may then take timeout_s."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    meet = datetime.timedelta(seconds=min(timeout_s, RENDEZVOUS_S))
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=meet)
     store = dist.PrefixStore("tspin-weight-sync", store)
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
@@ -94,11 +116,12 @@ class SyncGroup:
              device: torch.device) -> SyncGroup:
         return cls(key, *open_group(host, port, rank, world_size, timeout_s, device))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Release the communicator now: peers blocked in a broadcast on it fail at once instead of at
-        its timeout, and NCCL gives back its memory and threads."""
+        its timeout, and NCCL gives back its memory and threads. After a failure, `abort` (which does not
+        wait for a dead peer, where `shutdown` may)."""
         try:
-            self.group.shutdown()
+            self.group.abort() if failed else self.group.shutdown()
         except Exception:  # already broken by the failure that made us close it
             pass
         self.group = self.store = None
@@ -115,23 +138,27 @@ def rejoin(current: SyncGroup | None, key: str, host: str, port: int, rank: int,
 
 
 def send(group, buckets: list[list[ParamSpec]], gather: Callable[[list[ParamSpec]], list[torch.Tensor]],
-         device: torch.device) -> int:
-    """Broadcast every bucket from rank 0; `gather(bucket)` returns its full tensors. Returns bytes sent."""
+         device: torch.device, timeout_s: float) -> int:
+    """Broadcast every bucket from rank 0, each complete (or raising) within timeout_s; `gather(bucket)`
+    returns its full tensors. Returns bytes sent."""
     sent = 0
     for bucket in buckets:
         tensors = gather(bucket)
         flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=DTYPES[s.dtype])
                           for t, s in zip(tensors, bucket, strict=True)])
-        group.broadcast(flat, 0).wait()
+        wait(group.broadcast(flat, 0), timeout_s)
         sent += flat.numel() * flat.element_size()
     return sent
 
 
-def receive(group, buckets: list[list[ParamSpec]], device: torch.device) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield each bucket as (name, tensor) pairs as it arrives (views into one buffer per bucket)."""
+def receive(group, buckets: list[list[ParamSpec]], device: torch.device,
+            timeout_s: float) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The handshake, then each bucket as (name, tensor) pairs as it arrives (views into one buffer per
+    bucket), each within timeout_s."""
+    handshake(group, device, min(timeout_s, RENDEZVOUS_S))
     for bucket in buckets:
         flat = torch.empty(sum(s.numel for s in bucket), dtype=DTYPES[bucket[0].dtype], device=device)
-        group.broadcast(flat, 0).wait()
+        wait(group.broadcast(flat, 0), timeout_s)
         out, offset = [], 0
         for s in bucket:
             out.append((s.name, flat[offset:offset + s.numel].view(s.shape)))
@@ -167,15 +194,15 @@ class VLLMWorkerExtension:
         sync = self.tspin_sync = rejoin(getattr(self, "tspin_sync", None), key, host, port,
                                         rank_offset + get_tp_group().rank_in_group, world_size, timeout_s, device)
         try:
-            self._tspin_load(receive(sync.group, buckets, device))
+            self._tspin_load(receive(sync.group, buckets, device, timeout_s))
         except Exception:
-            self.tspin_close_sync()
+            self.tspin_close_sync(failed=True)
             raise
         return sum(len(b) for b in buckets)
 
-    def tspin_close_sync(self) -> None:
+    def tspin_close_sync(self, failed: bool = False) -> None:
         if getattr(self, "tspin_sync", None) is not None:
-            self.tspin_sync.close()
+            self.tspin_sync.close(failed)
             self.tspin_sync = None
 
     def _tspin_load(self, received) -> None:

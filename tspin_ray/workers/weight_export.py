@@ -68,13 +68,15 @@ def export_zero3(model, rank: int, out_dir: str, shard_bytes: int) -> None:
         model.generation_config.save_pretrained(out_dir)
 
 
-def broadcast_weights(model, group, bucket_bytes: int, device: torch.device) -> tuple[int, int, str | None]:
+def broadcast_weights(model, group, bucket_bytes: int, device: torch.device,
+                      timeout_s: float) -> tuple[int, int, str | None]:
     """Send every bucket of `model` on `group` (rank 0 of the trainers; None on the other ranks).
 
     Every rank gathers every bucket, whatever happens to the broadcast: under ZeRO-3 each gather is a
     collective of the trainers' own group, so a rank 0 that stopped after a failed send would leave the
     others inside an all-gather that the next trainer call's collectives would then meet. Returns
-    (bytes sent, buckets, the first error or None); after an error nothing more is sent."""
+    (bytes sent, buckets, the first error or None); after an error nothing more is sent. Each bucket
+    completes (or raises) within timeout_s."""
 
     buckets = plan_buckets(weight_specs(model), bucket_bytes)
     params = dict(model.named_parameters())
@@ -84,7 +86,7 @@ def broadcast_weights(model, group, bucket_bytes: int, device: torch.device) -> 
         with gathered(tensors):
             if group is not None and error is None:
                 try:
-                    sent += send(group, [bucket], lambda _, t=tensors: t, device)
+                    sent += send(group, [bucket], lambda _, t=tensors: t, device, timeout_s)
                 except Exception as e:  # a receiver died or timed out: stop sending, keep gathering
                     error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return sent, len(buckets), error

@@ -103,3 +103,67 @@ def test_generation_mode_conflicts_are_refused(tmp_path, gen, message):
     resources = gen.pop("_resources", {})
     with pytest.raises(UserError, match=message):
         from_dict(small_config(tmp_path, generation=gen, resources=resources))
+
+
+def _members(port, world, timeout_s, listen):
+    """`world` members of one sync group, each in a thread; member r runs listen[r](group) once in."""
+    import threading
+
+    from tspin_ray.workers.weight_broadcast import SyncGroup
+
+    out, threads = [None] * world, []
+
+    def member(r):
+        sync = SyncGroup.open("k", "127.0.0.1", port, r, world, timeout_s, torch.device("cpu"))
+        try:
+            out[r] = listen[r](sync.group)
+        except Exception as e:  # what the member saw
+            out[r] = e
+        finally:
+            sync.close(failed=isinstance(out[r], Exception))
+
+    for r in range(world):
+        threads.append(threading.Thread(target=member, args=(r,), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_the_handshake_counts_every_member_and_a_broadcast_completes_within_its_deadline():
+    from tspin_ray.workers.trainer_rank import free_port
+    from tspin_ray.workers.weight_broadcast import ParamSpec, handshake, receive, send
+
+    bucket = [[ParamSpec("w", (2, 3), "float32")]]
+    w = torch.arange(6.0).reshape(2, 3)
+
+    def sender(group):
+        handshake(group, torch.device("cpu"), 5)
+        return send(group, bucket, lambda _: [w], torch.device("cpu"), 5)
+
+    def receiver(group):
+        return [t.clone() for pairs in receive(group, bucket, torch.device("cpu"), 5) for _, t in pairs]
+
+    got = _members(free_port(), 3, 10, [sender, receiver, receiver])
+    assert got[0] == 24 and all(torch.equal(r[0], w) for r in got[1:])
+
+
+def test_a_member_that_never_listens_fails_the_handshake_at_its_deadline():
+    """It joined the group but never took part (a generator stuck in a batch): rank 0 raises after the
+    handshake's deadline, before anything is gathered or sent, instead of waiting for the broadcast's."""
+    import time
+
+    from tspin_ray.workers.trainer_rank import free_port
+    from tspin_ray.workers.weight_broadcast import handshake
+
+    def sender(group):
+        t0 = time.time()
+        try:
+            handshake(group, torch.device("cpu"), 2)
+        except Exception as e:
+            return e, time.time() - t0
+        return None, time.time() - t0
+
+    got = _members(free_port(), 2, 30, [sender, lambda group: time.sleep(6)])
+    error, seconds = got[0]
+    assert error is not None and 1.5 < seconds < 5

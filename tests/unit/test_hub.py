@@ -104,3 +104,22 @@ def test_validate_data_resolves_ids_from_the_cache_the_environment_names(offline
     lines = [x for x in bad.stderr.splitlines() if x.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr
     assert lines[0].startswith("error: model.path: org/not-there is no local path, and model org/not-there is not in")
+
+
+def test_a_study_of_a_hub_model_resumes_its_runs(offline_hub, tmp_path):
+    """The runs record the cached snapshot the id resolved to; rerunning the study compares like with like
+    (it used to compare the bare id with it and refused the study's own pi_0 run as another config's)."""
+    from tspin_ray.rundir.store import RunDir
+    from tspin_ray.study import runner
+    from tspin_ray.study.plan import load_study, narrow, plan
+
+    study = narrow(load_study(REPO / "jobs" / "study-real.yaml"), seeds=[0], iterations=1, methods=["tspin"],
+                   output_dir=str(tmp_path / "study"))
+    spec = plan(study)[0]
+    cfg = runner.run_config(spec)
+    assert cfg.model.path.startswith(str(offline_hub)) and spec.config().model.path == HUB_ID
+    run = RunDir.open(cfg)  # what train() records: the resolved config
+    run.commit("complete")
+    assert runner.is_complete(spec, cfg)
+    with pytest.raises(UserError, match="holds a run made with a different config"):
+        runner.is_complete(spec, spec.config())  # the bare id: what the study compared before

@@ -18,6 +18,7 @@ from tspin_ray.config.schema import RunConfig
 from tspin_ray.controller.driver import train
 from tspin_ray.controller.y0 import separate_phase
 from tspin_ray.errors import UserError
+from tspin_ray.hub import resolve_hub_ids
 from tspin_ray.rundir.store import RunDir, atomic_dir, write_atomic
 from tspin_ray.study.distribution import evaluate_run
 from tspin_ray.study.plan import (
@@ -32,6 +33,12 @@ from tspin_ray.study.plan import (
     plan,
 )
 from tspin_ray.study.results import write_results
+
+
+def run_config(spec: RunSpec) -> RunConfig:
+    """The run's config as its run directory records it: a hub id as its cached snapshot (what train()
+    resolves it to), so a rerun of the study compares like with like and resumes."""
+    return resolve_hub_ids(spec.config())
 
 
 def is_complete(spec: RunSpec, cfg: RunConfig) -> bool:
@@ -151,7 +158,7 @@ def execute(study: Study, quiet: bool = False, say=print) -> None:
     proto_sources: dict[tuple[int, str], RunSpec] = {}  # (seed, proto key) -> the first run with that y0
     pi0 = specs[0]
     for i, spec in enumerate(specs, 1):
-        cfg = spec.config()
+        cfg = run_config(spec)
         pkey = proto_key(cfg)
         pi0 = spec if spec.name == "pi0" else pi0
         if is_complete(spec, cfg):

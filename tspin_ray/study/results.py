@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tspin_ray.analysis.figures import figure, iteration_axis, save_figure
 from tspin_ray.rundir.store import RunDir, write_atomic
+from tspin_ray.study.health import lines as health_lines
+from tspin_ray.study.health import summary as health_summary
 from tspin_ray.study.judge import distribution_summary, judge, markdown, plot_curves
 from tspin_ray.study.plan import PI0, RESERVED_RUNS, Study, Timings, plan
 from tspin_ray.study.stats import fmt, iteration_rows, mean_std, number, paired, plus_minus, stats, verdict
@@ -246,6 +248,7 @@ def render_markdown(study: Study, results: dict, command: str) -> str:
     lines += ["", "![change from pi_0](results_delta.png)", ""]
     if study.claims or study.distribution is not None:
         lines += markdown(study, results) + [""]
+    lines += health_lines(study, results["health"]) + [""]
     lines += ["## Claim checks", "",
               "Computed from the numbers above, on per-seed (paired) differences: a mean difference within one "
               "std of those differences is inconclusive (and every difference is, with one seed).", ""]
@@ -318,6 +321,7 @@ def write_results(study: Study, command: str) -> Path:
         "claims_by_setting": {x: claims(summary, data["alignment"], x)
                               for x in sorted({setting(m) for m in study.methods} - {""})},
         "declared_claims": [judge(study, c) for c in study.claims],
+        "health": health_summary(study),
         "distribution": distribution_summary(study) if study.distribution is not None else {},
         "proto_reused": {k: v for k, v in all_reused.items() if k in keys},
         "wall_s": wall,

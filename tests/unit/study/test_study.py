@@ -193,6 +193,8 @@ def test_smoke_study(ray_session, tmp_path):
     assert all(f"| {m} |" in text for m in SMOKE_METHODS)
     assert all(f"- ({c}) " in text for c in "abcdef")
     assert "--iterations 1 --methods sft_continued tspin tspin_no_history" in text
+    assert "## Self-play health" in text and set(results["health"]) == set(SMOKE_METHODS)
+    assert all(results["health"][m]["0"]["best"].startswith("pi_") for m in SMOKE_METHODS)
     for png in ("results_em.png", "results_nll.png", "results_delta.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
@@ -380,3 +382,27 @@ def test_claim_sides_name_an_iterate_or_the_best_one(tmp_path):
     assert got["best"]["status"] == "holds" and got["best"]["comparisons"][0]["a"] == pytest.approx(1.15)
     assert got["vs"]["comparisons"][0]["difference"] == pytest.approx(1.15 - 1.2)
     assert "spin@best" in got["best"]["sentence"]
+
+
+def test_the_health_section_names_collapsed_and_best_iterates(tmp_path):
+    """Read back from the runs: seed 0's pi_2 triples the best held-out NLL (the run's own verdict: collapsed),
+    seed 1's does not; both named pi_1 best; y's log-prob on the training rows fell by 2 nats."""
+    from tspin_ray.rundir.store import RunDir
+    from tspin_ray.study import health
+
+    s = study.parse_study(study_raw(tmp_path))  # 2 iterations, seeds 0 and 1
+    specs = {(sp.seed, sp.name): sp for sp in study.plan(s)}
+    nll = {0: [0.40, 0.30, 0.90], 1: [0.42, 0.35, 0.41]}
+    for seed in (0, 1):
+        run = RunDir.open(specs[(seed, "spin")].config())
+        run.append_metrics([{"phase": "iteration", "iteration": t - 1, "eval/nll": nll[seed][t],
+                             "eval/exact_match": 0.1 * t, "health/logp_real_train": -2.0 - t,
+                             "health/distinct_greedy": 1.0} for t in range(3)])
+        run.commit("best", iterate="pi_1", metric="eval/nll")
+    got = health.summary(s)
+    assert got["spin"][0]["collapsed"] == ["pi_2"] and got["spin"][1]["collapsed"] == []
+    assert (got["spin"][0]["nll_last"], got["spin"][0]["nll_best"]) == (0.90, 0.30)
+    assert got["tspin"] == {0: None, 1: None}
+    text = "\n".join(health.lines(s, got))
+    assert "| spin | s0: pi_2; s1: none | s0: pi_1, s1: pi_1 | 0.200 → 0.100 | 0.6550 → 0.3250 | -2.00 → -4.00 |" in text
+    assert "| tspin | – | – | – | – | – |" in text

@@ -89,6 +89,7 @@ def cmd_eval(args) -> int:
     check_checkpoint(args.checkpoint)  # a missing or broken checkpoint is a one-line error
     driver = _driver(args)
     try:
+        driver.start_workers()  # generators for the greedy answers, trainers for the NLL
         print(json.dumps(driver.evaluate(Path(args.checkpoint), Path(args.checkpoint).name), indent=1))
     finally:
         driver.close()
@@ -109,9 +110,13 @@ def cmd_generate(args) -> int:
                          temperature=g.temperature, max_new_tokens=g.max_new_tokens)
     prompts = {e.prompt_id: e.prompt for e in driver.prep.train}
     lines = []
-    for b in driver.generate(prompt_rows(driver.prep.train, 0), phase).iter_rows():
-        lines.append(json.dumps({"prompt_id": b["prompt_id"], "prompt": prompts[b["prompt_id"]],
-                                 "generated": list(b["generated"])}))
+    try:
+        driver.start_workers(trainers=False)  # long-lived generators, if the config has them
+        for b in driver.generate(prompt_rows(driver.prep.train, 0), phase).iter_rows():
+            lines.append(json.dumps({"prompt_id": b["prompt_id"], "prompt": prompts[b["prompt_id"]],
+                                     "generated": list(b["generated"])}))
+    finally:
+        driver.close()
     write_atomic(Path(args.out), ("\n".join(lines) + "\n").encode())
     print(f"wrote {len(lines)} rows to {args.out}")
     return 0

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import ray
 
 from tspin_ray.config.schema import ObjectiveConfig, RunConfig
-from tspin_ray.controller.health import Verdict, evaluation_figures, judge, sample_figures
+from tspin_ray.controller.health import Verdict, check_iterate, evaluation_figures, sample_figures
 from tspin_ray.controller.prepare import Prepared, prepare
 from tspin_ray.controller.progress import Progress
 from tspin_ray.controller.summary import iteration_summary
@@ -95,15 +95,28 @@ class Driver:
         """Lazy generation of `rows`, in batches of generation.batch_size after the sizes in `first`."""
         r, g = self.cfg.resources, self.cfg.generation
         if g.persistent:
-            if self.generators is None:
-                share = self.trainer_group().pg if g.colocate else None  # engine i beside trainer rank i
-                self.generators = GeneratorPool(self.cfg, share_pg=share)
+            if self.generators is None:  # a programming error: Driver.start_workers makes them
+                raise RuntimeError("long-lived generators are made by Driver.start_workers")
             if g.colocate:  # the engines wake on this phase's first batch, into what the trainers gave back
                 self.trainer_group().release_memory()
             return self.generators.dataset(rows, phase, g.batch_size, g.max_attempts, first)
         return generation_dataset(rows, phase, batch_size=g.batch_size, min_actors=r.generators_min,
                                   max_actors=r.generators_max, num_cpus=r.generator_cpus, num_gpus=r.generator_gpus,
                                   resources=r.generator_resources, max_attempts=g.max_attempts, first=first)
+
+    def start_workers(self, latest: int | None = None, trainers: bool = True) -> None:
+        """Make the workers this driver holds, here and nowhere else: long-lived generators first (their start
+        overlaps the trainers'), then the trainer group with any colocated generators in its bundles.
+        `tspin-ray generate` needs no trainers (trainers=False) unless its generators live in their bundles."""
+        self.start_generators(latest)
+        if trainers or self.cfg.generation.colocate:
+            self.start_trainers()
+
+    def start_trainers(self) -> None:
+        """The trainer group, and colocated generators in its bundles (engine i beside trainer rank i)."""
+        self.trainers = TrainerGroup(self.cfg)
+        if self.cfg.generation.persistent and self.cfg.generation.colocate:
+            self.generators = GeneratorPool(self.cfg, share_pg=self.trainers.pg)
 
     def start_generators(self, latest: int | None) -> None:
         """Long-lived generators start with the run, beside the trainers: their process start, imports and
@@ -112,7 +125,6 @@ class Driver:
         c = self.cfg
         if not c.generation.persistent or c.generation.colocate or self.generators is not None:
             return  # colocated engines wait for the trainers' bundles
-
         self.generators = GeneratorPool(c)
         path = None if latest or c.needs_sft_stage else Path(c.model.path).resolve()
         self.generators.warm(path and self.phase(path, 0, samples=1, temperature=0.0, max_new_tokens=1))
@@ -197,9 +209,10 @@ class Driver:
         return out
 
     def trainer_group(self, path: Path | None = None, all_weights: bool = False) -> TrainerGroup:
-        """The trainers, holding `path` (with the run's training.lora adapter unless all_weights)."""
+        """The trainers (Driver.start_workers made them), holding `path` (with the run's training.lora
+        adapter unless all_weights)."""
         if self.trainers is None:
-            self.trainers = TrainerGroup(self.cfg)
+            raise RuntimeError("the trainer group is made by Driver.start_workers, not started here")
         if path is not None:
             self.trainers.load(path, None if all_weights else self.cfg.training.lora)
         return self.trainers
@@ -264,9 +277,10 @@ class Driver:
         export_s = self.export(t + 1, t0)
         sync = self.sync_weights(self.run.checkpoint(t + 1))
         checked = self.check_sync(self.run.checkpoint(t + 1))
-        return {**iteration_summary(t0=t0, t_train=t_train, records=records, table=table, generated_all=plan.generates_all,
-                                    rows=plan.rows.num_rows, export_s=export_s, sync=sync), **sample_figures(table),
-                **checked}, records
+        summary = iteration_summary(t0=t0, t_train=t_train, records=records, table=table,
+                                    generated_all=plan.generates_all, rows=plan.rows.num_rows, export_s=export_s,
+                                    sync=sync)
+        return {**summary.row(), **sample_figures(table), **checked}, records
 
     def plan(self, t: int, pi_t: Path, proto: dict | None) -> Plan:
         """The rows of iteration t, how pi_t generates for them, and which of them are still to generate."""
@@ -372,13 +386,10 @@ class Driver:
 
     def check_sync(self, path: Path) -> dict:
         """Long-lived generators hold what the trainers hold (controller/sync_check.py)."""
-        probe = self.prep.eval[:PROBE_ROWS] or self.prep.train[:PROBE_ROWS]
-        if self.generators is None or not probe:
+        if self.generators is None:
             return {}
-        if self.cfg.generation.colocate:  # the probe wakes the engines
-            self.trainers.release_memory()
-        return verify(self.trainers, self.generators, self.sft_rows(probe), path, self.cfg.model.dtype,
-                      self.progress.say)
+        probe = self.sft_rows(self.prep.eval[:PROBE_ROWS] or self.prep.train[:PROBE_ROWS])
+        return verify(self.trainers, self.generators, probe, path, self.cfg, self.progress.say)
 
     # ------------------------------------------------------------ the loop
     def committed(self, row: dict) -> bool:
@@ -406,6 +417,7 @@ class Driver:
                                     f"{str(e).strip().splitlines()[0]}") from e
                 self.progress.say(f"warning: a trainer actor died during {what}; restarting it from its "
                                   f"start checkpoint (attempt {attempt + 1}/{MAX_TRAINER_ATTEMPTS})")
+                self.start_trainers()
 
     def first_iteration(self) -> int:
         """Where the loop resumes: after the last iteration whose checkpoint verifies and is committed."""
@@ -427,7 +439,7 @@ class Driver:
         if done:  # it stopped at a collapse and this config does not stop: go on from its last iterate
             run.uncommit("complete")
         run.prune_metrics(self.committed)
-        self.start_generators(latest)
+        self.start_workers(latest)
         pi0 = self.with_trainer_retries("SFT of pi_0", self.initial_policy)
         if not run.done("eval_0"):
             ev = self.with_trainer_retries("evaluation of pi_0", lambda: self.evaluate(pi0, "pi_0"))
@@ -470,17 +482,8 @@ class Driver:
         return final
 
     def check_health(self, k: int, row: dict) -> Verdict:
-        """The health verdict on pi_k from its evaluation row and the committed ones before it; warns when
-        it looks collapsed (controller/health.py)."""
-        e, run = self.cfg.eval, self.run
-        history = [("pi_0", run.entry("eval_0") or row)] + [(f"pi_{j + 1}", run.entry(f"iter_{j}")) for j in range(k - 1)]
-        verdict = judge(history + [(f"pi_{k}", row)] if k else history, e.select, e.collapse_nll_factor,
-                        e.collapse_min_distinct)
-        if verdict.collapsed:
-            self.progress.say(verdict.warning(stops=e.stop_on_collapse))
-        if k == 0:
-            run.mark_best(0, metric=verdict.key, value=verdict.best_value)
-        return verdict
+        """The health verdict on pi_k; warns when it looks collapsed (controller/health.py)."""
+        return check_iterate(self.run, self.cfg.eval, k, row, self.progress.say)
 
     def close(self) -> None:
         for group in (self.generators, self.trainers):  # colocated engines live in the trainers' bundles

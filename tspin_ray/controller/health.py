@@ -101,3 +101,17 @@ def judge(history: list[tuple[str, dict]], select: str, nll_factor: float, min_d
 
 def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def check_iterate(run, e, k: int, row: dict, say) -> Verdict:
+    """The verdict on pi_k from its evaluation row and the committed ones before it in `run` (RunDir),
+    with the thresholds of `e` (EvalConfig); says the warning when it looks collapsed. pi_0 is the first
+    best iterate."""
+    history = [("pi_0", run.entry("eval_0") or row)] + [(f"pi_{j + 1}", run.entry(f"iter_{j}")) for j in range(k - 1)]
+    verdict = judge(history + [(f"pi_{k}", row)] if k else history, e.select, e.collapse_nll_factor,
+                    e.collapse_min_distinct)
+    if verdict.collapsed:
+        say(verdict.warning(stops=e.stop_on_collapse))
+    if k == 0:
+        run.mark_best(0, metric=verdict.key, value=verdict.best_value)
+    return verdict

@@ -29,9 +29,14 @@ def gaps(want: float, got: list[list[float]], tokens: int) -> list[float]:
     return [abs(sum(scores) / tokens - want) for scores in got]
 
 
-def verify(trainers, generators, rows: list[dict], path, dtype: str, say) -> dict:
+def verify(trainers, generators, rows: list[dict], path, cfg, say) -> dict:
     """Compare every generator's probe scores with the trainers' under the iterate at `path`; returns the
-    largest gap as `sync/probe_gap` ({} when no generator holds an engine yet)."""
+    largest gap as `sync/probe_gap` ({} when no generator holds an engine yet, or no probe rows)."""
+    if not rows:
+        return {}
+    if cfg.generation.colocate:  # the probe wakes the engines: into what the trainers gave back
+        trainers.release_memory()
+    dtype = cfg.model.dtype
     prompts, responses = [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows]
     nll, tokens = trainers.nll(prompts, responses)
     want, tol = -nll / max(tokens, 1), TOLERANCE[dtype]

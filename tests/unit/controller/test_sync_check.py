@@ -57,7 +57,7 @@ def test_a_stale_generator_is_reloaded_and_one_that_stays_stale_stops_the_run(ra
     try:
         trainers.load(tiny_ckpt)
         run_pool(pool, driver.prep.eval[:8], phase_of(driver, tiny_ckpt))  # the engine holds pi_0
-        assert sync_check.verify(trainers, pool, probe, tiny_ckpt, "float32", said.append)["sync/probe_gap"] < 1e-4
+        assert sync_check.verify(trainers, pool, probe, tiny_ckpt, driver.cfg, said.append)["sync/probe_gap"] < 1e-4
         assert said == []
 
         def step(to):  # one real optimizer step, exported like an iterate
@@ -67,14 +67,14 @@ def test_a_stale_generator_is_reloaded_and_one_that_stays_stale_stops_the_run(ra
 
         step(tmp_path / "pi_1")
         stale_reloads(pool, 1)  # the first reload of pi_1 silently keeps pi_0
-        got = sync_check.verify(trainers, pool, probe, tmp_path / "pi_1", "float32", said.append)
+        got = sync_check.verify(trainers, pool, probe, tmp_path / "pi_1", driver.cfg, said.append)
         assert len(said) == 1 and said[0].startswith("warning: a generator's weights differ from the trainers'")
         assert "every generator reloads the checkpoint" in said[0] and got["sync/probe_gap"] < 1e-4
 
         step(tmp_path / "pi_2")
         stale_reloads(pool, 2)  # and now every reload keeps pi_1
         with pytest.raises(RunFailed) as err:
-            sync_check.verify(trainers, pool, probe, tmp_path / "pi_2", "float32", said.append)
+            sync_check.verify(trainers, pool, probe, tmp_path / "pi_2", driver.cfg, said.append)
         assert str(err.value).startswith(f"weight sync: after reloading {tmp_path / 'pi_2'} a generator still scores "
                                          f"the probe ") and "(tolerance 0.001 for float32)" in str(err.value)
     finally:

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "generation": ("bench.generation:run", "Generation tokens/s: vLLM vs HF generate"),
     "logprob_parity": ("bench.generation:run_parity", "Reference log-probs: vLLM prompt_logprobs vs the trainer forward"),
     "trainer": ("bench.training:run", "Trainer tokens/s: DeepSpeed ZeRO-0 / 2 / 3 vs plain torch"),
+    "trainer_real": ("bench.training:run_real", "Trainer tokens/s on SmolLM2-135M-Instruct: ZeRO-0 / 2 / 3 vs plain torch"),
     "trainer_memory": ("bench.training:run_memory", "Trainer memory at load: ZeRO-3 zero.Init vs ZeRO-2"),
     "weight_sync": ("bench.weights:run", "Weight sync: in-place reload vs a cold engine start; checkpoint I/O"),
     "iteration": ("bench.pipeline:run_iteration", "One self-play iteration: wall time, breakdown, overlap"),

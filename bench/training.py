@@ -1,6 +1,7 @@
 """Trainer tokens/s: DeepSpeed ZeRO-0, 2 and 3 vs plain torch, one rank, the same T-SPIN batches.
 
     .venv/bin/python -m bench --only trainer [--quick]
+    .venv/bin/python -m bench --only trainer_real [--quick]     (SmolLM2-135M-Instruct: make real-model first)
 
 Every variant runs `Trainer.train_step` (forward over the concatenated y / y' / y0 sequences, T-SPIN loss,
 backward, clip, optimizer step) on the same global batches, after the same untimed warm-up steps. The
@@ -41,6 +42,15 @@ SIZES = {
     "gpu": dict(global_batch=64, micro_batch=16, warmup_steps=3, steps=20, response_chars=(32, 128),
                 precision="bf16", zero_stages=[0, 2, 3], model=GPU_MODEL),
 }
+# The real model (bench/real_model.py's fixture) on the real-model study's arithmetic, fp32 as its runs train.
+REAL_SIZES = {
+    "quick": dict(global_batch=16, micro_batch=8, warmup_steps=1, steps=2, response_chars=(3, 8), precision="fp32",
+                  zero_stages=[0]),
+    "full": dict(global_batch=16, micro_batch=8, warmup_steps=1, steps=4, response_chars=(3, 8), precision="fp32",
+                 zero_stages=[0]),  # the study's and the demo's trainer; ZeRO-2/3 overheads: --only trainer
+    "gpu": dict(global_batch=64, micro_batch=16, warmup_steps=3, steps=20, response_chars=(3, 8), precision="bf16",
+                zero_stages=[0, 2, 3]),
+}
 # Dense bf16 peak FLOP/s by GPU name fragment (vendor data sheets, SXM parts), for MFU.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 BEGIN = dict(objective="tspin", params={"alpha": 1.0, "beta": 0.1}, optimizer="adamw", lr=1e-5,
@@ -53,9 +63,9 @@ def shape(model: dict) -> str:
     return "tiny Llama (character tokenizer)" if family == "char" else f"random {family}-shaped model"
 
 
-def triplet_rows(fmt, n: int, response_chars: tuple[int, int], seed: int = 0) -> list[dict]:
-    """n T-SPIN rows (prompt, y, one y', one y0) on `addition` prompts; y' and y0 are random digit strings
-    of a generator-like length, so every variant trains on exactly the same tokens."""
+def triplet_rows(fmt, n: int, response_chars: tuple[int, int], seed: int = 0, examples=None) -> list[dict]:
+    """n T-SPIN rows (prompt, y, one y', one y0) on `addition` prompts (or `examples`); y' and y0 are random
+    digit strings of a generator-like length, so every variant trains on exactly the same tokens."""
     rng = random.Random(seed)
 
     def noise(prompt: str) -> list[int]:
@@ -63,7 +73,8 @@ def triplet_rows(fmt, n: int, response_chars: tuple[int, int], seed: int = 0) ->
         return fmt.response_ids(prompt, text)
 
     return [{"prompt_ids": fmt.prompt_ids(e["prompt"]), "real_ids": fmt.response_ids(e["prompt"], e["response"]),
-             "generated_ids": [noise(e["prompt"])], "proto_ids": [noise(e["prompt"])]} for e in task_examples(n, seed)]
+             "generated_ids": [noise(e["prompt"])], "proto_ids": [noise(e["prompt"])]}
+            for e in (examples or task_examples(n, seed))[:n]]
 
 
 def step_batches(rows: list[dict], global_batch: int, micro_batch: int) -> list[list[dict]]:
@@ -161,15 +172,34 @@ def gpu_peak() -> float | None:
 
 
 def run(ctx: Context) -> dict:
+    s = ctx.sizes(SIZES)
+    return measure(ctx, s, make_checkpoint(ctx.work / "model", **s["model"]), shape(s["model"]))
+
+
+def run_real(ctx: Context) -> dict:
+    """The same variants on SmolLM2-135M-Instruct, on the real-model study's questions (its chat template
+    around every prompt: about 40 tokens a sequence)."""
+    from bench import real_model
+    from bench.common import Skip
+    from tspin_ray.data.tasks import TASKS
+
+    if not real_model.ready():
+        raise Skip(real_model.missing_message())
+    s = ctx.sizes(REAL_SIZES)
+    n = (s["warmup_steps"] + s["steps"]) * s["global_batch"]
+    return measure(ctx, {**s, "model": {}}, real_model.model_dir(), "SmolLM2-135M-Instruct (Q4_1-rounded weights)",
+                   TASKS["arithmetic"].make(n, 1))
+
+
+def measure(ctx: Context, s: dict, path, what: str, examples=None) -> dict:
     import torch
 
     from tspin_ray.models.checkpoints import load_format
 
-    s = ctx.sizes(SIZES)
-    path = make_checkpoint(ctx.work / "model", **s["model"])
     params = param_count(path)
     steps = step_batches(triplet_rows(load_format(path), (s["warmup_steps"] + s["steps"]) * s["global_batch"],
-                                      tuple(s["response_chars"])), s["global_batch"], s["micro_batch"])
+                                      tuple(s["response_chars"]), examples=examples), s["global_batch"],
+                         s["micro_batch"])
     warmup, timed = steps[:s["warmup_steps"]], steps[s["warmup_steps"]:]
     tokens = sum(tokens_in(st) for st in timed)
     threads = min(torch.get_num_threads(), ray_cpus())  # an actor asking for more CPUs than Ray has never starts
@@ -198,7 +228,7 @@ def run(ctx: Context) -> dict:
              f.get("mfu", "n/a" if not ctx.gpu else None), f.get("last_loss")]
             for label, f in figures.items() if "skipped" not in f]
     notes = [
-        f"{params / 1e6:.2f}M-parameter {shape(s['model'])}, {s['precision']}; T-SPIN, global batch {s['global_batch']} "
+        f"{params / 1e6:.2f}M-parameter {what}, {s['precision']}; T-SPIN, global batch {s['global_batch']} "
         f"(micro {s['micro_batch']}, so {s['global_batch'] // s['micro_batch']} accumulation steps), "
         f"{len(timed)} timed steps after {len(warmup)} warm-up steps; {tokens / len(timed):.0f} tokens per step "
         f"(3 sequences per example).",

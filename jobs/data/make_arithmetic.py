@@ -23,7 +23,7 @@ from tspin_ray.data.tasks import TASKS
 FILES = {"arithmetic.jsonl": (160, 0), "arithmetic-study.jsonl": (240, 1)}
 
 
-def rows(n: int, seed: int) -> list[dict]:
+def rows(n: int = 160, seed: int = 0) -> list[dict]:
     return [{"prompt": r["prompt"], "prompt_id": f"arith-{i:03d}" if seed == 0 else f"arith{seed}-{i:03d}",
              "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
             for i, r in enumerate(TASKS["arithmetic"].make(n, seed))]

@@ -120,19 +120,26 @@ def run(ctx: Context, real: bool = False) -> dict:
     else:
         pi0 = make_checkpoint(ctx.work / "pi_0", **MODEL)
     cfgs = {}
-    for name in ("sequential", "ray"):
+    for name in ("sequential", "ray", "ray-first") if real else ("sequential", "ray"):
         cfgs[name] = ctx.work / f"{name}.yaml"
-        cfgs[name].write_text(yaml.safe_dump(config(s, pi0, ctx.work / f"run-{name}")))
+        raw = config(s, pi0, ctx.work / f"run-{name}")
+        if name == "ray-first":  # generation.stream false: every y' before the first step, on the 2 shared cores
+            raw["generation"]["stream"] = False
+        cfgs[name].write_text(yaml.safe_dump(raw))
     seq_json = ctx.work / "sequential.json"
     seq_cmd = [sys.executable, "-m", "bench.sequential", "--config", str(cfgs["sequential"]), "--out", str(seq_json)]
     ray_cmd = [str(Path(sys.executable).parent / "tspin-ray"), "train", "--config", str(cfgs["ray"]), "--quiet"]
     figures = []  # (sequential wall, its result, tspin-ray wall, its iterations) per repeat, alternating
+    first = []  # real: (wall, iterations) of tspin-ray with generation.stream false, in the same rotation
     for _ in range(s["repeats"]):
-        shutil.rmtree(ctx.work / "run-sequential", ignore_errors=True)
-        shutil.rmtree(ctx.work / "run-ray", ignore_errors=True)
+        for name in cfgs:
+            shutil.rmtree(ctx.work / f"run-{name}", ignore_errors=True)
         seq_wall = timed_command(seq_cmd, ctx.work / "sequential.log")
         ray_wall = timed_command(ray_cmd, ctx.work / "ray.log")
         figures.append((seq_wall, json.loads(seq_json.read_text()), ray_wall, ray_iterations(ctx.work / "run-ray")))
+        if real:
+            cmd = [*ray_cmd[:3], str(cfgs["ray-first"]), "--quiet"]
+            first.append((timed_command(cmd, ctx.work / "ray-first.log"), ray_iterations(ctx.work / "run-ray-first")))
     n = s["iterations"]
     seq, its = figures[-1][1], figures[-1][3]  # the breakdown table shows the last repeat
     diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray" / "checkpoints" / f"pi_{n}")
@@ -149,6 +156,15 @@ def run(ctx: Context, real: bool = False) -> dict:
         compare("iteration 0", "seconds", "single process", median(f[1]["iterations"][0]["seconds"] for f in figures),
                 "tspin-ray train", median(f[3][0]["timing/iteration"] for f in figures), higher_is_better=False),
     ]
+    if first:
+        first_diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray-first" / "checkpoints" / f"pi_{n}")
+        comparisons += [
+            compare("seconds per iteration (iterations 1+), generation first", "seconds", "single process",
+                    seq_steady, "tspin-ray train, generation.stream false",
+                    median(mean(r["timing/iteration"] for r in its_[1:]) for _, its_ in first),
+                    higher_is_better=False, target="<= 1.1x", max_weight_difference=first_diff),
+            compare("whole command, generation first", "seconds", "python -m bench.sequential", seq_wall,
+                    "tspin-ray train, generation.stream false", median(w for w, _ in first), higher_is_better=False)]
     rows = [[f"single process, iteration {i['iteration']}", i["seconds"], sum(i["step_s_per_epoch"]), i["generate_s"],
              "", i["export_and_load_s"], i["seconds"] - sum(i["step_s_per_epoch"]), i["steps"]] for i in seq["iterations"]]
     rows += [[f"tspin-ray, iteration {r['iteration']}", r["timing/iteration"], r["steps_s"], r["timing/generate"],

@@ -19,7 +19,7 @@ RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
                "eval": ("select", "collapse_nll_factor", "collapse_min_distinct", "stop_on_collapse")}
 
 # Keys added after runs were made: at their default they are left out of the hash, so those runs resume.
-ADDED = {"data": {"checker": None}}
+ADDED = {"data": {"checker": None}, "generation": {"stream": True}}
 
 
 def config_hash(d: dict) -> str:

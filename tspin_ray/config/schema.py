@@ -121,6 +121,8 @@ class GenerationConfig:
     gpu_memory_utilization: float = _f(0.85, "vLLM on GPU: fraction of GPU memory for weights + KV cache.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallel size: GPUs per engine (on CPU: worker processes, "
                                           "each pinned to its share of the actor's cores).")
+    stream: bool = _f(True, "Train epoch 0 on y' as they are generated. false: generate them all first, then "
+                            "train (where generators and trainers share the same CPU cores, overlap slows both).")
     persistent: bool = _f(False, "Long-lived generator actors (generators_max of them) that keep their engine "
                                  "across phases; false = an elastic Ray Data pool started per phase.")
     weight_sync: Literal["checkpoint", "broadcast"] = _f(

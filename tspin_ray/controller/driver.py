@@ -296,7 +296,7 @@ class Driver:
                            max_new_tokens=c.generation.max_new_tokens, score_ref=obj.entry.reference(obj.loss_params),
                            out_dir=self.run.generations(t), checkpoint=self.run.checkpoint_id(t))
         todo = self.missing(rows, phase, f"gen_{t}")
-        stream = todo.num_rows == rows.num_rows and not c.generation.colocate
+        stream = c.generation.stream and todo.num_rows == rows.num_rows and not c.generation.colocate
         return Plan(t, obj, rows, phase, todo, stream, steps)
 
     def iteration_rows(self, t: int, obj: ObjectiveConfig, proto: dict | None) -> pa.Table:

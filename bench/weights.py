@@ -178,9 +178,9 @@ def broadcast_times(path, out_dir, s: dict, backend: str, gpus: float) -> dict:
         bucket_mb = pool.cfg.generation.sync_bucket_mb
         pool.cfg = from_dict({**raw, "generation": {**raw["generation"], "sync_bucket_mb": 1e6}})
         for _ in range(s["repeats"]):
-            whole.append(pool.sync(trainers, path)["seconds"])
+            whole.append(pool.sync(trainers, path).seconds)
         return {"broadcast_s": median(syncs), "checkpoint_s": median(checkpoints), "one_bucket_s": median(whole),
-                "bytes": out["bytes"], "bucket_mb": bucket_mb, "broadcasts": syncs}
+                "bytes": out.bytes, "bucket_mb": bucket_mb, "broadcasts": syncs}
     finally:
         trainers.shutdown()
         pool.shutdown()

@@ -106,8 +106,7 @@ class Driver:
 
     def start_workers(self, latest: int | None = None, trainers: bool = True) -> None:
         """Make the workers this driver holds, here and nowhere else: long-lived generators first (their start
-        overlaps the trainers'), then the trainer group with any colocated generators in its bundles.
-        `tspin-ray generate` needs no trainers (trainers=False) unless its generators live in their bundles."""
+        overlaps the trainers'), then the trainers (`tspin-ray generate`: none unless generators colocate)."""
         self.start_generators(latest)
         if trainers or self.cfg.generation.colocate:
             self.start_trainers()
@@ -404,6 +403,8 @@ class Driver:
         """Run fn; if a trainer actor dies, rebuild the group and redo the phase from its start checkpoint."""
         for attempt in range(1, MAX_TRAINER_ATTEMPTS + 1):
             try:
+                if self.trainers is None:  # torn down by the attempt before
+                    self.start_trainers()
                 return fn()
             except ray.exceptions.RayActorError as e:
                 if self.trainers is not None:
@@ -417,7 +418,6 @@ class Driver:
                                     f"{str(e).strip().splitlines()[0]}") from e
                 self.progress.say(f"warning: a trainer actor died during {what}; restarting it from its "
                                   f"start checkpoint (attempt {attempt + 1}/{MAX_TRAINER_ATTEMPTS})")
-                self.start_trainers()
 
     def first_iteration(self) -> int:
         """Where the loop resumes: after the last iteration whose checkpoint verifies and is committed."""

@@ -93,6 +93,10 @@ def parse_claims(raw, methods: dict, distribution, iterations: int) -> tuple[Cla
         if metric not in GREEDY and (split not in SPLITS or name not in DISTRIBUTION_METRICS):
             raise UserError(f"{where}.metric: '{metric}' is not exact_match, nll or <heldout|train>/<"
                             f"{'|'.join(DISTRIBUTION_METRICS)}>")
+        sides = [side(str(c[k]))[1] for k in ("a", "b")]
+        if name.startswith("sampled_") and any(sides):
+            raise UserError(f"{where}.metric: '{metric}' is sampled at the final iterates only: drop the @ of "
+                            f"{c['a'] if sides[0] else c['b']}")
         if metric not in GREEDY and distribution is None:
             raise UserError(f"{where}.metric: '{metric}' needs the study's distribution: section")
         if at not in ("best", "all") and (isinstance(at, bool) or not isinstance(at, int | float) or distribution is None

@@ -48,7 +48,8 @@ def curve(study, name: str, seed: int, metric: str, checkpoint: str | None = Non
         row = iteration_rows(root).get(PI0 if k == 0 else k - 1, {})
         v = number(row.get(f"eval/{metric}"))
         return None if v is None else [v]
-    path = _run_root(study, seed, run) / "distribution.json"
+    # a method's distribution.json scores its own iterates; pi_0 is scored once, in the seed's pi0 run
+    path = _run_root(study, seed, "pi0" if k == 0 and checkpoint is None else run) / "distribution.json"
     if not path.exists():
         return None
     split, _, metric_name = metric.rpartition("/")

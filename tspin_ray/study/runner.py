@@ -127,7 +127,7 @@ def reuse_pi0_eval(spec: RunSpec, cfg: RunConfig, pi0: RunSpec) -> bool:
     the manifest entry): a crash in between leaves a row the driver prunes as uncommitted.
     """
     src = RunDir(pi0.root).entry("eval_0")
-    if src is None or eval_key(cfg) != eval_key(pi0.config()):
+    if src is None or eval_key(cfg) != eval_key(run_config(pi0)):
         return False
     run = RunDir.open(cfg)  # creates the run directory (config.yaml, hash) exactly as the driver would
     if run.done("eval_0"):

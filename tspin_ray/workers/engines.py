@@ -62,7 +62,7 @@ class Engine(Protocol):
         (joined at the first sync of that key, kept for the next ones; closed if this one fails)."""
         ...
 
-    def close_sync(self) -> None:
+    def close_sync(self, failed: bool = False) -> None:
         """Leave the sync group (a failed sync, or the pool shutting down)."""
         ...
 
@@ -388,8 +388,8 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return n[0]
 
-    def close_sync(self):
-        self.llm.collective_rpc("tspin_close_sync")
+    def close_sync(self, failed: bool = False):
+        self.llm.collective_rpc("tspin_close_sync", args=(failed,))
 
 
 def _failure(outputs: dict) -> BaseException | None:

@@ -93,6 +93,7 @@ class Generator:
         t0 = time.time()
         self.wake(path if new else None)
         if new and self.loaded != path:  # it was awake: load now
+            self.loaded = None  # a reload that fails part-way leaves weights that are nobody's
             self.stage.engine.reload(path)
         self.loaded = path
         return time.time() - t0 if new else None
@@ -143,9 +144,9 @@ class Generator:
         self.loaded = path
         return time.time() - t0
 
-    def close_sync(self) -> None:
+    def close_sync(self, failed: bool = False) -> None:
         if self.stage is not None:
-            self.stage.engine.close_sync()
+            self.stage.engine.close_sync(failed)
 
     def weights(self) -> dict:
         """The engine's parameters by name, on CPU (tests compare them with the trainer's)."""
@@ -276,23 +277,33 @@ class GeneratorPool:
                 errors.append(" ".join(str(e).split())[:200])
         if errors:  # tear down: live receivers leave the group (the sender already has); a new one next time
             self._sync = None
-            self.close_sync()
+            self.close_sync(failed=True)
             return SyncResult(seconds=time.time() - t0, error=errors[0])
         return SyncResult(seconds=time.time() - t0, bytes=sent.bytes, receivers=sum(ranks))
 
     def probe(self, path, prompts: list, responses: list) -> list[list[float]]:
-        """Each generator's scores of the probe rows under `path`'s weights (those with an engine)."""
-        got = ray.get([a.probe.remote(str(path), prompts, responses) for a in self.actors],
-                      timeout=self.cfg.generation.timeout_s)
+        """Each generator's scores of the probe rows under `path`'s weights (those with an engine; one that
+        died is restarted by Ray and loads the checkpoint from disk at its first batch)."""
+        got = []
+        for ref in [a.probe.remote(str(path), prompts, responses) for a in self.actors]:
+            try:
+                got.append(ray.get(ref, timeout=self.cfg.generation.timeout_s))
+            except ray.exceptions.RayActorError:
+                got.append(None)
         return [g for g in got if g is not None]
 
     def forget(self) -> None:
-        """Every generator loads the checkpoint again before its next batch or probe."""
-        ray.get([a.forget.remote() for a in self.actors], timeout=self.timeout_s)
+        """Every live generator loads the checkpoint again before its next batch or probe."""
+        for ref in [a.forget.remote() for a in self.actors]:
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except ray.exceptions.RayActorError:
+                pass
 
-    def close_sync(self) -> None:
-        """Every live generator leaves its sync group (dead ones took theirs with them)."""
-        for ref in [a.close_sync.remote() for a in self.actors]:
+    def close_sync(self, failed: bool = False) -> None:
+        """Every live generator leaves its sync group (dead ones took theirs with them); after a failed
+        sync it aborts it."""
+        for ref in [a.close_sync.remote(failed) for a in self.actors]:
             try:  # an actor busy with a hung call gets killed or restarted anyway: do not wait it out
                 ray.get(ref, timeout=30)
             except ray.exceptions.RayError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -92,8 +93,10 @@ def handshake(group, device: torch.device, timeout_s: float) -> None:
 
 def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, device: torch.device):
     """A process group of its own (not the default one): gloo for CPU tensors, NCCL for CUDA ones. Its
-    members meet within RENDEZVOUS_S (at most timeout_s); each operation may then take timeout_s."""
-    timeout = datetime.timedelta(seconds=timeout_s)
+    members meet within RENDEZVOUS_S (at most timeout_s); each wait then has timeout_s. The group's own
+    timeout is longer, so a wait raises (and the group is aborted) before NCCL's watchdog would tear the
+    process down."""
+    timeout = datetime.timedelta(seconds=timeout_s + RENDEZVOUS_S)
     meet = datetime.timedelta(seconds=min(timeout_s, RENDEZVOUS_S))
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=meet)
     store = dist.PrefixStore("tspin-weight-sync", store)
@@ -118,13 +121,20 @@ class SyncGroup:
 
     def close(self, failed: bool = False) -> None:
         """Release the communicator now: peers blocked in a broadcast on it fail at once instead of at
-        its timeout, and NCCL gives back its memory and threads. After a failure, `abort` (which does not
-        wait for a dead peer, where `shutdown` may)."""
-        try:
-            self.group.abort() if failed else self.group.shutdown()
-        except Exception:  # already broken by the failure that made us close it
-            pass
-        self.group = self.store = None
+        its timeout, and NCCL gives back its memory and threads. After a failure, `abort`, in a thread of
+        its own: gloo's abort waits for the pending operation to time out, and the caller must not."""
+        group, self.group, self.store = self.group, None, None
+
+        def release():
+            try:
+                group.abort() if failed else group.shutdown()
+            except Exception:  # already broken by the failure that made us close it
+                pass
+
+        if failed:
+            threading.Thread(target=release, daemon=True, name="tspin-sync-abort").start()
+        else:
+            release()
 
 
 def rejoin(current: SyncGroup | None, key: str, host: str, port: int, rank: int, world_size: int,
@@ -133,7 +143,7 @@ def rejoin(current: SyncGroup | None, key: str, host: str, port: int, rank: int,
     if current is not None and current.key == key:
         return current
     if current is not None:
-        current.close()
+        current.close(failed=True)  # another member set: its peers are gone or stale, do not wait on them
     return SyncGroup.open(key, host, port, rank, world_size, timeout_s, device)
 
 

@@ -285,6 +285,8 @@ def fake_curves(root, run, seeds_curves: dict[int, list[float]], metric="validit
      "claims[0].a: '@last' expected @best or @0..@2"),
     ([{"id": "x", "claim": "c", "a": "tspin", "b": "pi0@1", "metric": "nll"}], "claims[0].b: '@1' expected"),
     ([{"id": "x", "claim": "c", "a": "tspn@1", "b": "spin", "metric": "nll"}], "claims[0].a: 'tspn' is not a method"),
+    ([{"id": "x", "claim": "c", "a": "tspin", "b": "spin@1", "metric": "heldout/sampled_validity", "at": 1.0}],
+     "claims[0].metric: 'heldout/sampled_validity' is sampled at the final iterates only: drop the @ of spin@1"),
 ])
 def test_bad_declared_claims_name_the_entry(tmp_path, claims, message):
     with pytest.raises(UserError) as e:
@@ -406,3 +408,17 @@ def test_the_health_section_names_collapsed_and_best_iterates(tmp_path):
     text = "\n".join(health.lines(s, got))
     assert "| spin | s0: pi_2; s1: none | s0: pi_1, s1: pi_1 | 0.200 → 0.100 | 0.6550 → 0.3250 | -2.00 → -4.00 |" in text
     assert "| tspin | – | – | – | – | – |" in text
+
+
+def test_a_distribution_claim_at_pi0_reads_the_seeds_pi0_run(tmp_path):
+    """A method's distribution.json scores its own iterates only; `tspin@0` is the seed's pi_0, scored in
+    the pi0 run."""
+    from tspin_ray.study.judge import judge
+
+    claims = [{"id": "g", "claim": "T-SPIN's last beats its start", "a": "tspin", "b": "tspin@0",
+               "metric": "heldout/validity", "at": 1.0}]
+    s = study.parse_study(declared_raw(tmp_path, claims))
+    fake_curves(s.out, "tspin", {0: [0.3, 0.5, 0.2], 1: [0.3, 0.6, 0.2]})
+    fake_curves(s.out, "pi0", {0: [0.3, 0.2, 0.2], 1: [0.3, 0.3, 0.2]}, ckpt="pi_0")
+    got = judge(s, s.claims[0])
+    assert got["status"] == "holds" and got["comparisons"][0]["difference"] == pytest.approx(0.3)

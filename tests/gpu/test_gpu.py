@@ -82,13 +82,51 @@ def test_reference_logprobs_on_the_generator_match_the_trainer(tiny_ckpt, dtype,
     assert reference_logprob_gap(tiny_ckpt, dtype, gpu_memory_utilization=0.3) < tolerance
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_sync_probe_of_a_vllm_engine_is_within_its_tolerance(tiny_ckpt, dtype):
+    """The check after every weight sync (controller/sync_check.py) compares an engine's log-prob per token
+    with the trainer's forward on the same rows: on CUDA kernels the gap must stay inside TOLERANCE, or every
+    GPU run would reload and then stop after its first sync."""
+    pytest.importorskip("vllm")
+    from tspin_ray.controller.sync_check import TOLERANCE, gaps
+
+    engine = make_engine("vllm", str(tiny_ckpt), dtype=dtype, max_model_len=64, gpu_memory_utilization=0.3)
+    hf = HFEngine(str(tiny_ckpt), dtype=dtype)
+    prompts = [hf.format.prompt_ids(p) for p in PROMPTS]
+    responses = [hf.format.response_ids(p, p[::-1]) for p in PROMPTS]
+    gap = gaps(hf.score(prompts, responses), [engine.score(prompts, responses)], [len(r) for r in responses])[0]
+    print(f"sync probe gap in {dtype} on CUDA: {gap:.2e} nats/token (tolerance {TOLERANCE[dtype]:g})")
+    assert gap < TOLERANCE[dtype]
+
+
+def test_a_trainer_actor_uses_the_gpu_ray_assigned_it(ray_session):
+    """Device indices come from Ray's assignment (workers/devices.py): the trainer's device, the current
+    CUDA device and LOCAL_RANK agree with the GPU id Ray gave the actor."""
+    import os
+
+    import ray
+
+    from tspin_ray.workers.trainer_rank import start_trainers
+
+    [actor] = start_trainers(1, "torch", options={"num_gpus": 1})
+    try:
+        got = ray.get(actor.__ray_call__.remote(lambda t: (str(t.device), torch.cuda.current_device(),
+                                                           ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                           os.environ.get("LOCAL_RANK"))))
+        device, current, assigned, visible, local_rank = got
+        index = visible.split(",").index(str(assigned[0])) if visible else int(assigned[0])
+        assert device == f"cuda:{index}" and current == index and local_rank == str(index), got
+    finally:
+        ray.kill(actor)
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_hf_engine_on_gpu_scores_and_generates_as_on_cpu(family_ckpt, monkeypatch, family):
     """The HF engine a GPU generator runs, against the same engine on CPU (fp32, a real family's tokenizer,
     template and EOS list): reference log-probs agree to float error, greedy ids exactly."""
     path = str(family_ckpt(family))
     gpu = HFEngine(path)
-    assert gpu.device == "cuda"
+    assert gpu.device == f"cuda:{torch.cuda.current_device()}"  # the actor's own device, by index
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: False)
         cpu = HFEngine(path)

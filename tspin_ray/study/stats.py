@@ -13,8 +13,10 @@ from tspin_ray.analysis.report import load_run
 
 
 def iteration_rows(root: Path) -> dict[int, dict]:
-    """iteration -> its metrics row (a resumed run may log one twice: the last wins, as in analysis/report.py)."""
-
+    """iteration -> its metrics row (a resumed run may log one twice: the last wins, as in analysis/report.py);
+    {} for a run not started yet (results of a study still running, or narrowed by --methods)."""
+    if not (Path(root) / "metrics.jsonl").exists():
+        return {}
     return load_run(root).iterations
 
 

@@ -422,3 +422,18 @@ def test_a_distribution_claim_at_pi0_reads_the_seeds_pi0_run(tmp_path):
     fake_curves(s.out, "pi0", {0: [0.3, 0.2, 0.2], 1: [0.3, 0.3, 0.2]}, ckpt="pi_0")
     got = judge(s, s.claims[0])
     assert got["status"] == "holds" and got["comparisons"][0]["difference"] == pytest.approx(0.3)
+
+
+def test_results_of_a_study_still_running_leave_its_missing_runs_empty(tmp_path):
+    """Results can be written while runs are missing (a study interrupted, or still running): their cells
+    are empty instead of an error naming a run directory that does not exist yet."""
+    from tspin_ray.rundir.store import RunDir
+
+    s = study.parse_study(study_raw(tmp_path))
+    specs = {(sp.seed, sp.name): sp for sp in study.plan(s)}
+    for seed in (0, 1):
+        run = RunDir.open(specs[(seed, "pi0")].config())
+        run.append_metrics([{"phase": "iteration", "iteration": -1, "eval/nll": 0.4, "eval/exact_match": 0.2}])
+    data = study_results.collect(s)
+    assert {p.exact_match for p in data["points"] if p.iteration == -1} == {0.2}
+    assert all(p.exact_match is None for p in data["points"] if p.iteration >= 0)

@@ -46,7 +46,7 @@ def verify(trainers, generators, rows: list[dict], path, cfg, say) -> dict:
     t0 = time.time()
     dtype = precision(cfg)
     prompts, responses = [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows]
-    want = [-trainers.nll([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    want = trainers.row_logprobs(prompts, responses)  # one forward (one ZeRO-3 gather) for all rows
     tokens, tol = [max(len(r), 1) for r in responses], TOLERANCE[dtype]
     if cfg.generation.colocate:  # the probe wakes the engines: into what the trainers gave back
         trainers.release_memory()

@@ -227,6 +227,9 @@ class TrainerGroup:
     def nll(self, prompts, responses) -> tuple[float, int]:
         return self.call("nll", prompts, responses, what="held-out NLL", key="stall_timeout_s")[0]
 
+    def row_logprobs(self, prompts, responses) -> list[float]:
+        return self.call("row_logprobs", prompts, responses, what="probe log-probs", key="stall_timeout_s")[0]
+
     def shutdown(self) -> None:
         try:  # rank 0 leaves the weight-sync group first (NCCL frees its communicator); dead ranks cannot
             ray.get([a.close_sync.remote() for a in self.actors], timeout=30)

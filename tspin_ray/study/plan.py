@@ -43,8 +43,10 @@ from tspin_ray.study.claims import Claim, parse_claims, parse_distribution
 from tspin_ray.study.distribution import DistributionSpec
 
 STUDY_KEYS = ("base", "seeds", "iterations", "fraction", "full_fraction", "output_dir", "methods", "distribution",
-              "claims")
-DEFAULTS = {"iterations": 5, "fraction": 0.25, "full_fraction": 1.0, "output_dir": "runs/study"}
+              "claims", "keep_checkpoints")
+DEFAULTS = {"iterations": 5, "fraction": 0.25, "full_fraction": 1.0, "output_dir": "runs/study",
+            "keep_checkpoints": "final"}
+KEEP_CHECKPOINTS = ("final", "all")  # final: a finished method run keeps pi_0, its last and its best iterate
 # The study owns these keys of every run; a value in `base` or a method would be silently overwritten.
 STUDY_OWNED = ("output_dir", "iterations", "seed", "data.fraction", "data.seed", "objective.name")
 METHOD_FORBIDDEN = ("model", "output_dir", "iterations", "seed", "data.fraction", "data.seed", "sft")
@@ -66,6 +68,7 @@ class Study:
     source: str = "study config"  # the YAML path, for messages and the command line
     distribution: DistributionSpec | None = None  # score every checkpoint's answer distribution
     claims: tuple[Claim, ...] = ()  # declared in the config before any run
+    keep_checkpoints: str = "final"  # or "all": every iterate of every run stays on disk
 
     @property
     def out(self) -> Path:
@@ -126,6 +129,10 @@ def parse_study(raw, source: str = "study config") -> Study:
     if not isinstance(output_dir, str) or not output_dir:
         raise UserError(f"output_dir: expected a path, got {output_dir!r}")
 
+    keep = raw.get("keep_checkpoints", DEFAULTS["keep_checkpoints"])
+    if keep not in KEEP_CHECKPOINTS:
+        raise UserError(f"keep_checkpoints: expected one of {', '.join(KEEP_CHECKPOINTS)}, got {keep!r}")
+
     methods = _parse_methods(raw["methods"])
     distribution = parse_distribution(raw.get("distribution"))
     if distribution is not None and _get(base, "data.task") is None:
@@ -133,7 +140,7 @@ def parse_study(raw, source: str = "study config") -> Study:
     study = Study(base=base, seeds=tuple(seeds), iterations=iterations, fraction=_number(raw, "fraction", 0, 1),
                   full_fraction=_number(raw, "full_fraction", 0, 1), output_dir=output_dir, methods=methods,
                   source=source, distribution=distribution,
-                  claims=parse_claims(raw.get("claims"), methods, distribution, iterations))
+                  claims=parse_claims(raw.get("claims"), methods, distribution, iterations), keep_checkpoints=keep)
     check_runs(study)
     return study
 

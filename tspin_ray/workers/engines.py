@@ -232,10 +232,20 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         if tensor_parallel_size > 1:  # TP workers as processes on this actor's GPUs (or cores), never Ray actors
             kwargs["distributed_executor_backend"] = "mp"
-            if not torch.cuda.is_available():  # vLLM-CPU pins each TP worker's threads to cores of its own
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                                      cpu_thread_binds(sorted(os.sched_getaffinity(0)), tensor_parallel_size))
-        self.llm = LLM(**kwargs)
+        # vLLM-CPU reads its thread binding while the engine starts: ours only then, so it never looks like
+        # the user's to the next engine or to a Ray started from this process (its workers inherit os.environ)
+        # (OMP_NUM_THREADS first: Ray sets it from num_cpus, and torch may have started its threads before)
+        ours = not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+        if ours:
+            threads = int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binds(
+                sorted(os.sched_getaffinity(0)), tensor_parallel_size, threads)
+        self.cpu_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") if not torch.cuda.is_available() else None
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            if ours:
+                del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         # Callers on several threads (a long-lived generator's queued batches) share the engine's steps.
         self._lock, self._scoring, self._ids, self._owner = threading.Lock(), threading.Lock(), itertools.count(), {}
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
@@ -409,16 +419,23 @@ def vllm_lora_rank(r: int) -> int:
     return fits[0]
 
 
-def cpu_thread_binds(cores: list[int], tensor_parallel_size: int) -> str:
+def cpu_thread_binds(cores: list[int], tensor_parallel_size: int, threads: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for `tensor_parallel_size` vLLM-CPU workers: the cores this process may
     use, split into contiguous groups, one per worker ('|' between workers). With fewer cores than workers
     they share round robin (vLLM-CPU otherwise asks for a NUMA node per worker and refuses to start).
+    One worker binds `threads` cores (this process's torch threads: a Ray actor's num_cpus), not vLLM's
+    "auto", which keeps a core for an engine-core process that runs in this one here and so, on 2 cores,
+    generates on 1 whatever the actor was given.
 
-    >>> cpu_thread_binds([0, 1, 2, 3, 4, 5, 6, 7], 2)
+    >>> cpu_thread_binds([0, 1, 2, 3, 4, 5, 6, 7], 2, 8)
     '0,1,2,3|4,5,6,7'
-    >>> cpu_thread_binds([0, 1], 2), cpu_thread_binds([3], 2)
+    >>> cpu_thread_binds([0, 1], 2, 1), cpu_thread_binds([3], 2, 1)
     ('0|1', '3|3')
+    >>> cpu_thread_binds([0, 1, 2, 3], 1, 2), cpu_thread_binds([0, 1], 1, 4)
+    ('0,1', '0,1')
     """
+    if tensor_parallel_size == 1:
+        return ",".join(map(str, cores[:max(1, threads)]))
     n = max(1, len(cores) // tensor_parallel_size)
     if len(cores) < tensor_parallel_size:
         return "|".join(str(cores[i % len(cores)]) for i in range(tensor_parallel_size))

@@ -281,33 +281,30 @@ class GeneratorPool:
             return SyncResult(seconds=time.time() - t0, error=errors[0])
         return SyncResult(seconds=time.time() - t0, bytes=sent.bytes, receivers=sum(ranks))
 
-    def probe(self, path, prompts: list, responses: list) -> list[list[float]]:
-        """Each generator's scores of the probe rows under `path`'s weights (those with an engine; one that
-        died is restarted by Ray and loads the checkpoint from disk at its first batch)."""
-        got = []
-        for ref in [a.probe.remote(str(path), prompts, responses) for a in self.actors]:
+    def on_each(self, method: str, *args, timeout: float, tolerate=ray.exceptions.RayActorError) -> list:
+        """`method` on every generator at once; None from one that failed with `tolerate` (a dead actor:
+        Ray restarts it, and it loads the committed checkpoint at its first batch)."""
+        out = []
+        for ref in [getattr(a, method).remote(*args) for a in self.actors]:
             try:
-                got.append(ray.get(ref, timeout=self.cfg.generation.timeout_s))
-            except ray.exceptions.RayActorError:
-                got.append(None)
+                out.append(ray.get(ref, timeout=timeout))
+            except tolerate:
+                out.append(None)
+        return out
+
+    def probe(self, path, prompts: list, responses: list) -> list[list[float]]:
+        """Each generator's scores of the probe rows under `path`'s weights (those with an engine)."""
+        got = self.on_each("probe", str(path), prompts, responses, timeout=self.cfg.generation.timeout_s)
         return [g for g in got if g is not None]
 
     def forget(self) -> None:
         """Every live generator loads the checkpoint again before its next batch or probe."""
-        for ref in [a.forget.remote() for a in self.actors]:
-            try:
-                ray.get(ref, timeout=self.timeout_s)
-            except ray.exceptions.RayActorError:
-                pass
+        self.on_each("forget", timeout=self.timeout_s)
 
     def close_sync(self, failed: bool = False) -> None:
         """Every live generator leaves its sync group (dead ones took theirs with them); after a failed
-        sync it aborts it."""
-        for ref in [a.close_sync.remote(failed) for a in self.actors]:
-            try:  # an actor busy with a hung call gets killed or restarted anyway: do not wait it out
-                ray.get(ref, timeout=30)
-            except ray.exceptions.RayError:
-                pass
+        sync it aborts it. An actor busy with a hung call gets killed or restarted anyway: not waited out."""
+        self.on_each("close_sync", failed, timeout=30, tolerate=ray.exceptions.RayError)
 
     def sleep(self) -> int:
         """Every engine to sleep (colocated mode, before the trainers need the GPUs); returns how many."""

@@ -29,7 +29,7 @@ from tspin_ray.models.checkpoints import MERGED, load_format, load_model
 from tspin_ray.models.lora import merge, wrap
 from tspin_ray.workers.devices import local_device
 from tspin_ray.workers.records import ExportResult, OptimizerSetup, SendResult, StepRecord
-from tspin_ray.workers.weight_broadcast import RENDEZVOUS_S, handshake, rejoin
+from tspin_ray.workers.weight_broadcast import handshake, rejoin
 from tspin_ray.workers.weight_export import (
     broadcast_weights,
     export_adapter,
@@ -301,29 +301,46 @@ class Trainer:
     # ------------------------------------------------------------ evaluation and export
     @torch.no_grad()
     def nll(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> tuple[float, int]:
-        """Summed NLL and token count of `responses` on this rank's slice (rank::world) of the rows."""
-
-        if self.engine is None and self.backend == "deepspeed" and self.zero_stage == 3:
-            self._zero3_engine()  # a freshly loaded ZeRO-3 model holds placeholders until DeepSpeed wraps it
-        model = self.engine.module if hasattr(self.engine, "module") else self.model
-        model.eval()
+        """Summed NLL and token count of `responses` over all ranks (each forwards its slice rank::world)."""
         total, tokens = 0.0, 0
-        mine = list(range(self.rank, len(prompts), self.world_size))
-        # Every rank runs the same number of forwards: under ZeRO-3 each one gathers parameters collectively,
-        # so a rank with one batch fewer would leave the others waiting. Its extra forward is thrown away.
-        for s in range(0, -(-len(prompts) // self.world_size), batch_size):
-            idx = mine[s:s + batch_size]
-            lp = sequence_logprobs(model, [prompts[i] for i in idx or [0]], [responses[i] for i in idx or [0]],
-                                   self.pad_id)
-            if idx:
-                total -= float(lp.sum())
-                tokens += sum(len(responses[i]) for i in idx)
+        for idx, lp in self._row_logprobs(prompts, responses, batch_size):
+            total -= float(lp.sum())
+            tokens += sum(len(responses[i]) for i in idx)
         if self.world_size > 1:
             t = torch.tensor([total, tokens], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
             total, tokens = float(t[0]), int(t[1])
-        self.model.train()
         return total, tokens
+
+    def row_logprobs(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> list[float]:
+        """Summed log-prob of each response, in row order, on every rank (the sync probe compares rows)."""
+        out = torch.zeros(len(prompts), dtype=torch.float64, device=self.device)
+        for idx, lp in self._row_logprobs(prompts, responses, batch_size):
+            out[idx] = lp.detach().to(device=self.device, dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(out)
+        return out.tolist()
+
+    def _row_logprobs(self, prompts, responses, batch_size: int):
+        """(row indices, their summed log-probs) for this rank's slice rank::world, in eval mode."""
+        if self.engine is None and self.backend == "deepspeed" and self.zero_stage == 3:
+            self._zero3_engine()  # a freshly loaded ZeRO-3 model holds placeholders until DeepSpeed wraps it
+        model = self.engine.module if hasattr(self.engine, "module") else self.model
+        model.eval()
+        mine = list(range(self.rank, len(prompts), self.world_size))
+        try:
+            with torch.no_grad():
+                # Every rank runs the same number of forwards: under ZeRO-3 each one gathers parameters
+                # collectively, so a rank with one batch fewer would leave the others waiting. Its extra
+                # forward is thrown away.
+                for s in range(0, -(-len(prompts) // self.world_size), batch_size):
+                    idx = mine[s:s + batch_size]
+                    lp = sequence_logprobs(model, [prompts[i] for i in idx or [0]],
+                                           [responses[i] for i in idx or [0]], self.pad_id)
+                    if idx:
+                        yield idx, lp
+        finally:
+            self.model.train()
 
     def _zero3_engine(self) -> None:
         """DeepSpeed engine without an optimizer: installs the ZeRO-3 gather hooks for forwards only."""
@@ -381,7 +398,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 self.sync = rejoin(self.sync, key, host, port, 0, world_size, timeout_s, self.device)
-                handshake(self.sync.group, self.device, min(timeout_s, RENDEZVOUS_S))
+                handshake(self.sync.group, self.device, timeout_s)
                 group = self.sync.group
             except Exception as e:  # a receiver never joined or never listened
                 error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

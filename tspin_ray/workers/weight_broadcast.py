@@ -84,9 +84,10 @@ def wait(work, timeout_s: float) -> None:
 
 
 def handshake(group, device: torch.device, timeout_s: float) -> None:
-    """Every member is in the group and listening: a one-element all-reduce that must count them all."""
+    """Every member is in the group and listening: a one-element all-reduce that must count them all,
+    within RENDEZVOUS_S (or timeout_s when shorter)."""
     count = torch.ones(1, device=device)
-    wait(group.allreduce([count]), timeout_s)
+    wait(group.allreduce([count]), min(timeout_s, RENDEZVOUS_S))
     if int(count.item()) != group.size():
         raise RuntimeError(f"weight sync handshake counted {int(count.item())} of {group.size()} members")
 
@@ -165,7 +166,7 @@ def receive(group, buckets: list[list[ParamSpec]], device: torch.device,
             timeout_s: float) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The handshake, then each bucket as (name, tensor) pairs as it arrives (views into one buffer per
     bucket), each within timeout_s."""
-    handshake(group, device, min(timeout_s, RENDEZVOUS_S))
+    handshake(group, device, timeout_s)
     for bucket in buckets:
         flat = torch.empty(sum(s.numel for s in bucket), dtype=DTYPES[bucket[0].dtype], device=device)
         wait(group.broadcast(flat, 0), timeout_s)

@@ -57,6 +57,7 @@ def study_raw(tmp_path) -> dict:
     ({"methods": {"a": {"objective": {"name": "tspn"}}}}, "methods.a (run a): objective.name: 'tspn' is not"),
     ({"methods": {"a": {"objective": {"name": "sft"}, "iterations": 3}}}, "methods.a.iterations: set by the study"),
     ({"methods": {"a": {"objective": {"name": "sft"}, "trainig": {}}}}, "did you mean 'training'"),
+    ({"keep_checkpoints": "best"}, "keep_checkpoints: expected one of final, all, got 'best'"),
 ])
 def test_bad_study_configs_name_the_key(tmp_path, change, message):
     raw = {**study_raw(tmp_path), **change}
@@ -437,3 +438,23 @@ def test_results_of_a_study_still_running_leave_its_missing_runs_empty(tmp_path)
     data = study_results.collect(s)
     assert {p.exact_match for p in data["points"] if p.iteration == -1} == {0.2}
     assert all(p.exact_match is None for p in data["points"] if p.iteration >= 0)
+
+
+def test_a_finished_run_keeps_pi0_its_final_and_its_best_iterate(tmp_path):
+    """keep_checkpoints: final (the default): the study reads evaluations, not checkpoints; what went is
+    named in the manifest, and a second prune finds nothing more."""
+    from tspin_ray.rundir.store import RunDir
+
+    root = tmp_path / "seed0" / "tspin"
+    for t in range(4):
+        (root / "checkpoints" / f"pi_{t}").mkdir(parents=True)
+        (root / "checkpoints" / f"pi_{t}" / "model.safetensors").write_bytes(b"w")
+    (root / "checkpoints" / "best").symlink_to("pi_1")
+    RunDir(root).commit("complete", checkpoint=str(root / "checkpoints" / "pi_3"), best="pi_1", iterations=3)
+
+    assert runner.prune_iterates(root) == ["pi_2"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best", "pi_0", "pi_1", "pi_3"]
+    assert (root / "checkpoints" / "best" / "model.safetensors").exists()
+    assert RunDir(root).entry("pruned") == {"iterates": ["pi_2"]}
+    assert runner.prune_iterates(root) == [] and RunDir(root).entry("pruned") == {"iterates": ["pi_2"]}
+    assert study.parse_study(study_raw(tmp_path)).keep_checkpoints == "final"

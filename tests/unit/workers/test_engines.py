@@ -108,7 +108,30 @@ def test_cpu_thread_binds_doctests():
     from tspin_ray.workers import engines
 
     assert doctest.testmod(engines).failed == 0
-    assert engines.cpu_thread_binds(list(range(6)), 4) == "0|1|2|3"  # a remainder is left idle, never shared
+    assert engines.cpu_thread_binds(list(range(6)), 4, 6) == "0|1|2|3"  # a remainder is left idle, never shared
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_vllm_cpu_generates_on_as_many_cores_as_its_actor_has(tiny_ckpt, ray_session, cpus):
+    """vLLM's own "auto" binding keeps a core for an engine-core process that here runs in the actor's
+    own, so on 2 cores a 2-CPU generator would generate on 1: it binds the actor's num_cpus cores."""
+    pytest.importorskip("vllm")
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=cpus)
+    class Generator:  # an actor: a process of its own, whose torch threads Ray set from num_cpus
+        def cores_bound(self, path: str) -> tuple[str, bool]:
+            engine = make_engine("vllm", path, seed=0)
+            assert len(engine.generate([[5, 6, 7]], [0], max_new_tokens=2, temperature=0.0, top_p=1.0)[0]) == 2
+            return engine.cpu_bind, "VLLM_CPU_OMP_THREADS_BIND" in os.environ
+
+    cores = sorted(os.sched_getaffinity(0))
+    actor = Generator.remote()
+    bind, leaked = ray.get(actor.cores_bound.remote(str(tiny_ckpt)))
+    ray.kill(actor)
+    assert bind == ",".join(map(str, cores[:cpus])) and not leaked  # the engine's, not left for the next one
 
 
 class Recorder:

@@ -359,3 +359,22 @@ def test_the_writer_checksums_the_checkpoint_it_exports(tiny_ckpt, tmp_path, mon
     run.commit_checkpoint(1, files=dict(written.files))
     assert run.entry("pi_1")["files"] == dict(written.files)
     assert run.latest_good_checkpoint(1) == 1
+
+
+def test_row_logprobs_are_each_rows_and_add_up_to_the_nll(tiny_ckpt):
+    """The sync probe's trainer side: one call scores every row, each as sequence_logprobs does alone, and
+    their sum is the held-out NLL's (the same forwards, in eval mode, no graph kept)."""
+    from tspin_ray.algorithms.logprobs import sequence_logprobs
+    from tspin_ray.workers.trainer_rank import Trainer
+
+    trainer = Trainer(0, 1, "torch")
+    trainer.load(str(tiny_ckpt))
+    rows = addition_rows(tiny_ckpt)[:5]
+    prompts, responses = [r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows]
+    got = trainer.row_logprobs(prompts, responses, batch_size=2)
+    with torch.no_grad():
+        alone = [float(sequence_logprobs(trainer.model, [p], [y], 0)[0]) for p, y in zip(prompts, responses, strict=True)]
+    assert got == pytest.approx(alone, abs=1e-5)
+    total, tokens = trainer.nll(prompts, responses, batch_size=2)
+    assert total == pytest.approx(-sum(got), rel=1e-6) and tokens == sum(map(len, responses))
+    assert trainer.model.training  # back to train mode for the next step

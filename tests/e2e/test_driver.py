@@ -233,7 +233,8 @@ def test_eval_and_generate_leave_the_run_directory_alone(ray_session, tmp_path, 
     assert cli.main(["eval", "--config", str(cfg), "--checkpoint", str(tiny_ckpt), "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"eval/exact_match", "eval/nll", "timing/eval", "health/logp_real_heldout",
-                           "health/logp_real_train", "health/distinct_greedy"} and scores["eval/nll"] > 0
+                           "health/logp_real_train", "health/distinct_greedy", "health/unfinished_greedy"}
+    assert scores["eval/nll"] > 0 and 0 <= scores["health/unfinished_greedy"] <= 1
     assert not (tmp_path / "run").exists()
 
     (tmp_path / "run").mkdir()  # another run's directory: eval used to refuse it, and wrote config.yaml
@@ -272,7 +273,11 @@ def test_a_collapsing_run_warns_stops_and_points_best_at_the_better_iterate(ray_
     it0 = [r for r in rows if r.get("phase") == "iteration" and r["iteration"] == 0][0]
     assert it0["health/best_iterate"] == 0 and it0["health/nll_vs_best"] > 1.1
     assert {"health/logp_real_train", "health/logp_real_heldout", "health/distinct_greedy",
-            "health/distinct_samples", "health/sample_tokens"} <= set(it0)
+            "health/unfinished_greedy", "health/distinct_samples", "health/sample_tokens"} <= set(it0)
+    answers = [json.loads(line) for line in (run / "eval" / "pi_1.jsonl").read_text().splitlines()]
+    # the tiny model's answers: the share that ran out of tokens, as the greedy text shows it (EOS cut off)
+    cut = [a for a in answers if len(a["greedy"]) >= raw["eval"].get("max_new_tokens", 64)]
+    assert it0["health/unfinished_greedy"] == pytest.approx(len(cut) / len(answers))
     answers = [json.loads(line) for line in (run / "eval" / "pi_1.jsonl").read_text().splitlines()]
     assert len(answers) == 40 and set(answers[0]) == {"prompt_id", "prompt", "answer", "greedy"}
     report = write_report(run).read_text()

@@ -16,7 +16,8 @@ RETIRED = {"training": {"seed": "the run's top-level `seed` seeds every shuffle"
 # named best, never what an iteration computes.
 RESUME_SAFE = {"generation": ("timeout_s", "max_attempts"),
                "training": ("stall_timeout_s", "load_timeout_s", "export_timeout_s"),
-               "eval": ("select", "collapse_nll_factor", "collapse_min_distinct", "stop_on_collapse")}
+               "eval": ("select", "collapse_nll_factor", "collapse_min_distinct", "collapse_max_unfinished",
+                        "stop_on_collapse")}
 
 # Keys added after runs were made: at their default they are left out of the hash, so those runs resume.
 ADDED = {"data": {"checker": None}, "generation": {"stream": True}}

@@ -382,6 +382,9 @@ class EvalConfig:
                                          "times the best so far.")
     collapse_min_distinct: float = _f(0.2, "Warn that an iterate collapsed when fewer than this share of its "
                                            "greedy held-out answers are distinct.")
+    collapse_max_unfinished: float = _f(0.5, "Warn that an iterate collapsed when more than this share of its "
+                                             "greedy held-out answers reach eval.max_new_tokens without ending "
+                                             "(and more than pi_0's): the answer form is lost.")
     stop_on_collapse: bool = _f(False, "Stop the run at an iterate that looks collapsed (committed iterates stay; "
                                        "checkpoints/best still points to the best).")
 
@@ -393,6 +396,8 @@ class EvalConfig:
             raise ValueError(f"select: {self.select} names a task that eval.lm_eval.tasks does not run")
         if self.collapse_nll_factor <= 1.0:
             raise ValueError("collapse_nll_factor must be > 1 (held-out NLL relative to the best so far)")
+        if not 0.0 <= self.collapse_max_unfinished <= 1.0:
+            raise ValueError("collapse_max_unfinished must be a share in [0, 1]")
 
 
 @dataclass(frozen=True)

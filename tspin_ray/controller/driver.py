@@ -236,11 +236,11 @@ class Driver:
             return {}
         t0 = time.time()
         phase = self.phase(path, "eval", samples=1, temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens)
-        got = {}
+        got, ended, stop = {}, {}, set(self.prep.format.stop_ids)
         with self.progress.phase(f"eval {label}", total=len(ev)) as bar:
             def on_batch(b):
-                for pid, gens in zip(b["prompt_id"], b["generated"], strict=True):
-                    got[str(pid)] = str(gens[0])
+                for pid, gens, ids in zip(b["prompt_id"], b["generated"], b["generated_ids"], strict=True):
+                    got[str(pid)], ended[str(pid)] = str(gens[0]), len(ids[0]) and int(ids[0][-1]) in stop
                 bar.update(len(b["prompt_id"]))
 
             consume(self.generate(prompt_rows(ev, 0), phase).iter_batches(batch_size=None, batch_format="numpy"),
@@ -252,7 +252,7 @@ class Driver:
         nll, tokens = group.nll([r["prompt_ids"] for r in rows], [r["real_ids"] for r in rows])
         train_nll, _ = group.nll([r["prompt_ids"] for r in train], [r["real_ids"] for r in train])
         out = {"eval/exact_match": acc, "eval/nll": nll / max(tokens, 1), "timing/eval": time.time() - t0,
-               **evaluation_figures(got, nll, len(rows), train_nll, len(train))}
+               **evaluation_figures(got, ended, nll, len(rows), train_nll, len(train))}
         if self.run is not None:
             self.run.write_answers(label, [{"prompt_id": e.prompt_id, "prompt": e.prompt, "answer": e.response,
                                             "greedy": got[e.prompt_id]} for e in ev])

@@ -7,12 +7,15 @@ Logged with every evaluation (pi_0 and each iterate), as `health/*` in metrics.j
   training and held-out rows. Falling while the loss falls is likelihood displacement: the pairwise losses
   push y down with y' (docs/concepts.md, "Self-play at toy scale").
 - `distinct_greedy`: the share of distinct greedy answers over the held-out prompts (a collapsed model
-  answers most prompts alike); `distinct_samples` and `sample_tokens`: the share of distinct samples y'
-  and their mean length, per iteration.
+  answers most prompts alike); `unfinished_greedy`: the share that reach eval.max_new_tokens without
+  ending (a model that lost the answer form talks on: docs/results.md, the real-model study);
+  `distinct_samples` and `sample_tokens`: the share of distinct samples y' and their mean length, per
+  iteration.
 - `nll_vs_best`: held-out NLL over the best so far; `best_iterate`: the iterate `eval.select` prefers.
 
-An iterate whose held-out NLL exceeds `eval.collapse_nll_factor` x the best so far, or whose share of
-distinct greedy answers is below `eval.collapse_min_distinct` and below pi_0's, is reported in one
+An iterate whose held-out NLL exceeds `eval.collapse_nll_factor` x the best so far, whose share of
+distinct greedy answers is below `eval.collapse_min_distinct` and below pi_0's, or whose share of
+unfinished greedy answers is above `eval.collapse_max_unfinished` and above pi_0's, is reported in one
 `warning:` line (pi_0 itself is only scored); with
 `eval.stop_on_collapse` the run stops there (committed iterates stay). `checkpoints/best` points to the best
 iterate by `eval.select`.
@@ -26,12 +29,15 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 
-def evaluation_figures(answers: dict[str, str], heldout_nll: float, heldout_rows: int, train_nll: float,
-                       train_rows: int) -> dict[str, float]:
-    """Health figures of one evaluation: summed NLLs of y over held-out and training rows, greedy answers."""
+def evaluation_figures(answers: dict[str, str], ended: dict[str, bool], heldout_nll: float, heldout_rows: int,
+                       train_nll: float, train_rows: int) -> dict[str, float]:
+    """Health figures of one evaluation: summed NLLs of y over held-out and training rows, the greedy answers
+    and whether each ended (a stop id) before eval.max_new_tokens."""
+    unfinished = sum(not e for e in ended.values())
     return {"health/logp_real_heldout": -heldout_nll / max(heldout_rows, 1),
             "health/logp_real_train": -train_nll / max(train_rows, 1),
-            "health/distinct_greedy": len(set(answers.values())) / max(len(answers), 1)}
+            "health/distinct_greedy": len(set(answers.values())) / max(len(answers), 1),
+            "health/unfinished_greedy": unfinished / max(len(answers), 1)}
 
 
 def sample_figures(table: pa.Table | None) -> dict[str, float]:
@@ -78,7 +84,8 @@ class Verdict:
                 f"({self.key} {self.best_value:.4g}, eval.select; checkpoints/best); {then}")
 
 
-def judge(history: list[tuple[str, dict]], select: str, nll_factor: float, min_distinct: float) -> Verdict:
+def judge(history: list[tuple[str, dict]], select: str, nll_factor: float, min_distinct: float,
+          max_unfinished: float) -> Verdict:
     """The verdict on the last of `history` ((label, evaluation row) in order, pi_0 first)."""
     key, lower = selection(select)
     scored = [(label, row[key]) for label, row in history if _finite(row.get(key))]
@@ -96,6 +103,11 @@ def judge(history: list[tuple[str, dict]], select: str, nll_factor: float, min_d
     if len(history) > 1 and _finite(distinct) and distinct < min_distinct and (not _finite(start) or distinct < start):
         reasons.append(f"distinct greedy answers {distinct:.2f} of the held-out prompts < {min_distinct:g} "
                        f"(eval.collapse_min_distinct; pi_0 {start:.2f})")
+    cut, cut0 = row.get("health/unfinished_greedy"), history[0][1].get("health/unfinished_greedy")
+    # above the threshold and above pi_0's: a task whose answers outgrow the limit from the start is no collapse
+    if len(history) > 1 and _finite(cut) and cut > max_unfinished and (not _finite(cut0) or cut > cut0):
+        reasons.append(f"{cut:.2f} of the held-out greedy answers end unfinished at eval.max_new_tokens > "
+                       f"{max_unfinished:g} (eval.collapse_max_unfinished; pi_0 {cut0:.2f})")
     return Verdict(label, best, best_value, key, tuple(reasons), ratio)
 
 
@@ -109,7 +121,7 @@ def check_iterate(run, e, k: int, row: dict, say) -> Verdict:
     best iterate."""
     history = [("pi_0", run.entry("eval_0") or row)] + [(f"pi_{j + 1}", run.entry(f"iter_{j}")) for j in range(k - 1)]
     verdict = judge(history + [(f"pi_{k}", row)] if k else history, e.select, e.collapse_nll_factor,
-                    e.collapse_min_distinct)
+                    e.collapse_min_distinct, e.collapse_max_unfinished)
     if verdict.collapsed:
         say(verdict.warning(stops=e.stop_on_collapse))
     if k == 0:

@@ -13,8 +13,10 @@ from tspin_ray.controller.health import evaluation_figures, judge, sample_figure
 
 def test_evaluation_figures_by_hand():
     answers = {"a": "4", "b": "4", "c": "7", "d": "9"}
-    got = evaluation_figures(answers, heldout_nll=12.0, heldout_rows=4, train_nll=6.0, train_rows=3)
-    assert got == {"health/logp_real_heldout": -3.0, "health/logp_real_train": -2.0, "health/distinct_greedy": 0.75}
+    ended = {"a": True, "b": True, "c": False, "d": True}
+    got = evaluation_figures(answers, ended, heldout_nll=12.0, heldout_rows=4, train_nll=6.0, train_rows=3)
+    assert got == {"health/logp_real_heldout": -3.0, "health/logp_real_train": -2.0, "health/distinct_greedy": 0.75,
+                   "health/unfinished_greedy": 0.25}
 
 
 def test_sample_figures_count_this_iterations_own_samples():
@@ -33,10 +35,10 @@ HISTORY = [("pi_0", {"eval/nll": 1.79, "eval/exact_match": 0.0, "health/distinct
 
 
 def test_the_collapsed_tspin_run_warns_at_pi_2_and_picks_pi_1():
-    healthy = judge(HISTORY[:2], "nll", 1.5, 0.2)
+    healthy = judge(HISTORY[:2], "nll", 1.5, 0.2, 0.5)
     assert not healthy.collapsed and healthy.best == "pi_1" and healthy.figures() == {
         "health/best_iterate": 1, "health/nll_vs_best": pytest.approx(0.98 / 1.79)}
-    v = judge(HISTORY, "nll", 1.5, 0.2)
+    v = judge(HISTORY, "nll", 1.5, 0.2, 0.5)
     assert v.collapsed and v.best == "pi_1" and v.best_value == 0.98
     assert v.figures() == {"health/best_iterate": 1, "health/nll_vs_best": pytest.approx(2.93 / 0.98)}
     assert v.warning(stops=False) == (
@@ -48,12 +50,30 @@ def test_the_collapsed_tspin_run_warns_at_pi_2_and_picks_pi_1():
 
 
 def test_thresholds_and_selection_come_from_the_config():
-    assert not judge(HISTORY, "nll", 3.5, 0.05).collapsed  # 2.99x < 3.5 and 0.06 > 0.05
-    assert judge(HISTORY, "nll", 3.5, 0.1).reasons[0].startswith("distinct greedy answers 0.06")
-    assert judge(HISTORY, "exact_match", 1.5, 0.2).best == "pi_1"
+    assert not judge(HISTORY, "nll", 3.5, 0.05, 0.5).collapsed  # 2.99x < 3.5 and 0.06 > 0.05
+    assert judge(HISTORY, "nll", 3.5, 0.1, 0.5).reasons[0].startswith("distinct greedy answers 0.06")
+    assert judge(HISTORY, "exact_match", 1.5, 0.2, 0.5).best == "pi_1"
     assert selection("lm_eval/gsm8k/exact_match") == ("eval/lm_eval/gsm8k/exact_match", False)
     assert selection("nll") == ("eval/nll", True)
-    first = judge(HISTORY[:1], "nll", 1.5, 0.02)  # pi_0 alone: the best, and never judged collapsed
+    first = judge(HISTORY[:1], "nll", 1.5, 0.02, 0.5)  # pi_0 alone: the best, and never judged collapsed
     assert first.best == "pi_0" and not first.collapsed and first.nll_vs_best == 1.0
     low = [(k, {**row, "health/distinct_greedy": 0.03}) for k, row in HISTORY[:2]]  # answers repeat from pi_0 on
-    assert not judge(low, "nll", 1.5, 0.2).collapsed
+    assert not judge(low, "nll", 1.5, 0.2, 0.5).collapsed
+
+
+# Seed 1's T-SPIN of the real-model study (docs/results.md): its answers turned into SmolLM2's chat style,
+# cut at 16 tokens ("To calculate 52 - 44, you simply subtract 52"); NLL rose only 1.22x, answers stayed
+# distinct, exact match went 0.292 -> 0.0.
+TALKS_ON = [("pi_0", {"eval/nll": 0.416, "health/distinct_greedy": 1.0, "health/unfinished_greedy": 0.04}),
+            ("pi_1", {"eval/nll": 0.389, "health/distinct_greedy": 0.98, "health/unfinished_greedy": 0.42}),
+            ("pi_2", {"eval/nll": 0.473, "health/distinct_greedy": 1.0, "health/unfinished_greedy": 0.94})]
+
+
+def test_answers_that_run_out_of_tokens_are_a_collapse_the_nll_check_misses():
+    assert not judge(TALKS_ON[:2], "nll", 1.5, 0.2, 0.5).collapsed  # 0.42 unfinished: not yet
+    v = judge(TALKS_ON, "nll", 1.5, 0.2, 0.5)
+    assert v.reasons == ("0.94 of the held-out greedy answers end unfinished at eval.max_new_tokens > 0.5 "
+                         "(eval.collapse_max_unfinished; pi_0 0.04)",) and v.best == "pi_1"
+    assert not judge(TALKS_ON, "nll", 1.5, 0.2, 0.95).collapsed  # the threshold comes from the config
+    long = [(k, {**row, "health/unfinished_greedy": 1.0}) for k, row in TALKS_ON]  # answers longer than the limit
+    assert not judge(long, "nll", 1.5, 0.2, 0.5).collapsed  # from pi_0 on: not a collapse

@@ -68,6 +68,13 @@ def real_config(s: dict, pi0: Path, out_dir: Path) -> dict:
     return demo
 
 
+def breakdown_rows(label: str, its: list[dict]) -> list[list]:
+    """The breakdown table's rows of one tspin-ray run (ray_iterations)."""
+    return [[f"{label}, iteration {r['iteration']}", r["timing/iteration"], r["steps_s"], r["timing/generate"],
+             r["timing/train_wait"], r["timing/checkpoint"] + r["timing/weight_sync"],
+             r["timing/iteration"] - r["steps_s"], r["steps"]] for r in its]
+
+
 def timed_command(cmd: list[str], log: Path) -> float:
     t0 = now()
     with open(log, "w") as out:
@@ -169,13 +176,7 @@ def run(ctx: Context, real: bool = False) -> dict:
                     "tspin-ray train, generation.stream false", median(w for w, _ in first), higher_is_better=False)]
     rows = [[f"single process, iteration {i['iteration']}", i["seconds"], sum(i["step_s_per_epoch"]), i["generate_s"],
              "", i["export_and_load_s"], i["seconds"] - sum(i["step_s_per_epoch"]), i["steps"]] for i in seq["iterations"]]
-    rows += [[f"tspin-ray, iteration {r['iteration']}", r["timing/iteration"], r["steps_s"], r["timing/generate"],
-              r["timing/train_wait"], r["timing/checkpoint"] + r["timing/weight_sync"],
-              r["timing/iteration"] - r["steps_s"], r["steps"]] for r in its]
-    if first:
-        rows += [[f"tspin-ray, stream false, iteration {r['iteration']}", r["timing/iteration"], r["steps_s"],
-                  r["timing/generate"], r["timing/train_wait"], r["timing/checkpoint"] + r["timing/weight_sync"],
-                  r["timing/iteration"] - r["steps_s"], r["steps"]] for r in first[-1][1]]
+    rows += breakdown_rows("tspin-ray", its) + (breakdown_rows("tspin-ray, stream false", first[-1][1]) if first else [])
     same_tokens = [i["tokens"] for i in seq["iterations"]] == [r["tokens"] for r in its]
     return {
         "comparisons": comparisons, "config": {**s, "run_config": config(s, Path("<pi_0>"), Path("<tmp>"))},

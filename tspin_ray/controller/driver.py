@@ -236,11 +236,11 @@ class Driver:
             return {}
         t0 = time.time()
         phase = self.phase(path, "eval", samples=1, temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens)
-        got, ended, stop = {}, {}, set(self.prep.format.stop_ids)
+        got, ended = {}, {}
         with self.progress.phase(f"eval {label}", total=len(ev)) as bar:
             def on_batch(b):
                 for pid, gens, ids in zip(b["prompt_id"], b["generated"], b["generated_ids"], strict=True):
-                    got[str(pid)], ended[str(pid)] = str(gens[0]), len(ids[0]) and int(ids[0][-1]) in stop
+                    got[str(pid)], ended[str(pid)] = str(gens[0]), self.prep.format.ends(ids[0])
                 bar.update(len(b["prompt_id"]))
 
             consume(self.generate(prompt_rows(ev, 0), phase).iter_batches(batch_size=None, batch_format="numpy"),

@@ -84,10 +84,11 @@ class Verdict:
                 f"({self.key} {self.best_value:.4g}, eval.select; checkpoints/best); {then}")
 
 
-def judge(history: list[tuple[str, dict]], select: str, nll_factor: float, min_distinct: float,
-          max_unfinished: float) -> Verdict:
-    """The verdict on the last of `history` ((label, evaluation row) in order, pi_0 first)."""
-    key, lower = selection(select)
+def judge(history: list[tuple[str, dict]], e) -> Verdict:
+    """The verdict on the last of `history` ((label, evaluation row) in order, pi_0 first), by the selection
+    and thresholds of `e` (EvalConfig)."""
+    nll_factor, min_distinct, max_unfinished = e.collapse_nll_factor, e.collapse_min_distinct, e.collapse_max_unfinished
+    key, lower = selection(e.select)
     scored = [(label, row[key]) for label, row in history if _finite(row.get(key))]
     label, row = history[-1]
     best, best_value = (min if lower else max)(scored, key=lambda lv: lv[1]) if scored else (label, math.nan)
@@ -120,8 +121,7 @@ def check_iterate(run, e, k: int, row: dict, say) -> Verdict:
     with the thresholds of `e` (EvalConfig); says the warning when it looks collapsed. pi_0 is the first
     best iterate."""
     history = [("pi_0", run.entry("eval_0") or row)] + [(f"pi_{j + 1}", run.entry(f"iter_{j}")) for j in range(k - 1)]
-    verdict = judge(history + [(f"pi_{k}", row)] if k else history, e.select, e.collapse_nll_factor,
-                    e.collapse_min_distinct, e.collapse_max_unfinished)
+    verdict = judge(history + [(f"pi_{k}", row)] if k else history, e)
     if verdict.collapsed:
         say(verdict.warning(stops=e.stop_on_collapse))
     if k == 0:

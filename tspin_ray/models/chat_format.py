@@ -115,10 +115,14 @@ class ChatFormat:
         end = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
         return ids if end is None else ids[:end + 1]
 
+    def ends(self, ids: Sequence[int]) -> bool:
+        """Whether generated ids (cut) end at a stop id, i.e. the answer finished within its token limit."""
+        return len(ids) > 0 and int(ids[-1]) in self.stop_ids
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids up to the first stop id, without special tokens."""
         ids = self.cut(ids)
-        if ids and ids[-1] in self.stop_ids:
+        if self.ends(ids):
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

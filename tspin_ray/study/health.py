@@ -27,8 +27,7 @@ def run_health(root, iterations: int) -> dict | None:
         return None  # not finished (yet)
     e = load_config(root / "config.yaml").eval
     collapsed = [history[k][0] for k in range(1, len(history))
-                 if judge(history[:k + 1], e.select, e.collapse_nll_factor, e.collapse_min_distinct,
-                                   e.collapse_max_unfinished).collapsed]
+                 if judge(history[:k + 1], e).collapsed]
     best = (RunDir(root).entry("best") or {}).get("iterate", history[-1][0])
     at = dict(history)
     return {"collapsed": collapsed, "best": best,

@@ -423,9 +423,9 @@ def cpu_thread_binds(cores: list[int], tensor_parallel_size: int, threads: int) 
     """VLLM_CPU_OMP_THREADS_BIND for `tensor_parallel_size` vLLM-CPU workers: the cores this process may
     use, split into contiguous groups, one per worker ('|' between workers). With fewer cores than workers
     they share round robin (vLLM-CPU otherwise asks for a NUMA node per worker and refuses to start).
-    One worker binds `threads` cores (this process's torch threads: a Ray actor's num_cpus), not vLLM's
-    "auto", which keeps a core for an engine-core process that runs in this one here and so, on 2 cores,
-    generates on 1 whatever the actor was given.
+    Only the first `threads` cores (OMP_NUM_THREADS: a Ray actor's num_cpus), at least one per worker: not
+    vLLM's "auto", which keeps a core for an engine-core process that runs in this one here and so, on 2
+    cores, generates on 1 whatever the actor was given.
 
     >>> cpu_thread_binds([0, 1, 2, 3, 4, 5, 6, 7], 2, 8)
     '0,1,2,3|4,5,6,7'
@@ -434,8 +434,7 @@ def cpu_thread_binds(cores: list[int], tensor_parallel_size: int, threads: int) 
     >>> cpu_thread_binds([0, 1, 2, 3], 1, 2), cpu_thread_binds([0, 1], 1, 4)
     ('0,1', '0,1')
     """
-    if tensor_parallel_size == 1:
-        return ",".join(map(str, cores[:max(1, threads)]))
+    cores = cores[:max(threads, tensor_parallel_size)]
     n = max(1, len(cores) // tensor_parallel_size)
     if len(cores) < tensor_parallel_size:
         return "|".join(str(cores[i % len(cores)]) for i in range(tensor_parallel_size))

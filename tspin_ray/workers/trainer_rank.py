@@ -299,7 +299,6 @@ class Trainer:
                 ready = time.time()
 
     # ------------------------------------------------------------ evaluation and export
-    @torch.no_grad()
     def nll(self, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> tuple[float, int]:
         """Summed NLL and token count of `responses` over all ranks (each forwards its slice rank::world)."""
         total, tokens = 0.0, 0

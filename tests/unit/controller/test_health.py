@@ -8,7 +8,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from tspin_ray.config.schema import EvalConfig
 from tspin_ray.controller.health import evaluation_figures, judge, sample_figures, selection
+
+
+def rule(select: str, nll_factor: float, min_distinct: float, max_unfinished: float) -> EvalConfig:
+    """The eval keys judge reads: eval.select and the three collapse thresholds."""
+    return EvalConfig(select=select, collapse_nll_factor=nll_factor, collapse_min_distinct=min_distinct,
+                      collapse_max_unfinished=max_unfinished)
 
 
 def test_evaluation_figures_by_hand():
@@ -35,10 +42,10 @@ HISTORY = [("pi_0", {"eval/nll": 1.79, "eval/exact_match": 0.0, "health/distinct
 
 
 def test_the_collapsed_tspin_run_warns_at_pi_2_and_picks_pi_1():
-    healthy = judge(HISTORY[:2], "nll", 1.5, 0.2, 0.5)
+    healthy = judge(HISTORY[:2], rule("nll", 1.5, 0.2, 0.5))
     assert not healthy.collapsed and healthy.best == "pi_1" and healthy.figures() == {
         "health/best_iterate": 1, "health/nll_vs_best": pytest.approx(0.98 / 1.79)}
-    v = judge(HISTORY, "nll", 1.5, 0.2, 0.5)
+    v = judge(HISTORY, rule("nll", 1.5, 0.2, 0.5))
     assert v.collapsed and v.best == "pi_1" and v.best_value == 0.98
     assert v.figures() == {"health/best_iterate": 1, "health/nll_vs_best": pytest.approx(2.93 / 0.98)}
     assert v.warning(stops=False) == (
@@ -50,15 +57,15 @@ def test_the_collapsed_tspin_run_warns_at_pi_2_and_picks_pi_1():
 
 
 def test_thresholds_and_selection_come_from_the_config():
-    assert not judge(HISTORY, "nll", 3.5, 0.05, 0.5).collapsed  # 2.99x < 3.5 and 0.06 > 0.05
-    assert judge(HISTORY, "nll", 3.5, 0.1, 0.5).reasons[0].startswith("distinct greedy answers 0.06")
-    assert judge(HISTORY, "exact_match", 1.5, 0.2, 0.5).best == "pi_1"
+    assert not judge(HISTORY, rule("nll", 3.5, 0.05, 0.5)).collapsed  # 2.99x < 3.5 and 0.06 > 0.05
+    assert judge(HISTORY, rule("nll", 3.5, 0.1, 0.5)).reasons[0].startswith("distinct greedy answers 0.06")
+    assert judge(HISTORY, rule("exact_match", 1.5, 0.2, 0.5)).best == "pi_1"
     assert selection("lm_eval/gsm8k/exact_match") == ("eval/lm_eval/gsm8k/exact_match", False)
     assert selection("nll") == ("eval/nll", True)
-    first = judge(HISTORY[:1], "nll", 1.5, 0.02, 0.5)  # pi_0 alone: the best, and never judged collapsed
+    first = judge(HISTORY[:1], rule("nll", 1.5, 0.02, 0.5))  # pi_0 alone: the best, and never judged collapsed
     assert first.best == "pi_0" and not first.collapsed and first.nll_vs_best == 1.0
     low = [(k, {**row, "health/distinct_greedy": 0.03}) for k, row in HISTORY[:2]]  # answers repeat from pi_0 on
-    assert not judge(low, "nll", 1.5, 0.2, 0.5).collapsed
+    assert not judge(low, rule("nll", 1.5, 0.2, 0.5)).collapsed
 
 
 # Seed 1's T-SPIN of the real-model study (docs/results.md): its answers turned into SmolLM2's chat style,
@@ -70,10 +77,10 @@ TALKS_ON = [("pi_0", {"eval/nll": 0.416, "health/distinct_greedy": 1.0, "health/
 
 
 def test_answers_that_run_out_of_tokens_are_a_collapse_the_nll_check_misses():
-    assert not judge(TALKS_ON[:2], "nll", 1.5, 0.2, 0.5).collapsed  # 0.42 unfinished: not yet
-    v = judge(TALKS_ON, "nll", 1.5, 0.2, 0.5)
+    assert not judge(TALKS_ON[:2], rule("nll", 1.5, 0.2, 0.5)).collapsed  # 0.42 unfinished: not yet
+    v = judge(TALKS_ON, rule("nll", 1.5, 0.2, 0.5))
     assert v.reasons == ("0.94 of the held-out greedy answers end unfinished at eval.max_new_tokens > 0.5 "
                          "(eval.collapse_max_unfinished; pi_0 0.04)",) and v.best == "pi_1"
-    assert not judge(TALKS_ON, "nll", 1.5, 0.2, 0.95).collapsed  # the threshold comes from the config
+    assert not judge(TALKS_ON, rule("nll", 1.5, 0.2, 0.95)).collapsed  # the threshold comes from the config
     long = [(k, {**row, "health/unfinished_greedy": 1.0}) for k, row in TALKS_ON]  # answers longer than the limit
-    assert not judge(long, "nll", 1.5, 0.2, 0.5).collapsed  # from pi_0 on: not a collapse
+    assert not judge(long, rule("nll", 1.5, 0.2, 0.5)).collapsed  # from pi_0 on: not a collapse

@@ -60,13 +60,15 @@ def parse_args(argv):
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads of in-process work (default: all cores; 1 with --quick, so a "
                         "busy machine does not stall on OpenMP barriers)")
+    p.add_argument("--repeats", type=int,
+                   help="repeats of the benchmarks that alternate a baseline and a candidate (default: their sizes' own)")
     p.add_argument("--child", choices=list(BENCHMARKS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------ child: one benchmark in this process
-def run_child(name: str, quick: bool, threads: int | None, result_path: Path) -> None:
+def run_child(name: str, quick: bool, threads: int | None, repeats: int | None, result_path: Path) -> None:
     # SIGTERM (the parent's timeout) unwinds normally, so `finally` blocks shut Ray down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if threads:
@@ -78,7 +80,7 @@ def run_child(name: str, quick: bool, threads: int | None, result_path: Path) ->
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
         try:
-            result = getattr(importlib.import_module(module), func)(Context(quick=quick, work=Path(work)))
+            result = getattr(importlib.import_module(module), func)(Context(quick=quick, work=Path(work), repeats=repeats))
         except Skip as e:
             result = {"skipped": str(e)}
         except Exception as e:  # recorded in the report; the traceback is in the log
@@ -107,11 +109,11 @@ def child_env() -> dict:
     return env
 
 
-def run_one(name: str, quick: bool, threads: int | None, timeout: float, log: Path) -> dict:
+def run_one(name: str, quick: bool, threads: int | None, repeats: int | None, timeout: float, log: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-result-") as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "bench", "--child", name, "--result", str(result)] + (["--quick"] if quick else []) \
-            + (["--threads", str(threads)] if threads else [])
+            + (["--threads", str(threads)] if threads else []) + (["--repeats", str(repeats)] if repeats else [])
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -156,7 +158,7 @@ def one_line(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        run_child(args.child, args.quick, args.threads, Path(args.result))
+        run_child(args.child, args.quick, args.threads, args.repeats, Path(args.result))
         return 0
     from bench.machine import describe
     from bench.report import markdown
@@ -170,11 +172,12 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     doc = {"suite": "tspin-ray bench", "schema": 1, "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "command": " ".join(["python -m bench", *sys.argv[1:]]), "machine": describe(),
-           "in_process_threads": threads or "torch default", "benchmarks": {}}
+           "in_process_threads": threads or "torch default", "repeats": args.repeats or "each benchmark's own",
+           "benchmarks": {}}
     t0 = time.time()
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {BENCHMARKS[name][1]} ...", file=sys.stderr, flush=True)
-        result = run_one(name, args.quick, threads, timeout, out / "logs" / f"{stamp}-{name}.log")
+        result = run_one(name, args.quick, threads, args.repeats, timeout, out / "logs" / f"{stamp}-{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result
         print(f"    {result.get('wall_s', 0):.0f} s  {one_line(result)}", file=sys.stderr, flush=True)

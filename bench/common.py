@@ -24,6 +24,7 @@ class Skip(Exception):
 class Context:
     quick: bool
     work: Path  # a scratch directory of this benchmark's child process, removed afterwards
+    repeats: int | None = None  # --repeats: overrides the sizes' `repeats` where a benchmark has one
 
     @property
     def gpu(self) -> bool:
@@ -32,10 +33,11 @@ class Context:
         return torch.cuda.is_available()
 
     def sizes(self, table: dict) -> dict:
-        """The quick sizes, or the full ones for this machine (GPU sizes when CUDA is available)."""
-        if self.quick:
-            return dict(table["quick"])
-        return dict(table["gpu"] if self.gpu and "gpu" in table else table["full"])
+        """The quick sizes, or the full ones for this machine (GPU sizes when CUDA is available), with --repeats."""
+        s = dict(table["quick"] if self.quick else table["gpu"] if self.gpu and "gpu" in table else table["full"])
+        if self.repeats and "repeats" in s:
+            s["repeats"] = self.repeats
+        return s
 
 
 # ------------------------------------------------------------ comparisons

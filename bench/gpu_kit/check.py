@@ -331,7 +331,7 @@ def gpu_benches(c: Check) -> None:
         if c.out_of_time(f"bench_{name}", need_s):
             continue
         t0 = time.time()
-        result = run_one(name, False, None, max(1.0, min(cap_s, c.left())), c.work / "logs" / f"bench_{name}.log")
+        result = run_one(name, False, None, None, max(1.0, min(cap_s, c.left())), c.work / "logs" / f"bench_{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result
         c.record(Step(f"bench_{name}", bench_status(result), time.time() - t0, one_line(result)))

@@ -1,6 +1,6 @@
 """Run the benchmark suite and write bench-<timestamp>.json / .md (and latest.json / latest.md).
 
-    .venv/bin/python -m bench [--quick] [--out bench/results] [--only NAME ...] [--timeout SECONDS]
+    .venv/bin/python -m bench [--quick] [--out bench/results] [--only NAME ...] [--timeout SECONDS] [--repeats N]
 
 Each benchmark runs in its own child process (`--child NAME`, internal): vLLM-CPU pins the OpenMP threads
 of the process that starts it, DeepSpeed and vLLM leave process groups behind, and a benchmark that
@@ -48,6 +48,7 @@ BENCHMARKS = {
                                                      "on / off) vs HF generate tokens/s"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
+FULL_TIMEOUT_S = {"self_play_real": 2400.0}  # 5 repeats of three whole commands on the real model (~20 min)
 
 
 def parse_args(argv):
@@ -56,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where the JSON and Markdown go")
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
                    help=f"run only these, of: {', '.join(BENCHMARKS)}")
-    p.add_argument("--timeout", type=float, help="seconds per benchmark (default 300 quick, 900 full)")
+    p.add_argument("--timeout", type=float, help="seconds per benchmark (default 300 quick, 900 full; self_play_real 2400)")
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads of in-process work (default: all cores; 1 with --quick, so a "
                         "busy machine does not stall on OpenMP barriers)")
@@ -165,7 +166,6 @@ def main(argv=None) -> int:
 
     mode = "quick" if args.quick else "full"
     names = args.only or list(BENCHMARKS)
-    timeout = args.timeout or TIMEOUT_S[mode]
     threads = args.threads or (1 if args.quick else None)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {BENCHMARKS[name][1]} ...", file=sys.stderr, flush=True)
+        timeout = args.timeout or (TIMEOUT_S[mode] if args.quick else FULL_TIMEOUT_S.get(name, TIMEOUT_S[mode]))
         result = run_one(name, args.quick, threads, args.repeats, timeout, out / "logs" / f"{stamp}-{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result

@@ -53,7 +53,8 @@ def run_config(s: dict, pi0: Path, out_dir: Path) -> dict:
     return demo
 
 
-REAL_SIZES = {"quick": dict(iterations=2, repeats=1, limit=16), "full": dict(iterations=2, repeats=2, limit=32)}
+# 5 repeats: the same config's iteration ranged 26.7-36.5 s across one day on the 2-core machine.
+REAL_SIZES = {"quick": dict(iterations=2, repeats=1, limit=16), "full": dict(iterations=2, repeats=5, limit=32)}
 
 
 def real_config(s: dict, pi0: Path, out_dir: Path) -> dict:
@@ -128,18 +129,18 @@ def run(ctx: Context, real: bool = False) -> dict:
     else:
         pi0 = make_checkpoint(ctx.work / "pi_0", **MODEL)
     cfgs = {}
-    for name in ("sequential", "ray", "ray-first") if real else ("sequential", "ray"):
+    for name in ("sequential", "ray", "ray-stream") if real else ("sequential", "ray"):
         cfgs[name] = ctx.work / f"{name}.yaml"
         raw = config(s, pi0, ctx.work / f"run-{name}")
-        if name == "ray-first":  # generation.stream false: every y' before the first step; the generator
-            raw["generation"]["stream"] = False  # then has the trainer's cores while the trainer waits
-            raw["resources"]["generator_cpus"] = raw["resources"]["trainer_cpus"]
+        if name == "ray-stream":  # the demo before it took turns: epoch 0 trains while a 1-CPU generator streams
+            raw["generation"]["stream"] = True
+            raw["resources"]["generator_cpus"] = 1
         cfgs[name].write_text(yaml.safe_dump(raw))
     seq_json = ctx.work / "sequential.json"
     seq_cmd = [sys.executable, "-m", "bench.sequential", "--config", str(cfgs["sequential"]), "--out", str(seq_json)]
     ray_cmd = [str(Path(sys.executable).parent / "tspin-ray"), "train", "--config", str(cfgs["ray"]), "--quiet"]
     figures = []  # (sequential wall, its result, tspin-ray wall, its iterations) per repeat, alternating
-    first = []  # real: (wall, iterations) of tspin-ray with generation.stream false, in the same rotation
+    streamed = []  # real: (wall, iterations) of tspin-ray streaming, in the same rotation
     for _ in range(s["repeats"]):
         for name in cfgs:
             shutil.rmtree(ctx.work / f"run-{name}", ignore_errors=True)
@@ -147,8 +148,8 @@ def run(ctx: Context, real: bool = False) -> dict:
         ray_wall = timed_command(ray_cmd, ctx.work / "ray.log")
         figures.append((seq_wall, json.loads(seq_json.read_text()), ray_wall, ray_iterations(ctx.work / "run-ray")))
         if real:
-            cmd = [*ray_cmd[:3], str(cfgs["ray-first"]), "--quiet"]
-            first.append((timed_command(cmd, ctx.work / "ray-first.log"), ray_iterations(ctx.work / "run-ray-first")))
+            cmd = [*ray_cmd[:3], str(cfgs["ray-stream"]), "--quiet"]
+            streamed.append((timed_command(cmd, ctx.work / "ray-stream.log"), ray_iterations(ctx.work / "run-ray-stream")))
     n = s["iterations"]
     seq, its = figures[-1][1], figures[-1][3]  # the breakdown table shows the last repeat
     diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray" / "checkpoints" / f"pi_{n}")
@@ -159,24 +160,24 @@ def run(ctx: Context, real: bool = False) -> dict:
               for f in figures]
     comparisons = [
         compare("seconds per iteration (iterations 1+)", "seconds", "single process", seq_steady,
-                "tspin-ray train", ray_steady, higher_is_better=False, target="<= 1.2x"),
+                "tspin-ray train", ray_steady, higher_is_better=False, target="<= 1.1x" if real else "<= 1.2x"),
         compare("whole command", "seconds", "python -m bench.sequential", seq_wall, "tspin-ray train", ray_wall,
                 higher_is_better=False, target="<= 1.5x"),
         compare("iteration 0", "seconds", "single process", median(f[1]["iterations"][0]["seconds"] for f in figures),
                 "tspin-ray train", median(f[3][0]["timing/iteration"] for f in figures), higher_is_better=False),
     ]
-    if first:
-        first_diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray-first" / "checkpoints" / f"pi_{n}")
+    if streamed:
+        stream_diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray-stream" / "checkpoints" / f"pi_{n}")
         comparisons += [
-            compare("seconds per iteration (iterations 1+), generation first", "seconds", "single process",
-                    seq_steady, "tspin-ray train, generation.stream false",
-                    median(mean(r["timing/iteration"] for r in its_[1:]) for _, its_ in first),
-                    higher_is_better=False, target="<= 1.1x", max_weight_difference=first_diff),
-            compare("whole command, generation first", "seconds", "python -m bench.sequential", seq_wall,
-                    "tspin-ray train, generation.stream false", median(w for w, _ in first), higher_is_better=False)]
+            compare("seconds per iteration (iterations 1+), streaming", "seconds", "single process",
+                    seq_steady, "tspin-ray train, generation.stream true",
+                    median(mean(r["timing/iteration"] for r in its_[1:]) for _, its_ in streamed),
+                    higher_is_better=False, max_weight_difference=stream_diff),
+            compare("whole command, streaming", "seconds", "python -m bench.sequential", seq_wall,
+                    "tspin-ray train, generation.stream true", median(w for w, _ in streamed), higher_is_better=False)]
     rows = [[f"single process, iteration {i['iteration']}", i["seconds"], sum(i["step_s_per_epoch"]), i["generate_s"],
              "", i["export_and_load_s"], i["seconds"] - sum(i["step_s_per_epoch"]), i["steps"]] for i in seq["iterations"]]
-    rows += breakdown_rows("tspin-ray", its) + (breakdown_rows("tspin-ray, stream false", first[-1][1]) if first else [])
+    rows += breakdown_rows("tspin-ray", its) + (breakdown_rows("tspin-ray, streaming", streamed[-1][1]) if streamed else [])
     same_tokens = [i["tokens"] for i in seq["iterations"]] == [r["tokens"] for r in its]
     return {
         "comparisons": comparisons, "config": {**s, "run_config": config(s, Path("<pi_0>"), Path("<tmp>"))},
@@ -206,9 +207,9 @@ def run(ctx: Context, real: bool = False) -> dict:
             f"Whole command: {seq_wall:.1f} s vs {ray_wall:.1f} s; setup before iteration 0 in the single process "
             f"{seq['setup_s']:.1f} s (engine + trainer load). tspin-ray's setup is ray.init, the trainer and "
             "generator actors, and the process group.",
-            "tspin-ray's generation runs in a 1-CPU actor beside a 2-CPU trainer (the demo's resources); with "
-            "generation.stream false it gets the trainer's CPU count (resources.generator_cpus 2), the phases "
-            f"taking turns on the cores; the single process uses {seq['threads']} torch threads for both phases, "
-            "one after the other.",
+            ("tspin-ray takes turns as the demo does (generation.stream false, a 2-CPU generator beside the "
+             "2-CPU trainer); streaming, epoch 0 trains while a 1-CPU generator writes the samples. "
+             if real else "tspin-ray's generation runs in a 1-CPU actor beside a 2-CPU trainer (the demo's resources). ")
+            + f"The single process uses {seq['threads']} torch threads for both phases, one after the other.",
         ],
     }

@@ -93,3 +93,15 @@ def test_markdown_has_the_tables(suite):
         assert f"## {name}:" in md
     assert "| case | metric | baseline | baseline value | candidate | value | ratio | better |" in md
     assert list(suite.glob("bench-*.md")) and all(list((suite / "logs").glob(f"*-{n}.log")) for n in NAMES)
+
+
+def test_repeats_overrides_only_the_benchmarks_that_repeat(tmp_path):
+    """`python -m bench --repeats N`: the sizes of a benchmark with `repeats` get N, others are left alone."""
+    from bench.common import Context
+
+    table = {"quick": {"repeats": 1, "rows": 8}, "full": {"repeats": 5, "rows": 64}}
+    assert Context(quick=False, work=tmp_path, repeats=9).sizes(table) == {"repeats": 9, "rows": 64}
+    assert Context(quick=True, work=tmp_path, repeats=9).sizes(table) == {"repeats": 9, "rows": 8}
+    assert Context(quick=True, work=tmp_path).sizes(table) == {"repeats": 1, "rows": 8}
+    assert Context(quick=True, work=tmp_path, repeats=9).sizes({"quick": {"rows": 8}}) == {"rows": 8}
+    assert table["quick"]["repeats"] == 1  # the module's table itself is not changed

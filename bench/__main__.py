@@ -57,7 +57,8 @@ def parse_args(argv):
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where the JSON and Markdown go")
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
                    help=f"run only these, of: {', '.join(BENCHMARKS)}")
-    p.add_argument("--timeout", type=float, help="seconds per benchmark (default 300 quick, 900 full; self_play_real 2400)")
+    p.add_argument("--timeout", type=float,
+                   help="seconds per benchmark (default 300 quick, 900 full; self_play_real 2400)")
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads of in-process work (default: all cores; 1 with --quick, so a "
                         "busy machine does not stall on OpenMP barriers)")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}: {BENCHMARKS[name][1]} ...", file=sys.stderr, flush=True)
-        timeout = args.timeout or (TIMEOUT_S[mode] if args.quick else FULL_TIMEOUT_S.get(name, TIMEOUT_S[mode]))
+        timeout = args.timeout or (TIMEOUT_S[mode] if args.quick else FULL_TIMEOUT_S.get(name, TIMEOUT_S["full"]))
         result = run_one(name, args.quick, threads, args.repeats, timeout, out / "logs" / f"{stamp}-{name}.log")
         result["title"] = BENCHMARKS[name][1]
         doc["benchmarks"][name] = result

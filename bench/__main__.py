@@ -43,6 +43,8 @@ BENCHMARKS = {
     "padding": ("bench.padding:run", "Mixed-length T-SPIN rows: a padded row per sequence vs packed rows"),
     "generator_pull": ("bench.pull:run", "Two long-lived generators, one slowed: round robin vs pulled by idle ones"),
     "lora": ("bench.lora:run", "LoRA vs full weights: bytes and seconds per sync, trainer peak memory of a step"),
+    "denormals": ("bench.denormals:run", "CPU trainer steps on the real model's own samples: subnormal floats "
+                                         "kept vs flushed"),
     "self_play_real": ("bench.self_play:run_real", "self_play on the real model (SmolLM2, jobs/demo-real.yaml)"),
     "real_generation": ("bench.real_generation:run", "The real model (SmolLM2-135M-Instruct): vLLM (prefix caching "
                                                      "on / off) vs HF generate tokens/s"),

@@ -90,9 +90,11 @@ def run(cfg, out_dir: Path) -> dict:
     from tspin_ray.controller.prepare import prepare
     from tspin_ray.rollout.phases import phase_for, prompt_rows, shuffled
     from tspin_ray.rollout.seeds import derive_seed
+    from tspin_ray.workers.devices import flush_denormals
     from tspin_ray.workers.engines import make_engine
     from tspin_ray.workers.trainer_rank import Trainer, free_port
 
+    flush_denormals()  # as the trainer actor does, and before the engine starts this process's OpenMP threads
     t_start = time.time()
     prep = prepare(cfg)
     obj = cfg.objective

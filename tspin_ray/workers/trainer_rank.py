@@ -27,7 +27,7 @@ from tspin_ray.algorithms.objectives import get_objective
 from tspin_ray.checksums import checksum_dir
 from tspin_ray.models.checkpoints import MERGED, load_format, load_model
 from tspin_ray.models.lora import merge, wrap
-from tspin_ray.workers.devices import local_device
+from tspin_ray.workers.devices import flush_denormals, local_device
 from tspin_ray.workers.records import ExportResult, OptimizerSetup, SendResult, StepRecord
 from tspin_ray.workers.weight_broadcast import handshake, rejoin
 from tspin_ray.workers.weight_export import (
@@ -115,6 +115,7 @@ class Trainer:
 
     def __init__(self, rank: int, world_size: int, backend: str, zero_stage: int = 0,
                  precision: str = "fp32", gradient_checkpointing: bool = False, offload: str = "none"):
+        flush_denormals()  # first: before anything in this process starts OpenMP's threads
         self.rank, self.world_size = rank, world_size
         self.backend, self.zero_stage, self.precision = backend, zero_stage, precision
         self.gradient_checkpointing, self.offload = gradient_checkpointing, offload

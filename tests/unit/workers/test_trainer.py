@@ -378,3 +378,25 @@ def test_row_logprobs_are_each_rows_and_add_up_to_the_nll(tiny_ckpt):
     total, tokens = trainer.nll(prompts, responses, batch_size=2)
     assert total == pytest.approx(-sum(got), rel=1e-6) and tokens == sum(map(len, responses))
     assert trainer.model.training  # back to train mode for the next step
+
+
+
+def test_a_trainer_actor_flushes_subnormals_on_every_thread(ray_session):
+    # Subnormal floats take x86's slow path (bench --only denormals: 2x a step on SmolLM2); the flag is per
+    # thread, so it only holds if set before the actor's OpenMP threads start.
+    def kept(_self=None) -> tuple[float, int]:  # share of 4M products that stay nonzero, across the threads
+        x = torch.full((4_000_000,), 1e-39, dtype=torch.float32)  # 1e-39 < 1.18e-38: subnormal in fp32
+        return float(((x * 1.0001) != 0).float().mean()), torch.get_num_threads()
+
+    class Plain:
+        def kept(self):
+            return kept()
+
+    plain = ray.remote(num_cpus=2)(Plain).remote()
+    assert ray.get(plain.kept.remote()) == (1.0, 2)  # the CPU's default: a plain actor keeps them
+    [trainer] = start_trainers(1, "torch", 0, options={"num_cpus": 2})
+    try:
+        assert ray.get(trainer.__ray_call__.remote(kept)) == (0.0, 2)  # every thread of the trainer flushes
+    finally:
+        ray.kill(trainer)
+        ray.kill(plain)

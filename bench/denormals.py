@@ -8,8 +8,9 @@ that loads pi_0 and trains those triplets `repeats` times as a run's iterations 
 optimizer, then one epoch of DeepSpeed ZeRO-0 steps), the same steps in both. The candidate is the Trainer
 as the trainer actors run it (workers/devices.flush_denormals in its constructor, before the process's first
 parallel op: the flag is per thread and OpenMP's threads copy it only when they start); the baseline is the
-same Trainer with that call left out, the CPU's default that a loop of plain torch steps has. x86 takes a slow path for every float operation on a subnormal (below
-1.2e-38); as the model's output distribution sharpens, exp() of the output layer's log-probs lands there.
+same Trainer with that call left out, the CPU's default that a loop of plain torch steps has. x86 takes a
+slow path for every float operation on a subnormal (below 1.2e-38); no weight and no Adam state is one here,
+so they are transient: most likely exp() of the output layer's log-probs as the distribution sharpens.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def run(ctx: Context) -> dict:
     from bench import real_model
     from bench.self_play import real_config, timed_command
 
+    if ctx.gpu:
+        raise Skip("a CPU effect: with CUDA the trainer computes on the GPU and flush_denormals does nothing")
     if not real_model.ready():
         raise Skip(real_model.missing_message())
     s = ctx.sizes(SIZES)

@@ -36,10 +36,10 @@ def visible_index(assigned: Sequence[str], visible: str | None) -> int:
 
 def flush_denormals() -> None:
     """On CPU, compute with subnormal floats (below 1.2e-38) as zero: x86's FTZ/DAZ, as TensorFlow's and
-    XLA's CPU runtimes do. Every float operation on a subnormal takes a slow path, and as a model's output
-    distribution sharpens, exp() of its log-probs lands there: SmolLM2's steps took twice as long from the
-    third iteration on (`python -m bench --only denormals`). The flag is per thread and OpenMP's threads copy
-    it when they start, so this runs before the process's first parallel op."""
+    XLA's CPU runtimes do. Every float operation on a subnormal takes a slow path, and transient ones
+    appear as a model's output distribution sharpens: SmolLM2's epochs on its own samples took twice as
+    long from the third iteration's on (`python -m bench --only denormals`). The flag is per thread and
+    OpenMP's threads copy it when they start, so this runs before the process's first parallel op."""
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)
 

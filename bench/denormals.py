@@ -2,9 +2,12 @@
 
     .venv/bin/python -m bench --only denormals [--quick]     (SmolLM2-135M-Instruct: make real-model first)
 
+(--quick: 16 questions and 3 epochs of one step each, a check that it runs: too little training to reach
+the slow path.)
+
 The samples are the model's own: `bench.sequential` runs jobs/demo-real.yaml's self-play for 2 iterations
 and its iteration-1 triplets (y, y' from pi_1, y0 from pi_0) are kept. Each variant is then a fresh process
-that loads pi_0 and trains those triplets `repeats` times as a run's iterations do (`Trainer.begin`, a fresh
+that loads pi_0 and trains those triplets `epochs` times as a run's iterations do (`Trainer.begin`, a fresh
 optimizer, then one epoch of DeepSpeed ZeRO-0 steps), the same steps in both. The candidate is the Trainer
 as the trainer actors run it (workers/devices.flush_denormals in its constructor, before the process's first
 parallel op: the flag is per thread and OpenMP's threads copy it only when they start); the baseline is the
@@ -16,19 +19,18 @@ so they are transient: most likely exp() of the output layer's log-probs as the 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import yaml
 
 from bench.common import Context, Skip, compare
 
-SIZES = {"quick": dict(limit=16, repeats=3), "full": dict(limit=32, repeats=5)}
+SIZES = {"quick": dict(limit=16, epochs=3), "full": dict(limit=32, epochs=5)}  # from the 3rd on: the slow path
 VARIANTS = {"CPU default (subnormals kept)": False, "Trainer (subnormals flushed)": True}
 
 
-def child(config: str, shards: str, flush: bool, repeats: int) -> dict:
-    """One variant, in this fresh process: seconds of each repeat's epoch."""
+def child(config: str, shards: str, flush: bool, epochs: int, out: str) -> None:
+    """One variant, in this fresh process: seconds of each epoch, as JSON at `out`."""
     from pathlib import Path
 
     import torch
@@ -49,13 +51,14 @@ def child(config: str, shards: str, flush: bool, repeats: int) -> dict:
     trainer.init_group("127.0.0.1", trainer_rank.free_port())
     trainer.load(str(cfg.model.path))
     seconds, losses = [], []
-    for _ in range(repeats):
+    for _ in range(epochs):
         trainer.begin(setup_for(cfg, len(rows), 1))
         t0 = now()
         records = trainer.train_epoch(ListShard(rows))
         seconds.append(now() - t0)
         losses.append(records[-1].loss)
-    return {"epoch_seconds": seconds, "losses": losses, "steps": len(records), "threads": torch.get_num_threads()}
+    Path(out).write_text(json.dumps({"epoch_seconds": seconds, "losses": losses, "steps": len(records),
+                                     "threads": torch.get_num_threads()}))
 
 
 def run(ctx: Context) -> dict:
@@ -75,32 +78,30 @@ def run(ctx: Context) -> dict:
     shards = ctx.work / "run" / "gen_1"
     figures = {}
     for label, flush in VARIANTS.items():
-        code = (f"import json; from bench.denormals import child; print('RESULT', json.dumps(child("
-                f"{str(config)!r}, {str(shards)!r}, {flush}, {s['repeats']})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            raise RuntimeError(f"{label} exited {done.returncode}: {done.stderr.strip()[-400:]}")
-        figures[label] = json.loads(lines[-1].removeprefix("RESULT "))
+        out = ctx.work / f"flush-{flush}.json"
+        code = f"from bench.denormals import child; child({str(config)!r}, {str(shards)!r}, {flush}, {s['epochs']}, {str(out)!r})"
+        timed_command([sys.executable, "-c", code], ctx.work / f"flush-{flush}.log")
+        figures[label] = json.loads(out.read_text())
     (base_label, cand_label) = VARIANTS
     base, cand = figures[base_label], figures[cand_label]
-    late = slice(2, None)  # from the third repeat on: where the slow path showed up
+    late = slice(2, None)
     comparisons = [
-        compare("seconds per epoch, repeats 3+", "seconds", base_label, sum(base["epoch_seconds"][late]),
+        compare("seconds per epoch, epochs 3+", "seconds", base_label, sum(base["epoch_seconds"][late]),
                 cand_label, sum(cand["epoch_seconds"][late]), higher_is_better=False),
-        compare("seconds per epoch, repeats 1-2", "seconds", base_label, sum(base["epoch_seconds"][:2]),
+        compare("seconds per epoch, epochs 1-2", "seconds", base_label, sum(base["epoch_seconds"][:2]),
                 cand_label, sum(cand["epoch_seconds"][:2]), higher_is_better=False),
     ]
     rows = [[label, " ".join(f"{x:.1f}" for x in f["epoch_seconds"]), " ".join(f"{x:.3g}" for x in f["losses"]),
              f["steps"], f["threads"]] for label, f in figures.items()]
     return {
         "comparisons": comparisons,
-        "tables": [{"title": "Each repeat: a fresh optimizer and one epoch of the iteration-1 triplets",
+        "tables": [{"title": "Each epoch: a fresh optimizer and one pass over the iteration-1 triplets",
                     "columns": ["variant", "epoch seconds", "last loss", "steps an epoch", "threads"],
                     "rows": rows}],
         "notes": [f"SmolLM2-135M-Instruct (Q4_1-rounded weights) as pi_0, fp32, DeepSpeed ZeRO-0, T-SPIN; the "
                   f"{s['limit']} questions' iteration-1 triplets of `bench.sequential` on jobs/demo-real.yaml, "
-                  f"{s['repeats']} repeats; each variant a fresh process.",
+                  f"{s['epochs']} epochs; each variant a fresh process.",
                   "Both variants take the same steps; the losses show how far flushing moved the numbers."],
-        "figures": figures,
+        "config": s,
+        "details": figures,
     }

@@ -83,6 +83,13 @@ def test_self_play_bench_compares_equal_work(tmp_path):
     assert d["max_weight_difference"] < 1e-6
     names = [c["name"] for c in result["comparisons"]]
     assert names[:2] == ["seconds per iteration (iterations 1+)", "whole command"]
+    by = {c["name"]: c for c in result["comparisons"]}  # one repeat: the split adds up to the iteration
+    for side in ("baseline_value", "value"):
+        assert by["optimizer steps per iteration (iterations 1+)"][side] + by[
+            "per iteration outside the optimizer steps (iterations 1+)"][side] == pytest.approx(
+            by["seconds per iteration (iterations 1+)"][side])
+    assert by["optimizer steps per iteration (iterations 1+)"]["value"] == pytest.approx(
+        sum(r["steps_s"] for r in ray_its[1:]) / len(ray_its[1:]))
 
 
 def test_markdown_has_the_tables(suite):

@@ -45,11 +45,12 @@ BENCHMARKS = {
     "lora": ("bench.lora:run", "LoRA vs full weights: bytes and seconds per sync, trainer peak memory of a step"),
     "denormals": ("bench.denormals:run", "CPU trainer steps on the real model's own samples: subnormal floats "
                                          "kept vs flushed"),
-    "page_faults": ("bench.page_faults:run", "First touches of fresh memory: microseconds a fault, by how deep "
-                                             "into free memory they reach"),
     "self_play_real": ("bench.self_play:run_real", "self_play on the real model (SmolLM2, jobs/demo-real.yaml)"),
     "real_generation": ("bench.real_generation:run", "The real model (SmolLM2-135M-Instruct): vLLM (prefix caching "
                                                      "on / off) vs HF generate tokens/s"),
+    # last: it takes and frees up to 16 GiB, which changes what the memory of a benchmark after it costs
+    "page_faults": ("bench.page_faults:run", "First touches of fresh memory: microseconds a fault, by how deep "
+                                             "into free memory they reach"),
 }
 TIMEOUT_S = {"quick": 300.0, "full": 900.0}
 FULL_TIMEOUT_S = {"self_play_real": 2400.0}  # 5 repeats of three whole commands on the real model (~20 min)

@@ -31,12 +31,10 @@ SIZES = {"quick": dict(gib=1.0, reserve_gib=1.0), "full": dict(gib=16.0, reserve
 SLOW = 3.0  # times the first chunk's cost a fault: a chunk of dear pages
 
 
-def meminfo(key: str) -> int:
-    """Bytes of /proc/meminfo's `key` (MemFree, Cached)."""
-    for line in open("/proc/meminfo"):
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/meminfo has no {key}")
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo's figures in bytes (MemFree, Cached, ...)."""
+    with open("/proc/meminfo") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
 
 
 def touch_chunk() -> tuple[mmap.mmap, float, int]:
@@ -62,7 +60,7 @@ def spans(starts: list[float], step: float) -> str:
 
 def run(ctx: Context) -> dict:
     s = ctx.sizes(SIZES)
-    free = meminfo("MemFree")
+    free = meminfo()["MemFree"]
     n = int(min(s["gib"] * GIB, free - s["reserve_gib"] * GIB) // CHUNK)
     if n < 2:
         raise Skip(f"{free / GIB:.1f} GiB free: too little to compare two 512 MiB chunks")
@@ -71,8 +69,9 @@ def run(ctx: Context) -> dict:
         for i in range(n):
             chunk, seconds, faults = touch_chunk()
             kept.append(chunk)
-            rows.append((i * CHUNK / GIB, seconds * 1e6 / max(faults, 1), faults, meminfo("MemFree") / GIB,
-                         meminfo("Cached") / GIB))
+            mem = meminfo()
+            rows.append((i * CHUNK / GIB, seconds * 1e6 / max(faults, 1), faults, mem["MemFree"] / GIB,
+                         mem["Cached"] / GIB))
     finally:
         for chunk in kept:
             chunk.close()

@@ -92,6 +92,7 @@ def test_self_play_bench_compares_equal_work(tmp_path):
     for side, iteration in (("baseline_value", seq[1]["seconds"]), ("value", ray_its[1]["timing/iteration"])):
         assert 0 < steps[side] < iteration and steps[side] + rest[side] == pytest.approx(iteration)
 
+
 def test_markdown_has_the_tables(suite):
     md = (suite / "latest.md").read_text()
     assert md.startswith("# tspin-ray benchmarks (quick)")

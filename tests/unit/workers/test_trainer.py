@@ -380,7 +380,6 @@ def test_row_logprobs_are_each_rows_and_add_up_to_the_nll(tiny_ckpt):
     assert trainer.model.training  # back to train mode for the next step
 
 
-
 def test_a_trainer_actor_flushes_subnormals_on_every_thread(ray_session):
     # Subnormal floats take x86's slow path (bench --only denormals: 2x a step on SmolLM2); the flag is per
     # thread, so it only holds if set before the actor's OpenMP threads start.

@@ -85,6 +85,41 @@ def anon_mb() -> float:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:")) / 1024
 
 
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo's figures in bytes (MemFree, Cached, ...)."""
+    with open("/proc/meminfo") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+
+
+@contextlib.contextmanager
+def memory_drawn(period_s: float = 0.1):
+    """Yields a dict whose "bytes" is, on exit, how far MemFree fell below its value at entry (sampled every
+    period_s): the fresh memory the machine handed out meanwhile, to every process and the page cache.
+    None where /proc/meminfo is missing."""
+    import threading
+
+    out: dict = {"bytes": None}
+    try:
+        start = meminfo()["MemFree"]
+    except OSError:
+        yield out
+        return
+    low, stop = [start], threading.Event()
+
+    def watch():
+        while not stop.wait(period_s):
+            low[0] = min(low[0], meminfo()["MemFree"])
+
+    thread = threading.Thread(target=watch, daemon=True, name="bench-memfree")
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["bytes"] = start - min(low[0], meminfo()["MemFree"])
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -22,19 +22,13 @@ import time
 
 import numpy as np
 
-from bench.common import Context, Skip, compare, median
+from bench.common import Context, Skip, compare, median, meminfo
 
 CHUNK = 2**29  # 512 MiB
 GIB = 2**30
 PAGE = 4096
 SIZES = {"quick": dict(gib=1.0, reserve_gib=1.0), "full": dict(gib=16.0, reserve_gib=4.0)}
 SLOW = 3.0  # times the first chunk's cost a fault: a chunk of dear pages
-
-
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo's figures in bytes (MemFree, Cached, ...)."""
-    with open("/proc/meminfo") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
 
 
 def touch_chunk() -> tuple[mmap.mmap, float, int]:

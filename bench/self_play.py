@@ -11,7 +11,9 @@ seeds) and train the same steps, so their final checkpoints agree to float noise
 the largest weight difference as the check that the work was equal.
 
 Figures: seconds per iteration (iteration 0 apart: it pays the first generator's engine start; then the
-mean of iterations 1+), the whole command, and where each iteration's time went (metrics.jsonl).
+mean of iterations 1+), the whole command, where each iteration's time went (metrics.jsonl), and how much
+fresh memory each command drew from the machine (MemFree's fall): on a VM whose first touches of memory
+grow dear past a point (`--only page_faults`), the side that draws more pays more per page.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from statistics import fmean as mean
 
 import yaml
 
-from bench.common import REPO, Context, Skip, compare, make_checkpoint, median, now
+from bench.common import REPO, Context, Skip, compare, make_checkpoint, median, memory_drawn, now
 
 SIZES = {
     "quick": dict(task_size=800, fraction=0.25, iterations=2, max_new_tokens=12, gen_batch=64, global_batch=32,
@@ -141,12 +143,16 @@ def run(ctx: Context, real: bool = False) -> dict:
     ray_cmd = [str(Path(sys.executable).parent / "tspin-ray"), "train", "--config", str(cfgs["ray"]), "--quiet"]
     figures = []  # (sequential wall, its result, tspin-ray wall, its iterations) per repeat, alternating
     streamed = []  # real: (wall, iterations) of tspin-ray streaming, in the same rotation
+    drawn = []  # (sequential, tspin-ray) bytes of fresh memory per repeat: what a first touch may cost (docs)
     for _ in range(s["repeats"]):
         for name in cfgs:
             shutil.rmtree(ctx.work / f"run-{name}", ignore_errors=True)
-        seq_wall = timed_command(seq_cmd, ctx.work / "sequential.log")
-        ray_wall = timed_command(ray_cmd, ctx.work / "ray.log")
+        with memory_drawn() as seq_mem:
+            seq_wall = timed_command(seq_cmd, ctx.work / "sequential.log")
+        with memory_drawn() as ray_mem:
+            ray_wall = timed_command(ray_cmd, ctx.work / "ray.log")
         figures.append((seq_wall, json.loads(seq_json.read_text()), ray_wall, ray_iterations(ctx.work / "run-ray")))
+        drawn.append((seq_mem["bytes"], ray_mem["bytes"]))
         if real:
             cmd = [*ray_cmd[:3], str(cfgs["ray-stream"]), "--quiet"]
             streamed.append((timed_command(cmd, ctx.work / "ray-stream.log"), ray_iterations(ctx.work / "run-ray-stream")))
@@ -176,6 +182,10 @@ def run(ctx: Context, real: bool = False) -> dict:
                 median(i - st for i, st in zip(seq_it, seq_steps, strict=True)), "tspin-ray train",
                 median(i - st for i, st in zip(ray_it, ray_steps, strict=True)), higher_is_better=False),
     ]
+    if all(b is not None for pair in drawn for b in pair):
+        comparisons.append(compare("fresh memory drawn by the command (MemFree's fall)", "GiB", "single process",
+                                   median(q for q, _ in drawn) / 2**30, "tspin-ray train",
+                                   median(r for _, r in drawn) / 2**30, higher_is_better=False))
     if streamed:
         stream_diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray-stream" / "checkpoints" / f"pi_{n}")
         comparisons += [
@@ -196,7 +206,8 @@ def run(ctx: Context, real: bool = False) -> dict:
                     "sequential_wall_s": seq_wall, "ray_wall_s": ray_wall, "max_weight_difference": diff,
                     "same_generated_tokens": same_tokens,
                     "per_iteration_ratio_each_repeat": ratios,
-                    "whole_command_ratio_each_repeat": [f[2] / f[0] for f in figures]},
+                    "whole_command_ratio_each_repeat": [f[2] / f[0] for f in figures],
+                    "memory_drawn_bytes_each_repeat": [{"sequential": q, "ray": r} for q, r in drawn]},
         "tables": [{"title": "Where each iteration's time goes (seconds)", "columns": [
             "what", "iteration", "optimizer steps (sum of step_s)", "generation (Ray: its last batch, inside the "
             "stream)", "steps waited for data", "export + weight sync", "iteration - steps", "steps"],

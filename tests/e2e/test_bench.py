@@ -74,6 +74,8 @@ def test_self_play_bench_compares_equal_work(tmp_path):
     """Issue 16's overhead figure is only fair if both sides do the same work: `tspin-ray train` (actors,
     Ray Data stream, broadcast) and the single-process loop must write the same samples and end on the
     same weights. This also pins the whole distributed iteration to a plain loop, bit for bit."""
+    from bench.common import meminfo
+
     doc = json.loads((run_suite(tmp_path, ["self_play"]) / "latest.json").read_text())
     result = doc["benchmarks"]["self_play"]
     assert "skipped" not in result, result
@@ -91,6 +93,11 @@ def test_self_play_bench_compares_equal_work(tmp_path):
     assert steps["value"] == pytest.approx(ray_its[1]["steps_s"])
     for side, iteration in (("baseline_value", seq[1]["seconds"]), ("value", ray_its[1]["timing/iteration"])):
         assert 0 < steps[side] < iteration and steps[side] + rest[side] == pytest.approx(iteration)
+    # each side loads a model and trains it: both draw fresh memory, and less than the machine holds
+    drawn = by["fresh memory drawn by the command (MemFree's fall)"]
+    total = meminfo()["MemTotal"] / 2**30
+    assert 0 < drawn["baseline_value"] < total and 0 < drawn["value"] < total
+    assert [set(r) for r in d["memory_drawn_bytes_each_repeat"]] == [{"sequential", "ray"}]
 
 
 def test_markdown_has_the_tables(suite):

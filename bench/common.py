@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -93,15 +94,13 @@ def meminfo() -> dict[str, int]:
 
 @contextlib.contextmanager
 def memory_drawn(period_s: float = 0.1):
-    """Yields a dict whose "bytes" is, on exit, how far MemFree fell below its value at entry (sampled every
-    period_s): the fresh memory the machine handed out meanwhile, to every process and the page cache.
-    None where /proc/meminfo is missing."""
-    import threading
-
+    """Yields a dict whose "bytes" is, on exit, the peak net fall of MemFree below its value at entry (sampled
+    every period_s): fresh memory handed out meanwhile to every process and to the page cache, less what was
+    freed in between. None where /proc/meminfo (or its MemFree) is missing."""
     out: dict = {"bytes": None}
     try:
         start = meminfo()["MemFree"]
-    except OSError:
+    except (OSError, KeyError, ValueError):
         yield out
         return
     low, stop = [start], threading.Event()

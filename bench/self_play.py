@@ -143,7 +143,9 @@ def run(ctx: Context, real: bool = False) -> dict:
     ray_cmd = [str(Path(sys.executable).parent / "tspin-ray"), "train", "--config", str(cfgs["ray"]), "--quiet"]
     figures = []  # (sequential wall, its result, tspin-ray wall, its iterations) per repeat, alternating
     streamed = []  # real: (wall, iterations) of tspin-ray streaming, in the same rotation
-    drawn = []  # (sequential, tspin-ray) bytes of fresh memory per repeat: what a first touch may cost (docs)
+    # (sequential, tspin-ray) bytes of fresh memory per repeat: where first touches grow dear past a point
+    # (`--only page_faults`), the side that draws more may pay more per page (docs/performance.md)
+    drawn = []
     for _ in range(s["repeats"]):
         for name in cfgs:
             shutil.rmtree(ctx.work / f"run-{name}", ignore_errors=True)
@@ -182,7 +184,7 @@ def run(ctx: Context, real: bool = False) -> dict:
                 median(i - st for i, st in zip(seq_it, seq_steps, strict=True)), "tspin-ray train",
                 median(i - st for i, st in zip(ray_it, ray_steps, strict=True)), higher_is_better=False),
     ]
-    if all(b is not None for pair in drawn for b in pair):
+    if all(b is not None for pair in drawn for b in pair) and median(q for q, _ in drawn) > 0:
         comparisons.append(compare("fresh memory drawn by the command (MemFree's fall)", "GiB", "single process",
                                    median(q for q, _ in drawn) / 2**30, "tspin-ray train",
                                    median(r for _, r in drawn) / 2**30, higher_is_better=False))

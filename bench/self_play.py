@@ -184,10 +184,10 @@ def run(ctx: Context, real: bool = False) -> dict:
                 median(i - st for i, st in zip(seq_it, seq_steps, strict=True)), "tspin-ray train",
                 median(i - st for i, st in zip(ray_it, ray_steps, strict=True)), higher_is_better=False),
     ]
-    if all(b is not None for pair in drawn for b in pair) and median(q for q, _ in drawn) > 0:
+    seq_drawn, ray_drawn = (None if None in side else median(side) / 2**30 for side in zip(*drawn, strict=True))
+    if seq_drawn and ray_drawn is not None:  # no /proc/meminfo, or MemFree rose: nothing to compare
         comparisons.append(compare("fresh memory drawn by the command (MemFree's fall)", "GiB", "single process",
-                                   median(q for q, _ in drawn) / 2**30, "tspin-ray train",
-                                   median(r for _, r in drawn) / 2**30, higher_is_better=False))
+                                   seq_drawn, "tspin-ray train", ray_drawn, higher_is_better=False))
     if streamed:
         stream_diff = max_weight_difference(Path(seq["checkpoint"]), ctx.work / "run-ray-stream" / "checkpoints" / f"pi_{n}")
         comparisons += [

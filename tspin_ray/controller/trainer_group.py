@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tspin_ray.config.schema import RunConfig
 from tspin_ray.errors import RunFailed, UserError
 from tspin_ray.faults import maybe_fail
+from tspin_ray.workers.devices import trainer_env
 from tspin_ray.workers.records import ExportResult, OptimizerSetup, StepRecord
 from tspin_ray.workers.trainer_rank import TrainerActor
 
@@ -30,21 +31,6 @@ WORKER_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
-
-# CPU trainers keep the memory they free. A step frees and re-touches GBs of activations and gradients, and
-# glibc's defaults hand most of it back to the kernel each time (blocks over 32 MiB are unmapped, the heap's
-# top is trimmed), so every step faults its pages in again, at 10 us a page on a VM that backs memory lazily
-# (`python -m bench --only page_faults`). Steps 13% faster on SmolLM2 (docs/performance.md); PyTorch's CPU
-# tuning guide says the same of jemalloc. The trainer's resident memory stays at its peak step's.
-CPU_TRAINER_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30), "MALLOC_TOP_PAD_": str(2**28)}
-
-
-def trainer_env(gpus: float) -> dict[str, str]:
-    """Environment variables of the trainer actors' own processes: CPU_TRAINER_HEAP for CPU trainers, unless
-    the user set any of those variables (then theirs, all of them, as given)."""
-    if gpus or any(k in os.environ for k in CPU_TRAINER_HEAP):
-        return {}
-    return dict(CPU_TRAINER_HEAP)
 
 
 def ensure_ray(cfg: RunConfig) -> None:

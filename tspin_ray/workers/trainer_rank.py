@@ -27,7 +27,7 @@ from tspin_ray.algorithms.objectives import get_objective
 from tspin_ray.checksums import checksum_dir
 from tspin_ray.models.checkpoints import MERGED, load_format, load_model
 from tspin_ray.models.lora import merge, wrap
-from tspin_ray.workers.devices import flush_denormals, local_device
+from tspin_ray.workers.devices import flush_denormals, local_device, trainer_env
 from tspin_ray.workers.records import ExportResult, OptimizerSetup, SendResult, StepRecord
 from tspin_ray.workers.weight_broadcast import handshake, rejoin
 from tspin_ray.workers.weight_export import (
@@ -444,7 +444,11 @@ def start_trainers(world: int, backend: str, zero_stage: int = 0, *, options: di
                    **trainer_kwargs) -> list:
     """`world` trainer actors joined into one process group: for tests and benchmarks. A run's group
     (controller/trainer_group.py) adds its placement group, resources and timeouts around the same two calls."""
-    actors = [TrainerActor.options(**(options or {})).remote(rank, world, backend, zero_stage, **trainer_kwargs)
+    options = dict(options or {})
+    env = trainer_env(options.get("num_gpus") or 0)
+    if env and "runtime_env" not in options:  # as a run's trainers (TrainerGroup) get it
+        options["runtime_env"] = {"env_vars": env}
+    actors = [TrainerActor.options(**options).remote(rank, world, backend, zero_stage, **trainer_kwargs)
               for rank in range(world)]
     addr, port = ray.get(actors[0].address.remote())
     ray.get([a.init_group.remote(addr, port) for a in actors])

@@ -55,14 +55,10 @@ def local_device() -> torch.device:
     return torch.device("cuda", index)
 
 
-# CPU trainers keep the memory they free. A step frees and re-touches GBs of activations, gradients and
-# logits chunks, and glibc's defaults hand them back to the kernel (blocks over 32 MiB are unmapped, the heap's
-# free top is trimmed), so every step faults their pages in again, at 10 us a page on a VM that backs memory
-# lazily (`python -m bench --only page_faults`). Here every block comes from a heap that is never trimmed:
-# SmolLM2's iterations 7% faster, 1.08x the single process instead of 1.20x (docs/performance.md). The cost:
-# the trainer's resident memory stays at its peak, and export and broadcast take fresh pages instead (0.6 s
-# more there). Mapping only blocks over 32 MiB (glibc's highest threshold) kept half the gain. Only the main
-# thread's heap obeys; the trainer steps on it.
+# CPU trainers keep the memory they free: with glibc's defaults each step unmaps and re-faults GBs of
+# activations, at 10 us a page on VMs that back memory lazily (bench page_faults). Never trimmed, the heap makes
+# SmolLM2's iterations 7% faster; the trainer stays at its peak memory (docs/performance.md, self_play_real).
+# Only the main thread's heap obeys; the trainer steps on it.
 CPU_TRAINER_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30), "MALLOC_TOP_PAD_": str(2**28)}
 
 
